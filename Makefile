@@ -1,0 +1,35 @@
+# headlab: the README's two commands are `make book` and `make test`; both set everything up first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch is installed first and pinned exactly: a bare range could pull a newer CUDA build of several GB.
+TORCH  ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup fetch book test test-fast bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[book,test]"
+	touch $@
+
+setup: $(VENV)/.installed fetch  ## venv + packages + data/model cache
+
+fetch: $(VENV)/.installed
+	$(BIN)/headlab fetch
+
+book: setup  ## execute every chapter with papermill and render the offline HTML book
+	$(BIN)/headlab book
+
+test: setup  ## the whole test suite (includes the `slow` tests on the real GGUF model)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf book/_build book/chapters book/_vendor results

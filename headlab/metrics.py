@@ -1,0 +1,203 @@
+"""Metrics on model outputs: classification scores, confidence intervals, perplexity, chance checks.
+
+Everything here is a pure function of arrays (no model calls), so each can be checked by hand.
+Labels are integer class indices ``0..C-1``; predictions may also be ``-1`` for "no answer" (a
+greedy generation that named no label), which counts as wrong.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from numpy.typing import ArrayLike
+
+__all__ = [
+    "CI",
+    "accuracy",
+    "bootstrap_ci",
+    "chance_warnings",
+    "classification_report",
+    "confusion_matrix",
+    "macro_f1",
+    "parse_generated_label",
+    "roc_auc",
+]
+
+
+def accuracy(labels: ArrayLike, preds: ArrayLike) -> float:
+    """Fraction of ``preds`` equal to ``labels``."""
+    y, p = np.asarray(labels), np.asarray(preds)
+    if y.shape != p.shape or y.size == 0:
+        raise ValueError(f"labels {y.shape} and preds {p.shape} must be equal, non-empty shapes.")
+    return float((y == p).mean())
+
+
+def confusion_matrix(labels: ArrayLike, preds: ArrayLike, n_classes: int) -> np.ndarray:
+    """``(n_classes, n_classes + 1)`` counts: row = true class, column = predicted class, last column
+    = no answer (``pred == -1``)."""
+    y, p = np.asarray(labels), np.asarray(preds)
+    cm = np.zeros((n_classes, n_classes + 1), dtype=int)
+    for t, q in zip(y, p):
+        cm[t, q if q >= 0 else n_classes] += 1
+    return cm
+
+
+def macro_f1(labels: ArrayLike, preds: ArrayLike, n_classes: int | None = None) -> float:
+    """Unweighted mean over classes of F1 = 2 TP / (2 TP + FP + FN); a class with no true and no
+    predicted examples scores 0 (so predicting one label for everything is punished)."""
+    y, p = np.asarray(labels), np.asarray(preds)
+    n_classes = int(max(y.max(), p.max()) + 1) if n_classes is None else n_classes
+    f1s = []
+    for c in range(n_classes):
+        tp = int(((p == c) & (y == c)).sum())
+        fp = int(((p == c) & (y != c)).sum())
+        fn = int(((p != c) & (y == c)).sum())
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return float(np.mean(f1s))
+
+
+def roc_auc(labels: ArrayLike, scores: ArrayLike) -> float:
+    """Area under the ROC curve for binary ``labels`` (1 = positive) and real ``scores``.
+
+    Computed as the Mann-Whitney U statistic with ties counted as one half: the probability that a
+    random positive example scores above a random negative one.
+    """
+    y, s = np.asarray(labels).astype(bool), np.asarray(scores, dtype=float)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = pd.Series(s).rank(method="average").to_numpy()
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+@dataclass(frozen=True)
+class CI:
+    """A point estimate with a percentile-bootstrap confidence interval."""
+
+    value: float
+    low: float
+    high: float
+    level: float = 0.95
+
+    def __str__(self) -> str:
+        return f"{self.value:.3f} [{self.low:.3f}, {self.high:.3f}]"
+
+
+def bootstrap_ci(
+    stat: Callable[..., float],
+    *arrays: ArrayLike,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    groups: ArrayLike | None = None,
+) -> CI:
+    """Percentile bootstrap confidence interval of ``stat(*arrays)``.
+
+    Args:
+        stat: function of the arrays (resampled together, row-wise) returning a float.
+        arrays: equal-length arrays.
+        n_boot: bootstrap resamples.
+        level: coverage, e.g. 0.95.
+        seed: RNG seed (the interval is reproducible).
+        groups: optional group id per row; whole groups are resampled (block bootstrap), e.g. the
+            window of each token for perplexity, where neighbouring tokens are not independent.
+
+    Returns:
+        :class:`CI` with the statistic on the full data and the percentile interval.
+    """
+    arrs = [np.asarray(a) for a in arrays]
+    n = len(arrs[0])
+    if any(len(a) != n for a in arrs) or n == 0:
+        raise ValueError("bootstrap_ci needs equal-length, non-empty arrays.")
+    if not 0 < level < 1:
+        raise ValueError(f"level={level} must be in (0, 1).")
+    rng = np.random.default_rng(seed)
+    value = float(stat(*arrs))
+    if groups is None:
+        idx_sets = (rng.integers(0, n, n) for _ in range(n_boot))
+    else:
+        g = np.asarray(groups)
+        uniq, inv = np.unique(g, return_inverse=True)
+        members = [np.flatnonzero(inv == k) for k in range(len(uniq))]
+        idx_sets = (np.concatenate([members[k] for k in rng.integers(0, len(uniq), len(uniq))])
+                    for _ in range(n_boot))
+    boots = np.array([stat(*(a[idx] for a in arrs)) for idx in idx_sets], dtype=float)
+    boots = boots[np.isfinite(boots)]
+    alpha = (1 - level) / 2
+    low, high = np.quantile(boots, [alpha, 1 - alpha]) if len(boots) else (math.nan, math.nan)
+    return CI(value, float(low), float(high), level)
+
+
+def parse_generated_label(text: str, label_words: Sequence[str]) -> int:
+    """Index of the label word that a generated continuation starts with or contains first; -1 if none.
+
+    This is how the seed scripts read answers from ``generate``: lower-case the text and look for the
+    label words. The first occurring word wins.
+    """
+    low = text.lower()
+    hits = [(low.find(w.lower()), i) for i, w in enumerate(label_words) if w.lower() in low]
+    return min(hits)[1] if hits else -1
+
+
+def classification_report(
+    labels: ArrayLike, logprobs: ArrayLike, threshold: float = 0.0, n_boot: int = 1000, seed: int = 0
+) -> pd.DataFrame:
+    """Accuracy, macro-F1, ROC-AUC and mean logit difference with bootstrap CIs, for a binary task.
+
+    Args:
+        labels: true class per prompt, 0 or 1.
+        logprobs: ``(n, 2)`` label log-probabilities; the score is the logit difference
+            ``logprobs[:, 1] - logprobs[:, 0]`` and the prediction is ``score > threshold``.
+        threshold: decision threshold (0 = argmax).
+
+    Returns:
+        One row per metric with columns ``metric, value, ci_low, ci_high``. ``logit_diff`` is the mean
+        logit difference toward the *correct* label (positive = right on average).
+    """
+    y = np.asarray(labels).astype(int)
+    lp = np.asarray(logprobs, dtype=float)
+    if lp.ndim != 2 or lp.shape[1] != 2 or len(lp) != len(y):
+        raise ValueError(f"logprobs must be (n, 2) with n = len(labels) = {len(y)}; got {lp.shape}.")
+    diff = lp[:, 1] - lp[:, 0]
+    pred = (diff > threshold).astype(int)
+    signed = np.where(y == 1, diff, -diff)
+    rows = []
+    for name, fn, arrs in [
+        ("accuracy", accuracy, (y, pred)),
+        ("macro_f1", lambda a, b: macro_f1(a, b, 2), (y, pred)),
+        ("roc_auc", roc_auc, (y, diff)),
+        ("logit_diff", lambda s: float(np.mean(s)), (signed,)),
+        ("p_correct", lambda s: float(np.mean(s)), (np.exp(np.where(y == 1, lp[:, 1], lp[:, 0])),)),
+    ]:
+        ci = bootstrap_ci(fn, *arrs, n_boot=n_boot, seed=seed)
+        rows.append({"metric": name, "value": ci.value, "ci_low": ci.low, "ci_high": ci.high})
+    return pd.DataFrame(rows)
+
+
+def chance_warnings(
+    labels: ArrayLike, preds: ArrayLike, scores: ArrayLike | None = None, n_boot: int = 1000, seed: int = 0
+) -> list[str]:
+    """Reasons to distrust a configuration as near chance (empty list when it looks fine).
+
+    Flags: the accuracy CI reaches the majority-class rate; one label is predicted for more than 90%
+    of prompts; the ROC-AUC CI includes 0.5. A perturbation study of a model at chance measures
+    nothing, so chapters print these warnings prominently.
+    """
+    y, p = np.asarray(labels).astype(int), np.asarray(preds).astype(int)
+    out = []
+    majority = float(np.bincount(y).max() / len(y))
+    acc = bootstrap_ci(accuracy, y, p, n_boot=n_boot, seed=seed)
+    if acc.low <= majority:
+        out.append(f"accuracy {acc} does not clear the majority-class rate {majority:.3f}")
+    share = float(np.bincount(p[p >= 0], minlength=2).max() / len(p))
+    if share > 0.9:
+        out.append(f"{share:.0%} of prompts get the same predicted label")
+    if scores is not None:
+        auc = bootstrap_ci(roc_auc, y, np.asarray(scores, dtype=float), n_boot=n_boot, seed=seed)
+        if auc.low <= 0.5:
+            out.append(f"ROC-AUC {auc} includes 0.5")
+    return out

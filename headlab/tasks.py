@@ -1,0 +1,242 @@
+"""The few-shot sentiment task every head/neuron/weight chapter measures against.
+
+A :class:`PromptConfig` (format, number of shots, shot seed) plus a split of the data defines a
+:class:`FewShotTask`: one shared prefix of balanced shots and one query per evaluation text. Scoring
+reads the log-probabilities of the label tokens (``" negative"``, ``" positive"``) at the last
+position. The decision threshold on the logit difference is calibrated on the dev split (small
+instruction-tuned models put most mass on one label; a constant offset fixes that without touching
+the ranking, cf. Zhao et al. 2021, "Calibrate Before Use").
+
+The baseline chapter chooses the configuration on the dev split and writes it to
+``results/baseline/prompt_config.json``; later chapters read it with :func:`load_prompt_config`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from headlab import data, engine, metrics
+from headlab.models import LoadedModel
+
+__all__ = [
+    "FewShotTask",
+    "PromptConfig",
+    "best_threshold",
+    "compare_generation",
+    "evaluate_configs",
+    "load_prompt_config",
+    "make_task",
+    "save_prompt_config",
+    "sentiment_splits",
+    "text_stream",
+]
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """How the few-shot prompt is built.
+
+    Attributes:
+        format: key of :data:`headlab.data.FORMATS` (``plain``, ``quoted``, ``instructed``).
+        k: number of shots, balanced over labels.
+        shot_seed: which shots are drawn from the shot pool, and their order.
+        threshold: decision threshold on the logit difference ``lp(positive) - lp(negative)``;
+            0 is the plain argmax.
+    """
+
+    format: str = "plain"
+    k: int = 4
+    shot_seed: int = 0
+    threshold: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.format not in data.FORMATS:
+            raise ValueError(f"format={self.format!r}; choose one of {sorted(data.FORMATS)}.")
+        if self.k <= 0 or self.k % 2:
+            raise ValueError(f"k={self.k} must be a positive even number (balanced binary shots).")
+
+
+def sentiment_splits(
+    source: str = "rotten_tomatoes", n_shots_pool: int = 64, n_dev: int = 200, n_test: int = 400, seed: int = 0
+) -> dict[str, pd.DataFrame]:
+    """Disjoint, label-balanced ``shots`` (pool to draw shots from), ``dev`` and ``test`` parts."""
+    frame = data.load_sentiment(source)
+    return data.split_frame(frame, {"shots": n_shots_pool, "dev": n_dev, "test": n_test}, seed=seed)
+
+
+@dataclass
+class FewShotTask:
+    """Prompts for one split under one :class:`PromptConfig`.
+
+    Attributes:
+        config: the prompt configuration.
+        prefix: the shared prefix text (instruction + shots).
+        queries: the evaluated rows (``text``, ``label``).
+        shots: the shots used.
+    """
+
+    config: PromptConfig
+    prefix: str
+    queries: pd.DataFrame
+    shots: pd.DataFrame
+    _enc: dict[int, engine.EncodedPrompts] = field(default_factory=dict, repr=False)
+
+    @property
+    def fmt(self) -> data.FewShotFormat:
+        return data.FORMATS[self.config.format]
+
+    @property
+    def labels(self) -> np.ndarray:
+        """True class per query: index into ``fmt.labels`` (0 = negative, 1 = positive)."""
+        order = self.fmt.labels
+        return self.queries["label"].map(order.index).to_numpy()
+
+    def prompt(self, i: int) -> str:
+        """Full text of prompt ``i`` (for display)."""
+        return self.prefix + self.fmt.query(self.queries["text"].iloc[i])
+
+    def encode(self, lm: LoadedModel) -> engine.EncodedPrompts:
+        """Token ids (cached per model object)."""
+        key = id(lm.tokenizer)
+        if key not in self._enc:
+            self._enc[key] = engine.encode_prompts(lm, self.prefix, [self.fmt.query(t) for t in self.queries["text"]])
+        return self._enc[key]
+
+    def label_ids(self, lm: LoadedModel) -> list[int]:
+        return engine.label_token_ids(lm, [self.fmt.word(lab) for lab in self.fmt.labels])
+
+    def logprobs(self, lm: LoadedModel, batch_size: int = 16) -> torch.Tensor:
+        """``(n, 2)`` label log-probabilities for every query."""
+        return engine.label_logprobs(lm, self.encode(lm), self.label_ids(lm), batch_size=batch_size)
+
+    def predictions(self, logprobs: torch.Tensor, threshold: float | None = None) -> np.ndarray:
+        """Predicted class with the configured (or given) threshold on the logit difference."""
+        thr = self.config.threshold if threshold is None else threshold
+        return ((logprobs[:, 1] - logprobs[:, 0]).numpy() > thr).astype(int)
+
+
+def make_task(splits: dict[str, pd.DataFrame], split: str, config: PromptConfig) -> FewShotTask:
+    """Build the task for ``split`` (``"dev"`` or ``"test"``) with shots from ``splits["shots"]``."""
+    if split not in splits or split == "shots":
+        raise ValueError(f"split={split!r}; choose one of {[s for s in splits if s != 'shots']}.")
+    fmt = data.FORMATS[config.format]
+    shots = data.sample_shots(splits["shots"], config.k, seed=config.shot_seed)
+    return FewShotTask(config, data.build_fewshot_prefix(shots, fmt), splits[split], shots)
+
+
+def best_threshold(labels: np.ndarray, diff: np.ndarray) -> float:
+    """Threshold on the logit difference maximising accuracy (midpoint between sorted scores).
+
+    Ties between thresholds are broken toward the one closest to the median score, which keeps the
+    choice stable on small dev sets.
+    """
+    s = np.sort(np.asarray(diff, dtype=float))
+    cands = np.concatenate([[s[0] - 1.0], (s[:-1] + s[1:]) / 2, [s[-1] + 1.0]])
+    accs = np.array([np.mean((diff > c).astype(int) == labels) for c in cands])
+    best = np.flatnonzero(accs == accs.max())
+    med = np.median(s)
+    return float(cands[best[np.argmin(np.abs(cands[best] - med))]])
+
+
+def evaluate_configs(
+    lm: LoadedModel, splits: dict[str, pd.DataFrame], configs: list[PromptConfig], batch_size: int = 16
+) -> pd.DataFrame:
+    """Score each configuration on the dev split.
+
+    Returns:
+        One row per configuration: ``format, k, shot_seed, prefix_tokens, accuracy`` (argmax),
+        ``pred_positive_share``, ``roc_auc``, ``logit_diff`` (mean, toward the correct label),
+        ``threshold`` (dev-calibrated) and ``accuracy_calibrated``.
+    """
+    rows = []
+    for cfg in configs:
+        task = make_task(splits, "dev", cfg)
+        lp = task.logprobs(lm, batch_size=batch_size)
+        y = task.labels
+        diff = (lp[:, 1] - lp[:, 0]).numpy()
+        thr = best_threshold(y, diff)
+        rows.append({
+            "format": cfg.format, "k": cfg.k, "shot_seed": cfg.shot_seed,
+            "prefix_tokens": len(task.encode(lm).prefix),
+            "accuracy": metrics.accuracy(y, diff > 0),
+            "pred_positive_share": float((diff > 0).mean()),
+            "roc_auc": metrics.roc_auc(y, diff),
+            "logit_diff": float(np.mean(np.where(y == 1, diff, -diff))),
+            "threshold": thr,
+            "accuracy_calibrated": metrics.accuracy(y, (diff > thr).astype(int)),
+        })
+    return pd.DataFrame(rows)
+
+
+def save_prompt_config(config: PromptConfig, path: str | Path, **extra: object) -> Path:
+    """Write the chosen configuration (and any context, e.g. dev scores, the model) as JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"prompt_config": asdict(config), **extra}, indent=2, default=str))
+    return path
+
+
+def load_prompt_config(path: str | Path | None = None, default: PromptConfig | None = None) -> PromptConfig:
+    """Read a configuration saved by the baseline chapter; ``default`` when the file is absent."""
+    path = Path(path) if path else Path("results/baseline/prompt_config.json")
+    if not path.exists():
+        if default is None:
+            raise FileNotFoundError(f"{path} not found; run the baseline chapter first or pass a PromptConfig.")
+        return default
+    return PromptConfig(**json.loads(path.read_text())["prompt_config"])
+
+
+def text_stream(lm: LoadedModel, texts: list[str] | pd.Series, n_tokens: int, sep: str = "\n\n") -> torch.Tensor:
+    """Concatenate ``texts`` (e.g. Wikipedia articles) into one token stream of ``n_tokens`` ids.
+
+    The stream starts with the tokenizer's special prefix (if any) and joins articles with ``sep``.
+
+    Raises:
+        ValueError: the texts hold fewer than ``n_tokens`` tokens.
+    """
+    if n_tokens < 2:
+        raise ValueError(f"n_tokens={n_tokens} must be at least 2.")
+    tok = lm.tokenizer
+    ids: list[int] = list(tok("", add_special_tokens=True)["input_ids"])
+    for text in texts:
+        ids += tok(text + sep, add_special_tokens=False)["input_ids"]
+        if len(ids) >= n_tokens:
+            return torch.tensor(ids[:n_tokens], dtype=torch.long)
+    raise ValueError(f"The texts hold only {len(ids)} tokens; asked for n_tokens={n_tokens}.")
+
+
+def compare_generation(
+    lm: LoadedModel, task: FewShotTask, rows: list[int], max_new_tokens: int = 3, batch_size: int = 16
+) -> dict[str, float]:
+    """Score prompts ``rows`` both by greedy generation (the seeds' method) and by label-token logits.
+
+    Returns:
+        ``n``, ``generation_accuracy``, ``generation_no_label`` (share of texts naming no label),
+        ``logit_argmax_accuracy``, ``agreement_gen_vs_argmax``, ``roc_auc`` (of the logit difference)
+        and ``generation_seconds``.
+    """
+    import time
+
+    enc = task.encode(lm).subset(rows)
+    y = task.labels[rows]
+    t0 = time.time()
+    texts = engine.generate_greedy(lm, enc, max_new_tokens=max_new_tokens)
+    seconds = time.time() - t0
+    gen = np.array([metrics.parse_generated_label(t, task.fmt.labels) for t in texts])
+    lp = engine.label_logprobs(lm, enc, task.label_ids(lm), batch_size=batch_size)
+    argmax = task.predictions(lp, threshold=0.0)
+    return {
+        "n": len(rows),
+        "generation_accuracy": metrics.accuracy(y, gen),
+        "generation_no_label": float((gen < 0).mean()),
+        "logit_argmax_accuracy": metrics.accuracy(y, argmax),
+        "agreement_gen_vs_argmax": float((gen == argmax).mean()),
+        "roc_auc": metrics.roc_auc(y, (lp[:, 1] - lp[:, 0]).numpy()),
+        "generation_seconds": seconds,
+    }

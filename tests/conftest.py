@@ -1,0 +1,176 @@
+"""Shared fixtures: a small offline tokenizer, tiny random models of every supported architecture,
+and (for ``@pytest.mark.slow`` tests only) the real embedded SmolLM2 model.
+
+Everything here is CPU-only and offline. Tiny models have 2 layers, 4 heads (2 key/value heads where the
+architecture supports grouped-query attention), hidden size 32 and a 256-token vocabulary; the
+tokenizer is a BPE trained in memory on a few sentences with a smaller vocabulary, so every token id
+it produces is valid for every tiny model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from headlab.models import ADAPTERS, LoadedModel, wrap_model  # noqa: E402
+
+MODEL_VOCAB = 256
+TOKENIZER_VOCAB = 200
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+D_MODEL, N_HEADS, N_KV_HEADS, N_LAYERS, D_MLP = 32, 4, 2, 2, 48
+
+#: Every architecture in the adapter table; the parametrised tests iterate over this.
+ARCHS = sorted(ADAPTERS)
+
+#: Sentences the test tokenizer is trained on (review-like text so that few-shot prompts and the
+#: label words " positive" / " negative" are short token sequences).
+CORPUS = [
+    "Review: a gripping, funny and warm film.\nSentiment: positive",
+    "Review: the plot is dull and the acting is worse.\nSentiment: negative",
+    "Review: one of the best movies of the year.\nSentiment: positive",
+    "Review: a tedious mess that never ends.\nSentiment: negative",
+    "Review: charming, clever and beautifully shot.\nSentiment: positive",
+    "Review: boring, predictable and far too long.\nSentiment: negative",
+    "The cat sat on the mat. The dog ran in the park. A bird sang in the tree.",
+    "Classify the sentiment of each movie review as positive or negative.",
+] * 5 + ["positive negative good bad great awful the a of and is"] * 20
+
+
+def _train_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    alphabet = [chr(c) for c in range(32, 127)] + ["\n", "▁"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB,
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.padding_side = "right"
+    assert [fast.pad_token_id, fast.bos_token_id, fast.eos_token_id, fast.unk_token_id] == [
+        PAD_ID, BOS_ID, EOS_ID, UNK_ID]
+    assert len(fast) <= MODEL_VOCAB
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A small BPE tokenizer (vocab <= 200) that adds ``<s>`` in front of every encoded text."""
+    return _train_tokenizer()
+
+
+def tiny_config(arch: str, **overrides):
+    """A seeded-model-sized config for ``arch`` (a key of :data:`headlab.models.ADAPTERS`)."""
+    from transformers import (
+        Gemma2Config, GemmaConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig,
+        Qwen2Config, Qwen3Config,
+    )
+
+    special = dict(pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, vocab_size=MODEL_VOCAB)
+    llama_like = dict(
+        hidden_size=D_MODEL, intermediate_size=D_MLP, num_hidden_layers=N_LAYERS,
+        num_attention_heads=N_HEADS, num_key_value_heads=N_KV_HEADS, max_position_embeddings=256,
+        **special,
+    )
+    if arch == "llama":
+        cfg = LlamaConfig(**llama_like)
+    elif arch == "mistral":
+        cfg = MistralConfig(**llama_like, head_dim=D_MODEL // N_HEADS, sliding_window=None)
+    elif arch == "qwen2":
+        cfg = Qwen2Config(**llama_like)
+    elif arch == "qwen3":
+        # head_dim * n_heads != hidden_size on purpose: head_dim must be read off the weights.
+        cfg = Qwen3Config(**llama_like, head_dim=16)
+    elif arch == "gemma":
+        cfg = GemmaConfig(**llama_like, head_dim=16)
+    elif arch == "gemma2":
+        cfg = Gemma2Config(**llama_like, head_dim=8, sliding_window=4096, query_pre_attn_scalar=8,
+                           final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
+    elif arch == "gpt2":
+        cfg = GPT2Config(n_embd=D_MODEL, n_layer=N_LAYERS, n_head=N_HEADS, n_inner=D_MLP, n_positions=256,
+                         **special)
+    elif arch == "gpt_neox":
+        cfg = GPTNeoXConfig(hidden_size=D_MODEL, num_hidden_layers=N_LAYERS, num_attention_heads=N_HEADS,
+                            intermediate_size=D_MLP, max_position_embeddings=256, rotary_pct=0.5,
+                            **special)
+    elif arch == "opt":
+        cfg = OPTConfig(hidden_size=D_MODEL, num_hidden_layers=N_LAYERS, num_attention_heads=N_HEADS,
+                        ffn_dim=D_MLP, max_position_embeddings=256, word_embed_proj_dim=D_MODEL,
+                        enable_bias=True, **special)
+    else:  # pragma: no cover - a new adapter row needs a config here
+        raise KeyError(f"tests/conftest.py has no tiny config for {arch!r}; add one.")
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def build_tiny(arch: str, tokenizer, seed: int = 0, attn_implementation: str = "eager",
+               **overrides) -> LoadedModel:
+    """A seeded, randomly initialised tiny model of ``arch`` wrapped as a :class:`LoadedModel`."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(arch, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation,
+                                             dtype=torch.float32)
+    # Random init uses a small std; scale the weights up a little so logits are not all ~equal
+    # and the numerical comparisons in the tests are not trivially satisfied.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.2)
+    return wrap_model(model, tokenizer, spec=f"tiny-{arch}")
+
+
+@pytest.fixture(scope="session")
+def tiny_factory(tokenizer) -> Callable[..., LoadedModel]:
+    """``tiny_factory(arch, seed=0, **config_overrides)`` -> a fresh tiny :class:`LoadedModel`."""
+
+    def make(arch: str, seed: int = 0, attn_implementation: str = "eager", **overrides) -> LoadedModel:
+        return build_tiny(arch, tokenizer, seed=seed, attn_implementation=attn_implementation, **overrides)
+
+    return make
+
+
+_TINY_CACHE: dict[str, LoadedModel] = {}
+
+
+@pytest.fixture(params=ARCHS)
+def tiny_lm(request, tokenizer) -> LoadedModel:
+    """One tiny model per architecture (built once per session; tests must not modify it)."""
+    arch = request.param
+    if arch not in _TINY_CACHE:
+        _TINY_CACHE[arch] = build_tiny(arch, tokenizer)
+    return _TINY_CACHE[arch]
+
+
+@pytest.fixture(scope="session")
+def real_lm() -> LoadedModel:
+    """The embedded SmolLM2-135M (GGUF, converted once into the cache). Only for ``slow`` tests."""
+    from headlab.models import load_model
+
+    return load_model("smollm2-135m", device="cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Refuse to run the real model from an unmarked test (keeps the fast tier fast)."""
+    for item in items:
+        if "real_lm" in getattr(item, "fixturenames", ()) and item.get_closest_marker("slow") is None:
+            raise pytest.UsageError(f"{item.nodeid} uses real_lm but is not marked @pytest.mark.slow")
