@@ -1,0 +1,15 @@
+"""headlab: measure what individual attention heads, FFN neurons and weights of causal LMs contribute.
+
+Modules (one place for each thing):
+
+* :mod:`headlab.models` -- ``load_model(spec)`` and the architecture adapter table ``ADAPTERS``
+* :mod:`headlab.data` -- packaged data sets (fetched by ``headlab fetch``) and few-shot prompt pieces
+* :mod:`headlab.engine` -- batched forwards: label-token scoring with a shared-prefix cache, perplexity
+* :mod:`headlab.tasks` -- the few-shot sentiment task and prompt selection
+* :mod:`headlab.metrics` -- accuracy, F1, ROC-AUC, bootstrap CIs, chance checks
+* :mod:`headlab.plots` -- figures from tidy frames
+* :mod:`headlab.records` -- results saved with their parameters, model fingerprint and versions
+* :mod:`headlab.book` -- papermill execution of the chapters and the offline Jupyter Book build
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,345 @@
+"""headlab.models: the adapter table on tiny random models of every architecture, and loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import ARCHS, D_MLP, D_MODEL, MODEL_VOCAB, N_HEADS, N_KV_HEADS, N_LAYERS, build_tiny
+from headlab import models
+from headlab.models import ADAPTERS, LoadedModel, load_model, resolve_adapter, wrap_model
+
+#: Architectures whose attention implementation in transformers supports grouped-query attention.
+GQA_ARCHS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"}
+#: Tiny-config head widths that differ from hidden_size / n_heads (set in conftest.tiny_config).
+EXPLICIT_HEAD_DIM = {"qwen3": 16, "gemma": 16}
+
+
+def _ids(lm: LoadedModel, text: str = "Review: a gripping, funny film.\nSentiment:") -> torch.Tensor:
+    return torch.tensor([lm.tokenizer(text)["input_ids"]])
+
+
+def _input_width(lm: LoadedModel, module: nn.Module) -> tuple[int, ...]:
+    """Shape of the first input of ``module`` during a real forward pass."""
+    seen = []
+    handle = module.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+    try:
+        lm.model(_ids(lm))
+    finally:
+        handle.remove()
+    assert len(seen) == 1, f"expected one call of the hooked module, got {len(seen)}"
+    return seen[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Adapter resolution and dimensions
+# --------------------------------------------------------------------------------------------------
+def test_every_adapter_arch_has_a_tiny_model():
+    assert set(ARCHS) == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2", "gpt_neox", "opt"}
+
+
+def test_wrap_model_resolves_adapter(tiny_lm):
+    arch = tiny_lm.config.model_type
+    assert tiny_lm.adapter is ADAPTERS[arch]
+    assert not tiny_lm.model.training
+    assert not any(p.requires_grad for p in tiny_lm.model.parameters())
+
+
+def test_dimensions_match_config(tiny_lm):
+    arch = tiny_lm.config.model_type
+    assert tiny_lm.n_layers == N_LAYERS
+    assert tiny_lm.n_heads == N_HEADS
+    assert tiny_lm.n_kv_heads == (N_KV_HEADS if arch in GQA_ARCHS else N_HEADS)
+    assert tiny_lm.head_dim == EXPLICIT_HEAD_DIM.get(arch, D_MODEL // N_HEADS)
+    explicit = getattr(tiny_lm.config, "head_dim", None)
+    if explicit is not None:
+        assert tiny_lm.head_dim == explicit
+    assert tiny_lm.d_model == D_MODEL
+    assert tiny_lm.d_mlp == D_MLP
+    desc = tiny_lm.describe()
+    assert desc["model_type"] == arch
+    assert desc["n_params"] == sum(p.numel() for p in tiny_lm.model.parameters())
+    assert (desc["n_layers"], desc["n_heads"], desc["head_dim"]) == (N_LAYERS, N_HEADS, tiny_lm.head_dim)
+    assert desc["dtype"] == "float32" and desc["device"] == "cpu"
+
+
+@pytest.mark.parametrize("layer", range(N_LAYERS))
+def test_attn_out_input_is_concatenated_heads(tiny_lm, layer):
+    shape = _input_width(tiny_lm, tiny_lm.layer_module(layer, "attn_out"))
+    assert shape[-1] == tiny_lm.n_heads * tiny_lm.head_dim
+
+
+@pytest.mark.parametrize("layer", range(N_LAYERS))
+def test_mlp_out_input_is_neurons(tiny_lm, layer):
+    assert _input_width(tiny_lm, tiny_lm.layer_module(layer, "mlp_out"))[-1] == tiny_lm.d_mlp
+    # ... and the (first) FFN input projection maps the residual stream to d_mlp.
+    w_in = tiny_lm.adapter.weight_in_out(tiny_lm.layer_module(layer, "mlp_in"))
+    assert tuple(w_in.shape) == (tiny_lm.d_mlp, tiny_lm.d_model)
+
+
+def _value_states(lm: LoadedModel, layer: int, ids: torch.Tensor) -> torch.Tensor:
+    """Value vectors ``(b, n_kv, s, head_dim)`` of ``layer``, read off that layer's projections."""
+    arch, hd = lm.config.model_type, lm.head_dim
+    attn = lm.layer_module(layer, "attn")
+    captured = {}
+    if arch == "gpt2":
+        mod, pick = attn.c_attn, lambda y: y[..., 2 * lm.d_model:]
+    elif arch == "gpt_neox":
+        mod = attn.query_key_value
+        pick = lambda y: y.view(*y.shape[:-1], lm.n_heads, 3 * hd)[..., 2 * hd:].flatten(-2)  # noqa: E731
+    else:
+        mod, pick = attn.v_proj, lambda y: y  # noqa: E731
+    h = mod.register_forward_hook(lambda m, a, out: captured.setdefault("v", pick(out)))
+    # The attention input of the layer is needed; the simplest way is a full forward.
+    try:
+        lm.model(ids)
+    finally:
+        h.remove()
+    v = captured["v"]
+    b, s, _ = v.shape
+    return v.view(b, s, lm.n_kv_heads, hd).transpose(1, 2)
+
+
+@pytest.mark.parametrize("layer", range(N_LAYERS))
+def test_head_h_is_slice_h_of_attn_out_input(tiny_lm, layer):
+    """The adapter's central claim: head ``h``'s output (its attention pattern times its values,
+    with query heads grouped onto key/value heads for GQA) is the slice ``[h*d:(h+1)*d]`` of the
+    attention output projection's input."""
+    lm = tiny_lm
+    ids = _ids(lm)
+    seen = []
+    hook = lm.layer_module(layer, "attn_out").register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    try:
+        out = lm.model(ids, output_attentions=True)
+    finally:
+        hook.remove()
+    pattern = out.attentions[layer]  # (b, n_heads, s, s)
+    assert pattern.shape[1] == lm.n_heads
+    v = _value_states(lm, layer, ids)
+    group = lm.n_heads // lm.n_kv_heads
+    hd = lm.head_dim
+    for h in range(lm.n_heads):
+        expected = pattern[:, h] @ v[:, h // group]
+        torch.testing.assert_close(seen[0][..., h * hd:(h + 1) * hd], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_negative_layer_counts_from_end(tiny_lm):
+    assert tiny_lm.layer_module(-1, "attn_out") is tiny_lm.layer_module(N_LAYERS - 1, "attn_out")
+
+
+@pytest.mark.parametrize("layer", [99, N_LAYERS, -N_LAYERS - 1])
+def test_layer_module_out_of_range(tiny_lm, layer):
+    with pytest.raises(IndexError, match=f"{N_LAYERS} layers"):
+        tiny_lm.layer_module(layer, "attn_out")
+
+
+def test_model_level_modules(tiny_lm):
+    lm = tiny_lm
+    embed, final_norm, unembed = lm.module("embed"), lm.module("final_norm"), lm.module("unembed")
+    assert isinstance(embed, nn.Embedding) and embed.num_embeddings == MODEL_VOCAB
+    assert isinstance(unembed, nn.Linear) and unembed.out_features == MODEL_VOCAB
+    assert isinstance(final_norm, nn.Module)
+    # The embedding sees the input ids.
+    ids = _ids(lm)
+    got = []
+    h = embed.register_forward_hook(lambda m, a, o: got.append(a[0]))
+    try:
+        lm.model(ids)
+    finally:
+        h.remove()
+    assert len(got) == 1 and torch.equal(got[0], ids)
+
+
+def _logit_lens_reproduces_logits(lm: LoadedModel) -> None:
+    """final_norm output -> post_final modules -> unembed (-> soft-cap) gives the model's logits."""
+    ids = _ids(lm)
+    normed = []
+    h = lm.module("final_norm").register_forward_hook(lambda m, a, o: normed.append(o))
+    try:
+        logits = lm.model(ids).logits
+    finally:
+        h.remove()
+    assert len(normed) == 1
+    x = normed[0]
+    for path in lm.adapter.post_final:
+        mod = models.get_module(lm.model, path)
+        if mod is not None:
+            x = mod(x)
+    y = lm.module("unembed")(x)
+    if lm.adapter.logit_softcap_attr:
+        cap = getattr(lm.config, lm.adapter.logit_softcap_attr)
+        assert cap, "the tiny Gemma 2 config sets a soft-cap"
+        y = torch.tanh(y / cap) * cap
+    torch.testing.assert_close(y, logits, atol=1e-5, rtol=1e-5)
+
+
+def test_final_norm_then_unembed_gives_logits(tiny_lm):
+    _logit_lens_reproduces_logits(tiny_lm)
+
+
+def test_opt_project_out_is_applied_after_final_norm(tiny_factory):
+    """OPT with word_embed_proj_dim != hidden_size has a project_out that the adapter lists."""
+    lm = tiny_factory("opt", word_embed_proj_dim=16)
+    assert models.get_module(lm.model, "model.decoder.project_out") is not None
+    assert lm.module("embed").embedding_dim == 16
+    assert lm.d_model == D_MODEL
+    _logit_lens_reproduces_logits(lm)
+
+
+def test_weight_in_out_is_out_by_in(tiny_lm):
+    """For Linear and GPT-2 Conv1D alike, module(x) == x @ W.T + b with W from weight_in_out."""
+    lm = tiny_lm
+    for mod, (n_out, n_in) in [
+        (lm.layer_module(0, "attn_out"), (lm.d_model, lm.n_heads * lm.head_dim)),
+        (lm.layer_module(0, "mlp_out"), (lm.d_model, lm.d_mlp)),
+        (lm.layer_module(1, "mlp_in"), (lm.d_mlp, lm.d_model)),
+    ]:
+        w = lm.adapter.weight_in_out(mod)
+        assert tuple(w.shape) == (n_out, n_in)
+        x = torch.randn(3, n_in, generator=torch.Generator().manual_seed(0))
+        bias = mod.bias if getattr(mod, "bias", None) is not None else torch.zeros(n_out)
+        torch.testing.assert_close(mod(x), x @ w.T + bias, atol=1e-5, rtol=1e-5)
+    assert lm.adapter.conv1d == (lm.config.model_type == "gpt2")
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad inputs
+# --------------------------------------------------------------------------------------------------
+def test_resolve_adapter_unknown_lists_supported():
+    with pytest.raises(ValueError) as err:
+        resolve_adapter("bert")
+    msg = str(err.value)
+    assert "'bert'" in msg
+    for key in ADAPTERS:
+        assert key in msg
+
+
+def test_wrap_model_rejects_unsupported_architecture(tokenizer):
+    from transformers import BertConfig, BertLMHeadModel
+
+    cfg = BertConfig(vocab_size=MODEL_VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=16, is_decoder=True)
+    with pytest.raises(ValueError, match="bert"):
+        wrap_model(BertLMHeadModel(cfg), tokenizer)
+
+
+def test_load_model_missing_gguf():
+    with pytest.raises(FileNotFoundError, match="x.gguf"):
+        load_model("/nonexistent/x.gguf", device="cpu")
+
+
+def test_load_model_missing_path():
+    with pytest.raises(FileNotFoundError):
+        load_model("/nonexistent/dir/model", device="cpu")
+
+
+@pytest.mark.parametrize("spec", ["", "   "])
+def test_load_model_empty_spec(spec):
+    with pytest.raises(ValueError, match="Empty model spec"):
+        load_model(spec, device="cpu")
+
+
+def test_parse_dtype():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert models._parse_dtype(None, cpu) is torch.float32
+    assert models._parse_dtype("auto", cuda) is torch.bfloat16
+    assert models._parse_dtype("float16", cpu) is torch.float16
+    assert models._parse_dtype(torch.bfloat16, cpu) is torch.bfloat16
+    with pytest.raises(ValueError) as err:
+        models._parse_dtype("float64", cpu)
+    for name in ("float32", "float16", "bfloat16", "auto"):
+        assert name in str(err.value)
+
+
+def test_load_model_dir_with_several_ggufs_raises(tmp_path):
+    (tmp_path / "a.gguf").write_bytes(b"")
+    (tmp_path / "b.gguf").write_bytes(b"")
+    with pytest.raises(ValueError, match="2 .gguf"):
+        load_model(str(tmp_path), device="cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading a save_pretrained directory
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved_llama(tmp_path_factory, tokenizer):
+    lm = build_tiny("llama", tokenizer, seed=3)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    lm.model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return lm, path
+
+
+def test_load_model_bad_dtype_names_allowed(saved_llama):
+    _, path = saved_llama
+    with pytest.raises(ValueError, match="float64") as err:
+        load_model(str(path), device="cpu", dtype="float64")
+    assert "bfloat16" in str(err.value) and "float32" in str(err.value)
+
+
+def test_load_model_from_save_pretrained_dir(saved_llama):
+    lm, path = saved_llama
+    loaded = load_model(Path(path), device="cpu")
+    assert loaded.adapter is ADAPTERS["llama"]
+    assert loaded.source == str(Path(path).resolve())
+    assert loaded.fingerprint and len(loaded.fingerprint) == 16
+    assert loaded.dtype == torch.float32 and loaded.device.type == "cpu"
+    assert not loaded.model.training
+    assert not any(p.requires_grad for p in loaded.model.parameters())
+    assert loaded.tokenizer.padding_side == "right"
+    text = "Review: a tedious mess.\nSentiment:"
+    ids = loaded.tokenizer(text)["input_ids"]
+    assert ids == lm.tokenizer(text)["input_ids"]
+    x = torch.tensor([ids])
+    torch.testing.assert_close(loaded.model(x).logits, lm.model(x).logits, atol=0, rtol=0)
+    assert (loaded.n_layers, loaded.n_heads, loaded.n_kv_heads, loaded.head_dim) == (
+        lm.n_layers, lm.n_heads, lm.n_kv_heads, lm.head_dim)
+    # The fingerprint depends only on the weight files, so loading again gives the same one.
+    assert load_model(str(path), device="cpu").fingerprint == loaded.fingerprint
+
+
+def test_load_model_dtype_option(saved_llama):
+    _, path = saved_llama
+    assert load_model(str(path), device="cpu", dtype="bfloat16").dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------------------------------
+# The real GGUF model (slow)
+# --------------------------------------------------------------------------------------------------
+def _embedded_gguf_path() -> Path:
+    from headlab.data import PACKAGES, fetched_file
+
+    pkg_name, member = models.EMBEDDED_MODELS["smollm2-135m"]
+    pkg = PACKAGES[pkg_name]
+    return fetched_file(pkg.name, pkg.version, member)
+
+
+@pytest.mark.slow
+def test_embedded_model_dimensions(real_lm):
+    assert real_lm.config.model_type == "llama"
+    assert (real_lm.n_layers, real_lm.n_heads, real_lm.n_kv_heads, real_lm.head_dim) == (30, 9, 3, 64)
+    assert real_lm.d_model == 576 and real_lm.d_mlp == 1536
+    assert real_lm.spec == "smollm2-135m"
+    assert real_lm.fingerprint and "embedded smollm2-135m" in real_lm.source
+
+
+@pytest.mark.slow
+def test_gguf_path_and_embedded_name_load_the_same_converted_weights(real_lm):
+    gguf = _embedded_gguf_path()
+    assert gguf.is_file() and gguf.suffix == ".gguf"
+    converted = models.cache_dir() / "converted" / f"{gguf.stem}-{real_lm.fingerprint}"
+    assert (converted / "headlab.json").is_file(), "the first load must leave a converted copy in the cache"
+    assert (converted / "model.safetensors").is_file()
+    by_path = load_model(str(gguf), device="cpu")
+    assert by_path.source == str(gguf.resolve())
+    assert by_path.fingerprint == real_lm.fingerprint
+    assert (by_path.n_layers, by_path.n_heads, by_path.n_kv_heads, by_path.head_dim) == (30, 9, 3, 64)
+    ids = torch.tensor([real_lm.tokenizer("The capital of France is")["input_ids"]])
+    assert by_path.tokenizer("The capital of France is")["input_ids"] == ids[0].tolist()
+    torch.testing.assert_close(by_path.model(ids).logits, real_lm.model(ids).logits, atol=0, rtol=0)
+    # A directory holding exactly one .gguf file is accepted too.
+    by_dir = load_model(str(gguf.parent), device="cpu")
+    assert by_dir.fingerprint == real_lm.fingerprint
