@@ -2,8 +2,9 @@
 
 Few-shot prompts share one long prefix (instruction + shots) and differ only in a short query. The
 prefix is run once; its keys/values are broadcast to every batch and only the query tokens are
-computed. Queries are right-padded and read at their own last real token, with explicit position
-ids, so a prompt's result does not depend on the other prompts in its batch.
+computed. Queries are left-padded with explicit position ids (pads masked), so every prompt's real
+tokens sit at the same positions as when it runs alone and its result does not depend on the other
+prompts in its batch; the unembedding runs for the last position only.
 
 Tokenisation is defined as ``ids(prefix) + ids(query)`` (the query tokenised without special
 tokens) in every code path, cached or not, so the two paths score exactly the same token sequence.
@@ -12,7 +13,8 @@ tokens) in every code path, cached or not, so the two paths score exactly the sa
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +25,9 @@ from transformers import DynamicCache
 from headlab.models import LoadedModel
 
 __all__ = [
+    "CleanRun",
     "EncodedPrompts",
+    "clean_run",
     "encode_prompts",
     "forward_last",
     "generate_greedy",
@@ -31,6 +35,7 @@ __all__ = [
     "label_logprobs",
     "perplexity",
     "prefix_kv",
+    "sweep_heads",
     "token_nll",
 ]
 
@@ -105,15 +110,24 @@ def _cache_for_batch(lm: LoadedModel, kv: list[tuple[Tensor, Tensor]], batch: in
     return DynamicCache(ddp_cache_data=data, config=lm.model.config)
 
 
-def _pad_right(seqs: Sequence[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Right-pad 1-D id tensors into ``(B, S)`` ids and a 0/1 mask."""
+def _pad_left(seqs: Sequence[Tensor], pad_id: int, offset: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Left-pad 1-D id tensors into ``(B, S)`` ids, a 0/1 mask and explicit position ids.
+
+    Real tokens of every row get positions ``offset, offset + 1, ...`` whatever the padding, so a row's
+    result does not depend on the longest row of its batch; pads get position ``offset`` and are
+    masked out. With left padding every row's last real token sits at index ``S - 1``, so the
+    unembedding runs for that one position only.
+    """
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    pos = torch.full((len(seqs), width), offset, dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, : len(s)] = s
-        mask[i, : len(s)] = 1
-    return ids, mask
+        n = len(s)
+        ids[i, width - n:] = s
+        mask[i, width - n:] = 1
+        pos[i, width - n:] = offset + torch.arange(n)
+    return ids, mask, pos
 
 
 def _batches(n: int, size: int) -> Iterator[range]:
@@ -130,22 +144,17 @@ def forward_last(
     rows: Sequence[int],
     kv: list[tuple[Tensor, Tensor]] | None,
 ) -> Float[Tensor, "B vocab"]:
-    """Logits at the last real token of prompts ``rows`` (one forward, right padding).
+    """Logits at the last real token of prompts ``rows`` (one forward, left padding).
 
     With ``kv`` (from :func:`prefix_kv`) only the query tokens are computed; without, the whole
     prompt is run. Both give the same numbers up to float rounding.
     """
     pad = lm.tokenizer.pad_token_id or 0
     dev = lm.device
-    if kv is None:
-        seqs = [enc.full(i) for i in rows]
-        offset = 0
-    else:
-        seqs = [enc.queries[i] for i in rows]
-        offset = len(enc.prefix)
-    ids, mask = _pad_right(seqs, pad)
-    b, s = ids.shape
-    position_ids = (offset + torch.arange(s)).expand(b, s)
+    offset = 0 if kv is None else len(enc.prefix)
+    seqs = [enc.full(i) if kv is None else enc.queries[i] for i in rows]
+    ids, mask, positions = _pad_left(seqs, pad, offset)
+    b = ids.shape[0]
     kwargs = {}
     if kv is not None:
         kwargs["past_key_values"] = _cache_for_batch(lm, kv, b)
@@ -153,12 +162,12 @@ def forward_last(
     out = lm.model(
         input_ids=ids.to(dev),
         attention_mask=mask.to(dev),
-        position_ids=position_ids.to(dev),
+        position_ids=positions.to(dev),
         use_cache=kv is not None,
+        logits_to_keep=1,
         **kwargs,
     )
-    lengths = torch.tensor([len(x) for x in seqs], device=dev)
-    return out.logits[torch.arange(b, device=dev), lengths - 1].float()
+    return out.logits[:, -1].float()
 
 
 def label_logprobs(
@@ -280,3 +289,219 @@ def token_nll(
 def perplexity(nll: Tensor) -> float:
     """``exp(mean NLL)``."""
     return math.exp(float(nll.double().mean()))
+
+
+# --------------------------------------------------------------------------------------------------
+# Head sweeps: many (head edit, prompt) pairs, computing only what an edit can change
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class CleanRun:
+    """Everything a head sweep reuses from one clean pass over the prompts.
+
+    Attributes:
+        enc: the prompts.
+        kv: clean prefix keys/values per layer, ``(1, n_kv, P, d_head)`` each.
+        prefix_hidden: input of every layer for the prefix, ``(L, P, d_model)``.
+        query_hidden: input of every layer for the queries, left-padded to the longest query,
+            ``(L, N, Q, d_model)``.
+        logprobs: clean label log-probabilities ``(N, n_labels)``.
+        head_max_abs, head_std: ``(L, n_heads)`` max |z| and std of each head's output ``z`` over the
+            prefix positions and all real query positions of all prompts.
+        head_mean: ``(L, n_heads, d_head)`` mean head output over the same positions (mean ablation).
+    """
+
+    enc: EncodedPrompts
+    label_ids: list[int]
+    kv: list[tuple[Tensor, Tensor]]
+    prefix_hidden: Float[Tensor, "L P d"]
+    query_hidden: Float[Tensor, "L N Q d"]
+    logprobs: Float[Tensor, "N n_labels"]
+    head_max_abs: Float[Tensor, "L H"]
+    head_std: Float[Tensor, "L H"]
+    head_mean: Float[Tensor, "L H dh"]
+
+    @property
+    def prefix_len(self) -> int:
+        return len(self.enc.prefix)
+
+
+@torch.inference_mode()
+def clean_run(lm: LoadedModel, enc: EncodedPrompts, label_ids: Sequence[int], batch_size: int = 32) -> CleanRun:
+    """Run the prompts once without intervention and keep what a head sweep needs (see :class:`CleanRun`)."""
+    from headlab.interventions import capture  # local: interventions imports models only
+
+    if len(enc.prefix) == 0:
+        raise ValueError("Head sweeps need a non-empty shared prefix (at least a BOS or instruction token).")
+    L, H, dh = lm.n_layers, lm.n_heads, lm.head_dim
+    dev = lm.device
+    with capture(lm) as z_pre:
+        out = lm.model(enc.prefix[None].to(dev), use_cache=True, output_hidden_states=True)
+    kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    prefix_hidden = torch.stack([h[0] for h in out.hidden_states[:L]])  # (L, P, d)
+    # running sums for per-head statistics over prefix + real query positions
+    zs = {l: z_pre[l][0].reshape(-1, H, dh).float() for l in range(L)}  # (P, H, dh)
+    count = len(enc.prefix)
+    s1 = torch.stack([zs[l].sum(0) for l in range(L)])  # (L, H, dh)
+    s2 = torch.stack([(zs[l] ** 2).sum((0, 2)) for l in range(L)])  # (L, H)
+    mx = torch.stack([zs[l].abs().amax((0, 2)) for l in range(L)])  # (L, H)
+    qmax = max(len(q) for q in enc.queries)
+    query_hidden = torch.zeros(L, len(enc), qmax, lm.d_model, dtype=lm.dtype, device=dev)
+    logprobs = []
+    idx = torch.tensor(list(label_ids), device=dev)
+    pad = lm.tokenizer.pad_token_id or 0
+    for rows in _batches(len(enc), batch_size):
+        seqs = [enc.queries[i] for i in rows]
+        ids, mask, pos = _pad_left(seqs, pad, len(enc.prefix))
+        ids, mask, pos = _pad_to(ids, qmax, pad), _pad_to(mask, qmax, 0), _pad_to(pos, qmax, len(enc.prefix))
+        full_mask = torch.cat([torch.ones(len(rows), len(enc.prefix), dtype=torch.long), mask], 1)
+        with capture(lm) as z:
+            o = lm.model(input_ids=ids.to(dev), attention_mask=full_mask.to(dev), position_ids=pos.to(dev),
+                         past_key_values=_cache_for_batch(lm, kv, len(rows)), use_cache=True,
+                         output_hidden_states=True, logits_to_keep=1)
+        logprobs.append(torch.log_softmax(o.logits[:, -1].float(), -1)[:, idx].cpu())
+        for l in range(L):
+            query_hidden[l, rows.start:rows.stop] = o.hidden_states[l]
+            zl = z[l].reshape(len(rows), qmax, H, dh).float()[mask.bool().to(dev)]  # (n_real, H, dh)
+            s1[l] += zl.sum(0)
+            s2[l] += (zl ** 2).sum((0, 2))
+            mx[l] = torch.maximum(mx[l], zl.abs().amax((0, 2)))
+        count += int(mask.sum())
+    mean = s1 / count
+    var = s2 / (count * dh) - (mean ** 2).mean(-1)
+    return CleanRun(enc, list(label_ids), kv, prefix_hidden, query_hidden, torch.cat(logprobs),
+                    mx.cpu(), var.clamp_min(0).sqrt().cpu(), mean.cpu())
+
+
+def _pad_to(x: Tensor, width: int, value: int) -> Tensor:
+    """Left-pad a ``(B, S)`` tensor to ``(B, width)``."""
+    return torch.nn.functional.pad(x, (width - x.shape[1], 0), value=value)
+
+
+@contextmanager
+def _skip_layers_before(lm: LoadedModel, layer: int, hidden: Tensor) -> Iterator[None]:
+    """Make blocks ``0 .. layer-1`` return ``hidden`` (the cached input of block ``layer``) unrun."""
+    blocks = [lm.layers[i] for i in range(layer)]
+    try:
+        for block in blocks:
+            block.forward = lambda *args, **kwargs: hidden  # instance attribute shadows the method
+        yield
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
+
+
+def _edit_fn(edits: Sequence, rows_edit: Tensor, samples: Sequence, widths: Tensor, n_pos: int,
+             prefix_len: int, in_prefix: bool, clean: CleanRun, d_head: int) -> Callable:
+    """Per-row head edit for one layer: row ``b`` applies ``edits[rows_edit[b]]``.
+
+    ``widths[b]`` real tokens sit at the right end of the ``n_pos`` positions (left padding). In the
+    prefix pass every row is the whole prefix (``in_prefix``) and noise uses the ``"prefix"`` draw.
+    """
+    from headlab.interventions import head_noise
+
+    def fn(z: Tensor) -> None:
+        for b in range(z.shape[0]):
+            e = edits[int(rows_edit[b])]
+            n = int(widths[b])
+            sl = slice(n_pos - n, n_pos)
+            if e.kind == "noise":
+                key = "prefix" if in_prefix else samples[b]
+                eps = head_noise(e.seed, e.layer, e.head, key, n, d_head)
+                z[b, sl, e.head] += (e.scale * eps).to(z.dtype).to(z.device)
+            elif e.kind == "zero":
+                z[b, sl, e.head] = 0.0
+            elif e.kind == "mean":
+                z[b, sl, e.head] = clean.head_mean[e.layer, e.head].to(z.dtype).to(z.device)
+            else:
+                raise ValueError(f"Unknown edit kind {e.kind!r}; use 'noise', 'zero' or 'mean'.")
+
+    return fn
+
+
+@torch.inference_mode()
+def sweep_heads(
+    lm: LoadedModel,
+    clean: CleanRun,
+    edits: Sequence,
+    batch_size: int = 64,
+    edits_per_group: int = 16,
+    progress: Callable[[int], None] | None = None,
+) -> Float[Tensor, "n_edits N n_labels"]:
+    """Label log-probabilities of every prompt under every head edit, computing only what changes.
+
+    For an edit of a head in layer ``l``: blocks before ``l`` are not run (their output is the cached
+    clean input of block ``l``); the shared prefix is run once per edit from block ``l`` on (its keys
+    and values change in later blocks); each prompt's query tokens are run from block ``l`` on
+    against that edited prefix cache. Rows of one forward pass may carry different edits. The result
+    equals running every (edit, prompt) pair as a plain full forward with the edit hooked in
+    (:func:`headlab.interventions.noise_heads` / ``ablate_heads``), up to float rounding.
+
+    Args:
+        lm: the model.
+        clean: from :func:`clean_run` on the same prompts.
+        edits: :class:`headlab.interventions.HeadEdit` list (any mix of layers, heads, kinds).
+        batch_size: (edit, prompt) rows per forward pass.
+        edits_per_group: edits whose edited prefix caches are held in memory at once.
+        progress: called with the number of (edit, prompt) rows finished after each batch.
+
+    Returns:
+        ``(n_edits, n_prompts, n_labels)`` float32 on the CPU, in the order of ``edits``.
+    """
+    from headlab.interventions import edit_heads
+
+    enc, P, dev = clean.enc, clean.prefix_len, lm.device
+    N, L, dh = len(enc), lm.n_layers, lm.head_dim
+    out = torch.empty(len(edits), N, len(clean.label_ids))
+    idx = torch.tensor(clean.label_ids, device=dev)
+    lengths = torch.tensor([len(q) for q in enc.queries])
+    qmax = clean.query_hidden.shape[2]
+    pad = lm.tokenizer.pad_token_id or 0
+    order = sorted(range(len(edits)), key=lambda i: edits[i].layer)
+    groups = [order[i:i + edits_per_group] for i in range(0, len(order), edits_per_group)]
+    for group in groups:
+        for layer in sorted({edits[i].layer for i in group}):
+            members = [i for i in group if edits[i].layer == layer]
+            g_edits = [edits[i] for i in members]
+            # 1) the prefix under each edit, from block `layer` on -> edited keys/values of later blocks
+            g = len(members)
+            hidden = clean.prefix_hidden[layer][None].expand(g, -1, -1)
+            cache = DynamicCache(config=lm.model.config)
+            fn = _edit_fn(g_edits, torch.arange(g), None, torch.full((g,), P), P, P, True, clean, dh)
+            with _skip_layers_before(lm, layer, hidden), edit_heads(lm, {layer: fn}):
+                pos = torch.arange(P)[None].expand(g, -1)
+                lm.model(input_ids=enc.prefix[None].expand(g, -1).to(dev), position_ids=pos.to(dev),
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+            edited_kv = [(cache.layers[j].keys, cache.layers[j].values) for j in range(L)]
+            # 2) (edit, prompt) rows in batches
+            rows = [(m, p) for m in range(g) for p in range(N)]
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start:start + batch_size]
+                b = len(chunk)
+                r_edit = torch.tensor([m for m, _ in chunk])
+                r_prompt = torch.tensor([p for _, p in chunk])
+                width = int(lengths[r_prompt].max())
+                seqs = [enc.queries[p] for p in r_prompt.tolist()]
+                ids, mask, pos = _pad_left(seqs, pad, P)
+                full_mask = torch.cat([torch.ones(b, P, dtype=torch.long), mask], 1)
+                hid = clean.query_hidden[layer][r_prompt.to(dev), qmax - width:]
+                data = []
+                for j in range(L):
+                    if j <= layer:  # blocks up to `layer` see the clean prefix
+                        k, v = clean.kv[j]
+                        data.append((k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)))
+                    else:
+                        k, v = edited_kv[j]
+                        sel = r_edit.to(k.device)
+                        data.append((k.index_select(0, sel), v.index_select(0, sel)))
+                cache_b = DynamicCache(ddp_cache_data=data, config=lm.model.config)
+                fn = _edit_fn(g_edits, r_edit, r_prompt.tolist(), lengths[r_prompt], width, P, False, clean, dh)
+                with _skip_layers_before(lm, layer, hid), edit_heads(lm, {layer: fn}):
+                    o = lm.model(input_ids=ids.to(dev), attention_mask=full_mask.to(dev),
+                                 position_ids=pos.to(dev), past_key_values=cache_b, use_cache=True,
+                                 logits_to_keep=1)
+                lp = torch.log_softmax(o.logits[:, -1].float(), -1)[:, idx].cpu()
+                for (m, p), row in zip(chunk, lp):
+                    out[members[m], p] = row
+                if progress is not None:
+                    progress(b)
+    return out

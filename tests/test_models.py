@@ -92,7 +92,11 @@ def _value_states(lm: LoadedModel, layer: int, ids: torch.Tensor) -> torch.Tenso
         pick = lambda y: y.view(*y.shape[:-1], lm.n_heads, 3 * hd)[..., 2 * hd:].flatten(-2)  # noqa: E731
     else:
         mod, pick = attn.v_proj, lambda y: y  # noqa: E731
-    h = mod.register_forward_hook(lambda m, a, out: captured.setdefault("v", pick(out)))
+
+    def grab(m, a, out):  # must return None, or the hook would replace the module's output
+        captured["v"] = pick(out)
+
+    h = mod.register_forward_hook(grab)
     # The attention input of the layer is needed; the simplest way is a full forward.
     try:
         lm.model(ids)

@@ -1,0 +1,239 @@
+"""Interventions as context managers that always undo themselves.
+
+Every hook is registered on entry and removed in ``finally``, so an exception inside the ``with``
+block (or inside the hook) leaves the model exactly as it was::
+
+    with ablate_heads(lm, {5: [1, 3]}):
+        logits = lm.model(ids).logits
+
+A head's output is edited where it exists on its own: the **input** of the attention output
+projection, viewed as ``(batch, seq, n_heads, head_dim)`` (GQA only shares keys/values between
+heads; every query head still has its own slice here). Nothing zeroes a slice of the residual stream
+and calls it a head.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from headlab.models import LoadedModel
+
+__all__ = [
+    "HeadEdit",
+    "ablate_heads",
+    "capture",
+    "edit_heads",
+    "head_noise",
+    "hooks",
+    "noise_heads",
+]
+
+HeadFn = Callable[[Float[Tensor, "b s n_heads d_head"]], Float[Tensor, "b s n_heads d_head"] | None]
+
+
+@contextmanager
+def hooks(
+    pre: Sequence[tuple[nn.Module, Callable]] = (),
+    post: Sequence[tuple[nn.Module, Callable]] = (),
+) -> Iterator[None]:
+    """Register forward pre-hooks and forward hooks for the duration of the block.
+
+    Args:
+        pre: ``(module, fn)`` pairs; ``fn(module, args)`` may return new ``args``.
+        post: ``(module, fn)`` pairs; ``fn(module, args, output)`` may return a new output.
+    """
+    handles = []
+    try:
+        for mod, fn in pre:
+            handles.append(mod.register_forward_pre_hook(fn))
+        for mod, fn in post:
+            handles.append(mod.register_forward_hook(fn))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _per_head(lm: LoadedModel, fn: HeadFn) -> Callable:
+    """Wrap ``fn(z)`` on ``(b, s, n_heads, d_head)`` into a pre-hook on the output projection."""
+    n_heads, d_head = lm.n_heads, lm.head_dim
+
+    def pre_hook(module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        z = x.reshape(*x.shape[:-1], n_heads, d_head).clone()  # (b, s, nh, dh)
+        out = fn(z)
+        z = z if out is None else out
+        return (z.reshape(x.shape), *args[1:])
+
+    return pre_hook
+
+
+@contextmanager
+def edit_heads(lm: LoadedModel, fns: Mapping[int, HeadFn]) -> Iterator[None]:
+    """Apply ``fns[layer](z)`` to the per-head outputs ``z`` of each listed layer.
+
+    ``z`` has shape ``(batch, seq, n_heads, head_dim)``; ``fn`` may edit it in place (it is a copy)
+    or return a replacement.
+    """
+    pre = [(lm.layer_module(layer, "attn_out"), _per_head(lm, fn)) for layer, fn in fns.items()]
+    with hooks(pre=pre):
+        yield
+
+
+def _check_heads(lm: LoadedModel, heads: Mapping[int, Sequence[int]]) -> None:
+    for layer, hs in heads.items():
+        if not 0 <= layer < lm.n_layers:
+            raise ValueError(f"layer {layer} out of range 0..{lm.n_layers - 1}.")
+        bad = [h for h in hs if not 0 <= h < lm.n_heads]
+        if bad:
+            raise ValueError(f"head(s) {bad} in layer {layer} out of range 0..{lm.n_heads - 1}.")
+
+
+@contextmanager
+def ablate_heads(
+    lm: LoadedModel,
+    heads: Mapping[int, Sequence[int]],
+    mode: str = "zero",
+    means: Mapping[int, Float[Tensor, "n_heads d_head"]] | None = None,
+) -> Iterator[None]:
+    """Zero- or mean-ablate heads: replace their output slice by 0 or by a reference mean.
+
+    "Zero" sets the head's output (its attention-weighted sum of values, before the output
+    projection) to zero at every position -- equivalently, the head adds nothing but the output
+    projection's bias to the residual stream. This is *not* setting attention scores to -inf, which
+    gives rows of NaN after the softmax.
+
+    Args:
+        heads: ``{layer: [head, ...]}``.
+        mode: ``"zero"`` or ``"mean"``.
+        means: for ``"mean"``: ``{layer: (n_heads, head_dim)}`` mean head outputs over a reference
+            batch (see :func:`head_output_means`).
+    """
+    if mode not in ("zero", "mean"):
+        raise ValueError(f"mode={mode!r}; use 'zero' or 'mean'.")
+    _check_heads(lm, heads)
+    if mode == "mean" and (means is None or any(layer not in means for layer in heads)):
+        raise ValueError("mode='mean' needs `means` for every ablated layer (see head_output_means).")
+
+    def make(layer: int, hs: list[int]) -> HeadFn:
+        def fn(z: Tensor) -> None:
+            if mode == "zero":
+                z[:, :, hs] = 0.0
+            else:
+                z[:, :, hs] = means[layer][hs].to(z.dtype).to(z.device)
+
+        return fn
+
+    with edit_heads(lm, {layer: make(layer, list(hs)) for layer, hs in heads.items() if len(hs)}):
+        yield
+
+
+def _seed_for(*keys: int | str) -> int:
+    """A 63-bit seed derived from the keys (stable across runs, processes and machines)."""
+    digest = hashlib.blake2b("/".join(map(str, keys)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def head_noise(seed: int, layer: int, head: int, sample: int | str, n_positions: int, d_head: int) -> Tensor:
+    """Standard-normal noise for one head of one sample, ``(n_positions, d_head)`` float32.
+
+    The draw depends only on ``(seed, layer, head, sample)``, never on the batch a sample is in, so
+    interventions are batch-invariant. ``sample="prefix"`` names the shared few-shot prefix: every
+    prompt sees the same noise on the positions they share.
+    """
+    gen = torch.Generator().manual_seed(_seed_for(seed, layer, head, sample))
+    return torch.randn(n_positions, d_head, generator=gen)
+
+
+@dataclass(frozen=True)
+class HeadEdit:
+    """One perturbation of one head: additive noise or ablation.
+
+    Attributes:
+        kind: ``"noise"``, ``"zero"`` or ``"mean"``.
+        layer, head: which head.
+        scale: noise standard deviation (absolute; for ``"noise"``).
+        seed: noise seed (for ``"noise"``).
+    """
+
+    kind: str
+    layer: int
+    head: int
+    scale: float = 0.0
+    seed: int = 0
+
+
+@contextmanager
+def noise_heads(
+    lm: LoadedModel,
+    edits: Sequence[HeadEdit],
+    samples: Sequence[int | str] | None = None,
+    prefix_len: int = 0,
+    lengths: Sequence[int] | None = None,
+) -> Iterator[None]:
+    """Add seeded Gaussian noise to heads (the plain, one-forward reference implementation).
+
+    Row ``b`` of the batch is sample ``samples[b]``; its noise at sequence position ``t`` is
+    ``scale * head_noise(seed, layer, head, "prefix")[t]`` for ``t < prefix_len`` and
+    ``scale * head_noise(seed, layer, head, samples[b])[t - prefix_len]`` after, so it matches the
+    cached engine exactly. Rows are assumed unpadded (or right-padded, with ``lengths`` real tokens).
+
+    Args:
+        edits: noise edits (``kind="noise"``); several heads may be perturbed at once.
+        samples: sample id per batch row (default ``0, 1, ...``).
+        prefix_len: number of leading positions that are the shared prefix.
+        lengths: real tokens per row (default: the whole row).
+    """
+    for e in edits:
+        if e.kind != "noise":
+            raise ValueError(f"noise_heads takes kind='noise' edits, got {e.kind!r}.")
+        _check_heads(lm, {e.layer: [e.head]})
+    by_layer: dict[int, list[HeadEdit]] = {}
+    for e in edits:
+        by_layer.setdefault(e.layer, []).append(e)
+    d_head = lm.head_dim
+
+    def make(layer_edits: list[HeadEdit]) -> HeadFn:
+        def fn(z: Tensor) -> None:
+            b, s = z.shape[:2]
+            ids = list(range(b)) if samples is None else list(samples)
+            for e in layer_edits:
+                pre = head_noise(e.seed, e.layer, e.head, "prefix", prefix_len, d_head) if prefix_len else None
+                for row in range(b):
+                    n = s if lengths is None else lengths[row]
+                    q = head_noise(e.seed, e.layer, e.head, ids[row], n - prefix_len, d_head)
+                    eps = q if pre is None else torch.cat([pre, q])
+                    z[row, :n, e.head] += (e.scale * eps).to(z.dtype).to(z.device)
+
+        return fn
+
+    with edit_heads(lm, {layer: make(es) for layer, es in by_layer.items()}):
+        yield
+
+
+@contextmanager
+def capture(lm: LoadedModel, layers: Sequence[int] | None = None, site: str = "attn_out",
+            store: dict[int, Tensor] | None = None) -> Iterator[dict[int, Tensor]]:
+    """Record the input of ``site`` (default: per-head outputs at the output projection) per layer.
+
+    Yields a dict filled during the forward pass: ``{layer: tensor}`` with the module input as it
+    arrived (``(b, s, n_heads * head_dim)`` for ``attn_out``, ``(b, s, d_mlp)`` for ``mlp_out``), detached.
+    """
+    store = {} if store is None else store
+    layers = range(lm.n_layers) if layers is None else layers
+
+    def make(layer: int) -> Callable:
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            store[layer] = args[0].detach()
+
+        return pre_hook
+
+    with hooks(pre=[(lm.layer_module(layer, site), make(layer)) for layer in layers]):
+        yield store

@@ -1,0 +1,302 @@
+"""headlab.engine on tiny random models: the prefix cache is exact, results do not depend on the batch,
+strided perplexity scores every token once, greedy generation matches transformers' generate."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from headlab import engine
+from headlab.data import FORMATS, build_fewshot_prefix
+
+SHOTS = pd.DataFrame({
+    "text": ["a gripping, funny and warm film.", "the plot is dull and the acting is worse.",
+             "one of the best movies of the year.", "a tedious mess that never ends."],
+    "label": ["positive", "negative", "positive", "negative"],
+})
+#: Queries of very different token lengths, so batches need padding.
+QUERY_TEXTS = [
+    "great",
+    "boring, predictable and far too long; the cat sat on the mat and the dog ran in the park",
+    "charming and clever",
+    "a bird sang in the tree. awful.",
+    "ok",
+]
+
+
+def _prompts(lm, fmt_name: str = "plain", instruction_only: bool = False):
+    fmt = FORMATS[fmt_name]
+    prefix = fmt.instruction if instruction_only else build_fewshot_prefix(SHOTS, fmt)
+    return engine.encode_prompts(lm, prefix, [fmt.query(t) for t in QUERY_TEXTS])
+
+
+def _labels(lm):
+    return engine.label_token_ids(lm, ["negative", "positive"])
+
+
+def _plain_last_logprobs(lm, enc, label_ids):
+    """Reference: one unbatched, uncached forward of each full prompt."""
+    rows = []
+    for i in range(len(enc)):
+        logits = lm.model(enc.full(i)[None].to(lm.device)).logits[0, -1].float()
+        rows.append(torch.log_softmax(logits, -1)[label_ids])
+    return torch.stack(rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoding and label ids
+# --------------------------------------------------------------------------------------------------
+def test_encode_prompts_concatenates_prefix_and_query(tiny_factory, tokenizer):
+    lm = tiny_factory("llama")
+    enc = _prompts(lm)
+    assert len(enc) == len(QUERY_TEXTS)
+    assert enc.prefix[0].item() == tokenizer.bos_token_id  # prefix keeps special tokens
+    prefix_text = build_fewshot_prefix(SHOTS, FORMATS["plain"])
+    assert enc.prefix.tolist() == tokenizer(prefix_text)["input_ids"]
+    for q, text in zip(enc.queries, QUERY_TEXTS):
+        assert tokenizer.bos_token_id not in q.tolist()  # queries do not
+        assert q.tolist() == tokenizer(FORMATS["plain"].query(text), add_special_tokens=False)["input_ids"]
+    assert enc.full(1).tolist() == enc.prefix.tolist() + enc.queries[1].tolist()
+    sub = enc.subset([3, 0])
+    assert len(sub) == 2 and torch.equal(sub.queries[0], enc.queries[3]) and torch.equal(sub.prefix, enc.prefix)
+
+
+def test_encode_prompts_rejects_empty_query(tiny_factory):
+    with pytest.raises(ValueError, match="at least one token"):
+        engine.encode_prompts(tiny_factory("llama"), "Review: x\n\n", ["Review: ok", ""])
+
+
+def test_label_token_ids(tiny_factory, tokenizer):
+    lm = tiny_factory("llama")
+    ids = engine.label_token_ids(lm, ["negative", "positive"])
+    assert ids == [tokenizer(" negative", add_special_tokens=False)["input_ids"][0],
+                   tokenizer(" positive", add_special_tokens=False)["input_ids"][0]]
+    assert ids[0] != ids[1]
+    assert tokenizer.decode(ids[1]).strip() == "positive"
+
+
+def test_label_token_ids_multi_token_word_raises(tiny_factory):
+    lm = tiny_factory("llama")
+    with pytest.raises(ValueError, match="unbelievably"):
+        engine.label_token_ids(lm, ["positive", "unbelievably"])
+
+
+def test_label_token_ids_duplicate_raises(tiny_factory):
+    with pytest.raises(ValueError, match="same token"):
+        engine.label_token_ids(tiny_factory("llama"), ["positive", "positive"])
+
+
+# --------------------------------------------------------------------------------------------------
+# label_logprobs
+# --------------------------------------------------------------------------------------------------
+def test_prefix_cache_equals_no_cache(tiny_lm):
+    enc, labels = _prompts(tiny_lm), _labels(tiny_lm)
+    assert len(enc.prefix) > 20 and len({len(q) for q in enc.queries}) > 2
+    cached = engine.label_logprobs(tiny_lm, enc, labels, batch_size=3, use_prefix_cache=True)
+    plain = engine.label_logprobs(tiny_lm, enc, labels, batch_size=3, use_prefix_cache=False)
+    assert cached.shape == (len(QUERY_TEXTS), 2) and cached.dtype == torch.float32
+    assert torch.all(cached < 0)
+    torch.testing.assert_close(cached, plain, atol=1e-4, rtol=0)
+    # The numbers are not trivially equal across prompts (the model really reads the query).
+    assert (cached[:, 1] - cached[:, 0]).std() > 1e-3
+
+
+@pytest.mark.parametrize("use_prefix_cache", [True, False])
+def test_batch_invariance(tiny_lm, use_prefix_cache):
+    enc, labels = _prompts(tiny_lm), _labels(tiny_lm)
+    alone = engine.label_logprobs(tiny_lm, enc, labels, batch_size=1, use_prefix_cache=use_prefix_cache)
+    batched = engine.label_logprobs(tiny_lm, enc, labels, batch_size=len(enc),
+                                    use_prefix_cache=use_prefix_cache)
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
+    # A prompt's row does not depend on which other prompts share its batch.
+    sub = engine.label_logprobs(tiny_lm, enc.subset([4, 1]), labels, batch_size=2,
+                                use_prefix_cache=use_prefix_cache)
+    torch.testing.assert_close(sub, alone[[4, 1]], atol=1e-5, rtol=0)
+
+
+def test_matches_plain_forward(tiny_lm):
+    enc, labels = _prompts(tiny_lm), _labels(tiny_lm)
+    got = engine.label_logprobs(tiny_lm, enc, labels, batch_size=4)
+    torch.testing.assert_close(got, _plain_last_logprobs(tiny_lm, enc, labels), atol=1e-4, rtol=0)
+
+
+def test_forward_last_returns_full_vocab_logits(tiny_lm):
+    enc = _prompts(tiny_lm)
+    kv = engine.prefix_kv(tiny_lm, enc.prefix)
+    assert len(kv) == tiny_lm.n_layers
+    for k, v in kv:
+        assert k.shape[0] == 1 and k.shape[1] == tiny_lm.n_kv_heads and k.shape[-1] == tiny_lm.head_dim
+        assert v.shape == k.shape
+    cached = engine.forward_last(tiny_lm, enc, [0, 1], kv)
+    plain = engine.forward_last(tiny_lm, enc, [0, 1], None)
+    assert cached.shape == (2, tiny_lm.config.vocab_size)
+    torch.testing.assert_close(cached, plain, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch,overrides", [
+    ("gemma2", dict(sliding_window=6)),
+    ("mistral", dict(sliding_window=6)),
+])
+def test_prefix_cache_with_sliding_window_shorter_than_prefix(tiny_factory, arch, overrides):
+    """A sliding-window layer keeps only the last window of the prefix in its cache; cached scoring
+    must still equal the uncached forward."""
+    lm = tiny_factory(arch, **overrides)
+    enc, labels = _prompts(lm), _labels(lm)
+    assert len(enc.prefix) > 6 * 3
+    cached = engine.label_logprobs(lm, enc, labels, batch_size=2, use_prefix_cache=True)
+    plain = _plain_last_logprobs(lm, enc, labels)
+    torch.testing.assert_close(cached, plain, atol=1e-4, rtol=0)
+
+
+def test_instruction_only_and_empty_prefix(tiny_factory):
+    lm = tiny_factory("qwen2")
+    labels = _labels(lm)
+    for enc in (_prompts(lm, "instructed", instruction_only=True), _prompts(lm, "plain", instruction_only=True)):
+        got = engine.label_logprobs(lm, enc, labels, batch_size=2)
+        torch.testing.assert_close(got, _plain_last_logprobs(lm, enc, labels), atol=1e-4, rtol=0)
+    empty = engine.encode_prompts(lm, "", ["Review: ok\nSentiment:"])
+    assert len(empty.prefix) <= 1
+
+
+def test_label_logprobs_empty_and_bad_batch(tiny_factory):
+    lm = tiny_factory("llama")
+    enc, labels = _prompts(lm), _labels(lm)
+    assert engine.label_logprobs(lm, enc.subset([]), labels).shape == (0, 2)
+    with pytest.raises(ValueError, match="batch_size"):
+        engine.label_logprobs(lm, enc, labels, batch_size=0)
+
+
+def test_logprob_difference_is_logit_difference(tiny_factory):
+    lm = tiny_factory("gpt2")
+    enc, labels = _prompts(lm), _labels(lm)
+    lp = engine.label_logprobs(lm, enc, labels)
+    logits = torch.stack([lm.model(enc.full(i)[None]).logits[0, -1] for i in range(len(enc))])
+    torch.testing.assert_close(lp[:, 1] - lp[:, 0], logits[:, labels[1]] - logits[:, labels[0]],
+                               atol=1e-4, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# token_nll / perplexity
+# --------------------------------------------------------------------------------------------------
+N_STREAM = 37
+
+
+def _stream(n: int = N_STREAM, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, 200, (n,), generator=g)
+
+
+def _one_forward_nll(lm, ids: torch.Tensor) -> torch.Tensor:
+    """NLL of tokens 1..len-1 of ``ids`` from a single forward (the hand computation)."""
+    logp = torch.log_softmax(lm.model(ids[None]).logits[0, :-1].float(), -1)
+    return -logp.gather(-1, ids[1:, None])[:, 0]
+
+
+@pytest.mark.parametrize("context", [N_STREAM, 64])
+def test_token_nll_single_window_is_one_forward(tiny_factory, context):
+    lm = tiny_factory("llama")
+    ids = _stream()
+    nll, win = engine.token_nll(lm, ids, context=context, stride=context // 2)
+    torch.testing.assert_close(nll, _one_forward_nll(lm, ids), atol=1e-5, rtol=1e-5)
+    assert torch.all(win == 0)
+    assert engine.perplexity(nll) == pytest.approx(float(torch.exp(nll.double().mean())))
+
+
+CONTEXT_STRIDE = [(8, 8), (8, 4), (8, 3), (8, 1), (10, 7), (16, 5), (36, 36), (40, 13)]
+
+
+@pytest.mark.parametrize("context,stride", CONTEXT_STRIDE)
+def test_token_nll_scores_every_position_once_in_order(tiny_factory, context, stride):
+    """With the attention output projections zeroed, a token's prediction depends only on the
+    previous token, so the NLL of position ``p`` is the same in every window. Every position
+    1..N-1 must then appear exactly once, in order (the values are distinct)."""
+    lm = tiny_factory("llama", seed=1)
+    with torch.no_grad():
+        for layer in range(lm.n_layers):
+            lm.layer_module(layer, "attn_out").weight.zero_()
+    ids = _stream()
+    reference = _one_forward_nll(lm, ids)
+    assert len(set(reference.round(decimals=4).tolist())) == N_STREAM - 1  # distinct values
+    for batch_size in (1, 3, 64):
+        nll, win = engine.token_nll(lm, ids, context=context, stride=stride, batch_size=batch_size)
+        assert nll.shape == win.shape == (N_STREAM - 1,)
+        torch.testing.assert_close(nll, reference, atol=1e-5, rtol=1e-5)
+        assert win[0] == 0 and torch.all(win.diff() >= 0) and torch.all(win.diff() <= 1)
+
+
+@pytest.mark.parametrize("context,stride", CONTEXT_STRIDE)
+def test_token_nll_left_context(tiny_factory, context, stride):
+    """With a context-dependent model, each window's tokens are scored inside one full window of
+    ``context`` tokens, and every token has at least ``context - stride`` tokens of left context
+    (or all of them, for tokens of the first window)."""
+    lm = tiny_factory("llama", seed=2)
+    ids = _stream(seed=1)
+    nll, win = engine.token_nll(lm, ids, context=context, stride=stride, batch_size=4)
+    assert nll.shape == (N_STREAM - 1,)
+    # NLL of position p when the window starts at s: table[s][p]
+    starts = list(range(0, max(N_STREAM - context, 0) + 1))
+    windows = torch.stack([ids[s:s + context] for s in starts])
+    logp = torch.log_softmax(lm.model(windows).logits[:, :-1].float(), -1)
+    table = {}
+    for row, s in enumerate(starts):
+        tok = -logp[row].gather(-1, windows[row, 1:, None])[:, 0]
+        for j in range(len(tok)):
+            table[(s, s + j + 1)] = tok[j]
+    positions = torch.arange(1, N_STREAM)  # proven in order by the previous test
+    for w in win.unique().tolist():
+        ps = positions[win == w].tolist()
+        feasible = [s for s in starts
+                    if all((s, p) in table and abs(float(table[(s, p)] - nll[p - 1])) < 1e-4 for p in ps)]
+        assert feasible, f"window {w} (positions {ps}) matches no single window of the stream"
+        assert any(all(p - s >= min(p, context - stride) for p in ps) for s in feasible), (
+            f"window {w}: tokens {ps} scored with less than context - stride = {context - stride} "
+            "tokens of left context"
+        )
+
+
+@pytest.mark.parametrize("context,stride", [(8, 0), (8, 9), (8, -1), (0, 0)])
+def test_token_nll_bad_stride(tiny_factory, context, stride):
+    with pytest.raises(ValueError, match="stride"):
+        engine.token_nll(tiny_factory("llama"), _stream(), context=context, stride=stride)
+
+
+def test_token_nll_too_short(tiny_factory):
+    with pytest.raises(ValueError, match="2 tokens"):
+        engine.token_nll(tiny_factory("llama"), _stream(1), context=8, stride=4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "gemma2"])
+def test_token_nll_other_archs_single_window(tiny_factory, arch):
+    lm = tiny_factory(arch)
+    ids = _stream(20)
+    nll, _ = engine.token_nll(lm, ids, context=32, stride=16)
+    torch.testing.assert_close(nll, _one_forward_nll(lm, ids), atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Greedy generation
+# --------------------------------------------------------------------------------------------------
+def _hf_generate(lm, enc, max_new_tokens):
+    texts, n_new = [], []
+    for i in range(len(enc)):
+        ids = enc.full(i)[None]
+        out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                do_sample=False, eos_token_id=None, pad_token_id=lm.tokenizer.pad_token_id)
+        new = out[0, ids.shape[1]:]
+        n_new.append(len(new))
+        texts.append(lm.tokenizer.decode(new, skip_special_tokens=True))
+    return texts, n_new
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("prefix", ["Review: good.\nSentiment: positive\n\n", ""])
+def test_generate_greedy_matches_hf_generate(tiny_factory, tokenizer, arch, prefix):
+    # Model vocabulary == tokenizer vocabulary, so every generated token decodes to visible text.
+    lm = tiny_factory(arch, seed=4, vocab_size=len(tokenizer))
+    enc = engine.encode_prompts(lm, prefix, [FORMATS["plain"].query(t) for t in QUERY_TEXTS[:3]])
+    got = engine.generate_greedy(lm, enc, max_new_tokens=3)
+    expected, n_new = _hf_generate(lm, enc, 3)
+    assert n_new == [3] * len(enc)
+    assert got == expected
+    assert all(len(t) > 0 for t in got)
