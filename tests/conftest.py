@@ -15,7 +15,10 @@ from collections.abc import Callable
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# Tiny models run ~100x faster on one thread than on two when the other core is busy (OpenMP
+# threads spin-wait on each other for every microscopic matmul); slow tests on the real model get
+# two threads (see ``_threads_for_slow_tests``). Never more than two: the machine has 2 cores.
+torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from headlab.models import ADAPTERS, LoadedModel, wrap_model  # noqa: E402
@@ -159,6 +162,18 @@ def tiny_lm(request, tokenizer) -> LoadedModel:
     if arch not in _TINY_CACHE:
         _TINY_CACHE[arch] = build_tiny(arch, tokenizer)
     return _TINY_CACHE[arch]
+
+
+@pytest.fixture(autouse=True)
+def _threads_for_slow_tests(request):
+    if request.node.get_closest_marker("slow") is None:
+        yield
+        return
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
