@@ -137,6 +137,30 @@ def _batches(n: int, size: int) -> Iterator[range]:
         yield range(start, min(n, start + size))
 
 
+def _needs_equal_lengths(lm: LoadedModel, enc: EncodedPrompts) -> bool:
+    """True when a sliding window could reach back past pads between the prefix and a query."""
+    window = lm.sliding_window
+    longest = max((len(q) for q in enc.queries), default=0)
+    return window is not None and window < len(enc.prefix) + longest
+
+
+def _chunks(items: Sequence, lengths: Sequence[int], size: int, equal: bool) -> Iterator[list]:
+    """Split ``items`` into batches of at most ``size``; with ``equal``, only items of equal
+    ``lengths`` share a batch (stable order within each length)."""
+    if size <= 0:
+        raise ValueError(f"batch_size={size} must be positive.")
+    if not equal:
+        for start in range(0, len(items), size):
+            yield list(items[start:start + size])
+        return
+    by_len: dict[int, list] = {}
+    for item, n in zip(items, lengths):
+        by_len.setdefault(int(n), []).append(item)
+    for group in by_len.values():
+        for start in range(0, len(group), size):
+            yield group[start:start + size]
+
+
 @torch.inference_mode()
 def forward_last(
     lm: LoadedModel,
@@ -147,8 +171,17 @@ def forward_last(
     """Logits at the last real token of prompts ``rows`` (one forward, left padding).
 
     With ``kv`` (from :func:`prefix_kv`) only the query tokens are computed; without, the whole
-    prompt is run. Both give the same numbers up to float rounding.
+    prompt is run. Both give the same numbers up to float rounding (for sliding-window models the
+    rows are run in groups of equal query length, see :meth:`LoadedModel.sliding_window`).
     """
+    rows = list(rows)
+    if kv is not None and _needs_equal_lengths(lm, enc):
+        lengths = [len(enc.queries[i]) for i in rows]
+        if len(set(lengths)) > 1:
+            groups = list(_chunks(list(range(len(rows))), lengths, len(rows), equal=True))
+            logits = torch.cat([forward_last(lm, enc, [rows[j] for j in g], kv) for g in groups])
+            order = torch.tensor([j for g in groups for j in g])
+            return logits[torch.argsort(order).to(logits.device)]
     pad = lm.tokenizer.pad_token_id or 0
     dev = lm.device
     offset = 0 if kv is None else len(enc.prefix)
@@ -246,29 +279,33 @@ def token_nll(
         lm: the model.
         ids: the token stream.
         context: window length in tokens.
-        stride: step between windows, ``0 < stride <= context``.
+        stride: step between windows, ``0 < stride <= context``. With ``stride == context`` the
+            windows overlap by one token so that the first token of each window is still predicted.
         batch_size: windows per forward pass.
 
     Returns:
         ``(nll, window)``: NLL in nats of each scored token (the first token is never scored) and the
         index of the window that scored it (for block-bootstrap confidence intervals).
     """
+    if context < 2:
+        raise ValueError(f"context={context} must be at least 2 tokens (stride={stride}).")
     if not 0 < stride <= context:
         raise ValueError(f"stride={stride} must satisfy 0 < stride <= context={context}.")
     n = len(ids)
     if n < 2:
         raise ValueError("Need at least 2 tokens to score.")
-    starts = list(range(0, max(n - context, 0) + 1, stride))
-    if starts[-1] + context < n:
-        starts.append(n - context)
     nll, win = [], []
-    scored_upto = 1  # token 0 has no prediction
-    spans = []
-    for w, s in enumerate(starts):
-        e = min(s + context, n)
-        first = max(scored_upto, s + 1)
-        spans.append((w, s, e, first))
-        scored_upto = e
+    spans = []  # (window index, start, end, first scored position)
+    start, scored_upto = 0, 1  # token 0 has no prediction
+    while True:
+        end = min(start + context, n)
+        spans.append((len(spans), start, end, max(scored_upto, start + 1)))
+        scored_upto = end
+        if end >= n:
+            break
+        # Next window: ``stride`` further, but starting early enough that the first unscored token is
+        # predicted inside it (matters for stride == context) and, at the end, a full window.
+        start = min(start + stride, scored_upto - 1, n - context)
     for rows in _batches(len(spans), batch_size):
         chunk = [spans[r] for r in rows]
         width = max(e - s for _, s, e, _ in chunk)
@@ -346,29 +383,31 @@ def clean_run(lm: LoadedModel, enc: EncodedPrompts, label_ids: Sequence[int], ba
     mx = torch.stack([zs[l].abs().amax((0, 2)) for l in range(L)])  # (L, H)
     qmax = max(len(q) for q in enc.queries)
     query_hidden = torch.zeros(L, len(enc), qmax, lm.d_model, dtype=lm.dtype, device=dev)
-    logprobs = []
     idx = torch.tensor(list(label_ids), device=dev)
     pad = lm.tokenizer.pad_token_id or 0
-    for rows in _batches(len(enc), batch_size):
+    logprobs = torch.empty(len(enc), len(idx))
+    lengths = [len(q) for q in enc.queries]
+    for rows in _chunks(list(range(len(enc))), lengths, batch_size, _needs_equal_lengths(lm, enc)):
         seqs = [enc.queries[i] for i in rows]
         ids, mask, pos = _pad_left(seqs, pad, len(enc.prefix))
-        ids, mask, pos = _pad_to(ids, qmax, pad), _pad_to(mask, qmax, 0), _pad_to(pos, qmax, len(enc.prefix))
+        width = ids.shape[1]
         full_mask = torch.cat([torch.ones(len(rows), len(enc.prefix), dtype=torch.long), mask], 1)
         with capture(lm) as z:
             o = lm.model(input_ids=ids.to(dev), attention_mask=full_mask.to(dev), position_ids=pos.to(dev),
                          past_key_values=_cache_for_batch(lm, kv, len(rows)), use_cache=True,
                          output_hidden_states=True, logits_to_keep=1)
-        logprobs.append(torch.log_softmax(o.logits[:, -1].float(), -1)[:, idx].cpu())
+        logprobs[rows] = torch.log_softmax(o.logits[:, -1].float(), -1)[:, idx].cpu()
+        sel = torch.tensor(rows, device=dev)
         for l in range(L):
-            query_hidden[l, rows.start:rows.stop] = o.hidden_states[l]
-            zl = z[l].reshape(len(rows), qmax, H, dh).float()[mask.bool().to(dev)]  # (n_real, H, dh)
+            query_hidden[l, sel, qmax - width:] = o.hidden_states[l]
+            zl = z[l].reshape(len(rows), width, H, dh).float()[mask.bool().to(dev)]  # (n_real, H, dh)
             s1[l] += zl.sum(0)
             s2[l] += (zl ** 2).sum((0, 2))
             mx[l] = torch.maximum(mx[l], zl.abs().amax((0, 2)))
         count += int(mask.sum())
     mean = s1 / count
     var = s2 / (count * dh) - (mean ** 2).mean(-1)
-    return CleanRun(enc, list(label_ids), kv, prefix_hidden, query_hidden, torch.cat(logprobs),
+    return CleanRun(enc, list(label_ids), kv, prefix_hidden, query_hidden, logprobs,
                     mx.cpu(), var.clamp_min(0).sqrt().cpu(), mean.cpu())
 
 
@@ -456,6 +495,7 @@ def sweep_heads(
     lengths = torch.tensor([len(q) for q in enc.queries])
     qmax = clean.query_hidden.shape[2]
     pad = lm.tokenizer.pad_token_id or 0
+    equal_lengths = _needs_equal_lengths(lm, enc)
     order = sorted(range(len(edits)), key=lambda i: edits[i].layer)
     groups = [order[i:i + edits_per_group] for i in range(0, len(order), edits_per_group)]
     for group in groups:
@@ -474,8 +514,8 @@ def sweep_heads(
             edited_kv = [(cache.layers[j].keys, cache.layers[j].values) for j in range(L)]
             # 2) (edit, prompt) rows in batches
             rows = [(m, p) for m in range(g) for p in range(N)]
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start:start + batch_size]
+            row_lengths = [int(lengths[p]) for _, p in rows]
+            for chunk in _chunks(rows, row_lengths, batch_size, equal_lengths):
                 b = len(chunk)
                 r_edit = torch.tensor([m for m, _ in chunk])
                 r_prompt = torch.tensor([p for _, p in chunk])

@@ -234,6 +234,22 @@ class LoadedModel:
         return int(self.adapter.weight_in_out(self.layer_module(0, "mlp_out")).shape[1])
 
     @property
+    def sliding_window(self) -> int | None:
+        """Window (in key positions) of the model's sliding-window attention layers, or ``None``.
+
+        Such layers count the window in key *indices*, so padding placed between a cached prefix and
+        a query would shift real tokens out of the window; the engine then batches only prompts of
+        equal query length together.
+        """
+        window = getattr(self.config, "sliding_window", None)
+        if not window or getattr(self.config, "use_sliding_window", True) is False:
+            return None
+        types = getattr(self.config, "layer_types", None)
+        if types is not None and "sliding_attention" not in types:
+            return None
+        return int(window)
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
