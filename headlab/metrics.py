@@ -19,11 +19,14 @@ __all__ = [
     "CI",
     "accuracy",
     "bootstrap_ci",
+    "bootstrap_rows",
     "chance_warnings",
     "classification_report",
     "confusion_matrix",
+    "impact_category",
     "macro_f1",
     "parse_generated_label",
+    "rank_agreement",
     "roc_auc",
 ]
 
@@ -201,3 +204,67 @@ def chance_warnings(
         if auc.low <= 0.5:
             out.append(f"ROC-AUC {auc} includes 0.5")
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-item effects: paired bootstrap, rank agreement, impact categories
+# --------------------------------------------------------------------------------------------------
+def bootstrap_rows(values: ArrayLike, n_boot: int = 1000, level: float = 0.95,
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean of each row of an ``(items, samples)`` matrix with percentile-bootstrap intervals.
+
+    All rows are resampled with the *same* sample indices in each replicate (a paired bootstrap over
+    samples, e.g. prompts), so intervals of different items (heads) are comparable.
+
+    Returns:
+        ``(mean, low, high)``, each of length ``items``.
+    """
+    x = np.asarray(values, dtype=float)
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise ValueError(f"values must be a non-empty (items, samples) matrix, got shape {x.shape}.")
+    if not 0 < level < 1:
+        raise ValueError(f"level={level} must be in (0, 1).")
+    rng = np.random.default_rng(seed)
+    n = x.shape[1]
+    boots = np.empty((n_boot, x.shape[0]))
+    for b in range(n_boot):
+        boots[b] = x[:, rng.integers(0, n, n)].mean(1)
+    alpha = (1 - level) / 2
+    low, high = np.quantile(boots, [alpha, 1 - alpha], axis=0)
+    return x.mean(1), low, high
+
+
+def rank_agreement(scores: pd.DataFrame) -> pd.DataFrame:
+    """Spearman and Kendall correlation between every pair of columns (e.g. one column per seed).
+
+    Args:
+        scores: one row per item (head), one column per replicate.
+
+    Returns:
+        One row per column pair with ``spearman``, ``kendall`` and ``top10_overlap`` (shared items
+        among each column's ten highest).
+    """
+    from scipy import stats
+
+    cols = list(scores.columns)
+    if len(cols) < 2:
+        raise ValueError(f"rank_agreement needs at least two columns, got {cols}.")
+    rows = []
+    for i, a in enumerate(cols):
+        for b in cols[i + 1:]:
+            x, y = scores[a].to_numpy(float), scores[b].to_numpy(float)
+            k = min(10, len(x))
+            top = len(set(np.argsort(-x)[:k]) & set(np.argsort(-y)[:k]))
+            rows.append({"a": a, "b": b, "spearman": float(stats.spearmanr(x, y).statistic),
+                         "kendall": float(stats.kendalltau(x, y).statistic), "top10_overlap": top})
+    return pd.DataFrame(rows)
+
+
+#: Impact categories of seed 001, on the absolute change of a score in percentage points.
+IMPACT_BINS = ((10.0, "HIGH"), (5.0, "MEDIUM"), (0.0, "LOW"))
+
+
+def impact_category(change_points: ArrayLike) -> np.ndarray:
+    """``HIGH`` (>10), ``MEDIUM`` (5-10) or ``LOW`` (<5) for absolute changes in percentage points."""
+    c = np.abs(np.asarray(change_points, dtype=float))
+    return np.where(c > 10, "HIGH", np.where(c >= 5, "MEDIUM", "LOW"))

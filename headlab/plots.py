@@ -10,7 +10,8 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-__all__ = ["confusion_heatmap", "config_comparison", "logit_diff_hist"]
+__all__ = ["compare_scatter", "confusion_heatmap", "config_comparison", "effect_vs_level", "head_heatmap",
+           "logit_diff_hist", "ranked_effects"]
 
 
 def confusion_heatmap(cm: np.ndarray, labels: Sequence[str], title: str = "") -> Figure:
@@ -69,5 +70,67 @@ def logit_diff_hist(diff: np.ndarray, labels: np.ndarray, label_names: Sequence[
     ax.axvline(0, color="grey", lw=0.8, ls=":", label="argmax (0)")
     ax.axvline(threshold, color="black", lw=1.2, label=f"calibrated ({threshold:.2f})")
     ax.set_title("lp(positive) - lp(negative)")
+    fig.tight_layout()
+    return fig
+
+
+def head_heatmap(frame: pd.DataFrame, value: str, title: str = "", center: float | None = 0.0,
+                 ax: plt.Axes | None = None, cmap: str = "RdBu_r") -> Figure:
+    """Layer x head heatmap of one column of a per-head frame (rows with ``layer``, ``head``).
+
+    Duplicate (layer, head) rows (e.g. several seeds) are averaged.
+    """
+    grid = frame.pivot_table(index="layer", columns="head", values=value, aggfunc="mean")
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(0.32 * grid.shape[1] + 2.5, 0.22 * grid.shape[0] + 1.6))
+    else:
+        fig = ax.figure
+    sns.heatmap(grid, ax=ax, cmap=cmap, center=center, cbar_kws={"label": value})
+    ax.set_title(title or value)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    fig.tight_layout()
+    return fig
+
+
+def ranked_effects(ranking: pd.DataFrame, top: int = 20, value: str = "effect",
+                   title: str = "") -> Figure:
+    """Horizontal bars of the ``top`` heads of a ranking with their ``{value}_low``/``_high`` CIs."""
+    r = ranking.head(top).iloc[::-1]
+    labels = [f"L{int(a)}H{int(b)}" for a, b in zip(r["layer"], r["head"])]
+    err = np.vstack([r[value] - r[f"{value}_low"], r[f"{value}_high"] - r[value]])
+    fig, ax = plt.subplots(figsize=(6, 0.25 * len(r) + 1.2))
+    ax.barh(labels, r[value], xerr=err, color="#4c72b0", ecolor="#333333", capsize=2)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlabel(f"{value} (95% bootstrap CI over prompts)")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def compare_scatter(frame: pd.DataFrame, x: str, y: str, hue: str | None = None, title: str = "",
+                    annotate: int = 5) -> Figure:
+    """Scatter of two per-head measures with the Spearman correlation in the title; the ``annotate``
+    heads with the largest ``x + y`` are labelled ``L{layer}H{head}``."""
+    from scipy import stats
+
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    sns.scatterplot(data=frame, x=x, y=y, hue=hue, ax=ax, s=18, linewidth=0)
+    rho = stats.spearmanr(frame[x], frame[y]).statistic
+    ax.set_title(f"{title}  (Spearman ρ = {rho:.2f})".strip())
+    for _, r in frame.assign(_s=frame[x].rank() + frame[y].rank()).nlargest(annotate, "_s").iterrows():
+        ax.annotate(f"L{int(r['layer'])}H{int(r['head'])}", (r[x], r[y]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    fig.tight_layout()
+    return fig
+
+
+def effect_vs_level(frame: pd.DataFrame, value: str, hue: str = "mode", title: str = "") -> Figure:
+    """Mean over heads of a per-head measure against noise level, one line per ``hue`` (95% CI over
+    heads and seeds)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    sns.lineplot(data=frame, x="level", y=value, hue=hue, marker="o", ax=ax, errorbar=("ci", 95))
+    ax.set_xscale("log")
+    ax.set_title(title)
     fig.tight_layout()
     return fig

@@ -17,9 +17,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-__all__ = ["ShardStore", "config_hash", "run_grid"]
+__all__ = ["MODES", "ShardStore", "config_hash", "head_edits", "head_sweep", "rank_heads", "run_grid", "seed_agreement"]
 
 
 def config_hash(config: dict[str, Any], length: int = 12) -> str:
@@ -46,7 +47,8 @@ class ShardStore:
         return config_hash({**self.base, **config})
 
     def path(self, config: dict[str, Any], table: str = "") -> Path:
-        readable = "-".join(f"{k}={v}" for k, v in config.items() if isinstance(v, (int, float, str)))
+        # sorted, like the hash: the same configuration names the same file whatever its key order
+        readable = "-".join(f"{k}={v}" for k, v in sorted(config.items()) if isinstance(v, (int, float, str)))
         readable = "".join(c if c.isalnum() or c in "=-_." else "_" for c in readable)[:80]
         suffix = f".{table}" if table else ""
         return self.root / f"{readable}-{self.key(config)}{suffix}.parquet"
@@ -128,6 +130,13 @@ def head_edits(clean: Any, mode: str, level: float, seed: int, layer: int, heads
 
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; choose one of {MODES}.")
+    heads = list(heads)
+    n_layers, n_heads = clean.head_mean.shape[:2]
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer} out of range 0..{n_layers - 1}.")
+    bad = [h for h in heads if not 0 <= h < n_heads]
+    if bad:
+        raise ValueError(f"head(s) {bad} in layer {layer} out of range 0..{n_heads - 1}.")
     if mode in ("zero", "mean"):
         return [HeadEdit(mode, layer, h) for h in heads]
     if level < 0:
@@ -167,6 +176,14 @@ def head_sweep(
 
     settings = [dict(s) for s in settings]
     layers = list(range(lm.n_layers)) if layers is None else list(layers)
+    for s in settings:  # fail before any work or file, not at the first bad grid point
+        if s.get("mode") not in MODES:
+            raise ValueError(f"mode={s.get('mode')!r} in setting {s}; choose one of {MODES}.")
+        if float(s.get("level", 0.0)) < 0:
+            raise ValueError(f"noise level={s['level']} in setting {s} must be >= 0.")
+    bad = [layer for layer in layers if not 0 <= layer < lm.n_layers]
+    if bad:
+        raise ValueError(f"layer(s) {bad} out of range 0..{lm.n_layers - 1}.")
     enc = task.encode(lm)
     clean = engine.clean_run(lm, enc, task.label_ids(lm), batch_size=batch_size)
     y = task.labels
@@ -219,3 +236,63 @@ def _task_scores(y: Any, logprobs: Any, threshold: float) -> dict[str, float]:
         "logit_diff": float(np.mean(np.where(y == 1, diff, -diff))),
         "p_correct": float(np.mean(np.exp(np.where(y == 1, lp[:, 1], lp[:, 0])))),
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# Summaries of a head sweep
+# --------------------------------------------------------------------------------------------------
+def rank_heads(heads: pd.DataFrame, prompts: pd.DataFrame, mode: str, level: float = 0.0,
+               n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Rank heads by their effect under one setting, averaged over noise seeds, with bootstrap CIs.
+
+    The effect is the drop in the mean logit difference toward the correct label (positive: the
+    perturbation hurts, so the head helps the task). Per prompt the drop is first averaged over the
+    seeds, then a paired bootstrap over prompts gives each head's 95% interval.
+
+    Args:
+        heads, prompts: the two tables of :func:`head_sweep`.
+        mode, level: the setting to rank (``level`` is ignored for the ablation modes).
+
+    Returns:
+        One row per (layer, head), best first: ``effect``, ``effect_low``, ``effect_high``, the mean
+        over seeds of ``accuracy_drop`` / ``macro_f1_drop`` / ``p_correct_drop``, ``category`` (seed 001's
+        HIGH / MEDIUM / LOW on the accuracy change in percentage points), ``n_seeds`` and ``rank``.
+    """
+    import numpy as np
+
+    from headlab import metrics
+
+    sel_p = _setting(prompts, mode, level)
+    sel_h = _setting(heads, mode, level)
+    per_prompt = sel_p.groupby(["layer", "head", "prompt"])["logit_diff_change"].mean().unstack("prompt")
+    mean, low, high = metrics.bootstrap_rows(-per_prompt.to_numpy(), n_boot=n_boot, seed=seed)
+    out = pd.DataFrame({"effect": mean, "effect_low": low, "effect_high": high}, index=per_prompt.index)
+    drops = sel_h.groupby(["layer", "head"]).agg(
+        accuracy_drop=("accuracy_drop", "mean"), macro_f1_drop=("macro_f1_drop", "mean"),
+        p_correct_drop=("p_correct_drop", "mean"), n_seeds=("seed", "nunique"))
+    out = out.join(drops).reset_index()
+    out["category"] = metrics.impact_category(100 * out["accuracy_drop"])
+    out = out.sort_values("effect", ascending=False, kind="stable").reset_index(drop=True)
+    out["rank"] = np.arange(1, len(out) + 1)
+    return out
+
+
+def seed_agreement(heads: pd.DataFrame, mode: str, level: float,
+                   measure: str = "logit_diff_drop") -> pd.DataFrame:
+    """Rank agreement (Spearman, Kendall, top-10 overlap) of the head ranking between noise seeds."""
+    from headlab import metrics
+
+    wide = _setting(heads, mode, level).pivot_table(index=["layer", "head"], columns="seed", values=measure)
+    return metrics.rank_agreement(wide)
+
+
+def _setting(frame: pd.DataFrame, mode: str, level: float) -> pd.DataFrame:
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; choose one of {MODES}.")
+    sel = frame[frame["mode"] == mode]
+    if mode not in ("zero", "mean"):
+        sel = sel[np.isclose(sel["level"].astype(float), level)]
+    if sel.empty:
+        have = sorted(set(zip(frame["mode"], frame["level"])))
+        raise ValueError(f"No rows for mode={mode!r}, level={level}; the table has (mode, level) in {have}.")
+    return sel

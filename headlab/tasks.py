@@ -63,9 +63,13 @@ class PromptConfig:
 
 
 def sentiment_splits(
-    source: str = "rotten_tomatoes", n_shots_pool: int = 64, n_dev: int = 200, n_test: int = 400, seed: int = 0
+    source: str = "rotten_tomatoes", n_shots_pool: int = 64, n_dev: int = 128, n_test: int = 400, seed: int = 0
 ) -> dict[str, pd.DataFrame]:
-    """Disjoint, label-balanced ``shots`` (pool to draw shots from), ``dev`` and ``test`` parts."""
+    """Disjoint, label-balanced ``shots`` (pool to draw shots from), ``dev`` and ``test`` parts.
+
+    The parts are drawn in that order from one permutation, so the same arguments always give the
+    same parts (the baseline chapter records them next to the prompt it chose).
+    """
     frame = data.load_sentiment(source)
     return data.split_frame(frame, {"shots": n_shots_pool, "dev": n_dev, "test": n_test}, seed=seed)
 
@@ -114,6 +118,13 @@ class FewShotTask:
     def logprobs(self, lm: LoadedModel, batch_size: int = 16) -> torch.Tensor:
         """``(n, 2)`` label log-probabilities for every query."""
         return engine.label_logprobs(lm, self.encode(lm), self.label_ids(lm), batch_size=batch_size)
+
+    def head(self, n: int) -> "FewShotTask":
+        """The same task on the first ``n`` queries (label-balanced splits are shuffled, so the first
+        ``n`` are a random sample)."""
+        if n <= 0:
+            raise ValueError(f"n={n} must be positive.")
+        return FewShotTask(self.config, self.prefix, self.queries.head(n).reset_index(drop=True), self.shots)
 
     def predictions(self, logprobs: torch.Tensor, threshold: float | None = None) -> np.ndarray:
         """Predicted class with the configured (or given) threshold on the logit difference."""
@@ -190,6 +201,27 @@ def load_prompt_config(path: str | Path | None = None, default: PromptConfig | N
             raise FileNotFoundError(f"{path} not found; run the baseline chapter first or pass a PromptConfig.")
         return default
     return PromptConfig(**json.loads(path.read_text())["prompt_config"])
+
+
+def load_prompt_setup(
+    path: str | Path, default: PromptConfig, source: str = "rotten_tomatoes", seed: int = 0
+) -> tuple[PromptConfig, dict[str, pd.DataFrame], bool]:
+    """The baseline chapter's validated prompt and the exact data split it was validated on.
+
+    Args:
+        path: ``prompt_config.json`` written by the baseline chapter.
+        default: configuration to use when the file does not exist.
+        source, seed: the split to use when the file does not record one.
+
+    Returns:
+        ``(config, splits, validated)``; ``validated`` is False when ``default`` was used.
+    """
+    path = Path(path)
+    if not path.exists():
+        return default, sentiment_splits(source, seed=seed), False
+    record = json.loads(path.read_text())
+    split = record.get("split") or {"source": source, "seed": seed}
+    return PromptConfig(**record["prompt_config"]), sentiment_splits(**split), True
 
 
 def text_stream(lm: LoadedModel, texts: list[str] | pd.Series, n_tokens: int, sep: str = "\n\n") -> torch.Tensor:

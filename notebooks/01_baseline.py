@@ -194,6 +194,7 @@ records.write_config(results_dir, params, lm, elapsed_seconds=time.time() - t_st
                      timings={"dev_grid": dev_seconds, "test": test_seconds, "perplexity": ppl_seconds})
 records.save_frames(results_dir, dev_scores=dev_scores, test_report=report, generation=gen_table)
 tasks.save_prompt_config(chosen, f"{results_dir}/prompt_config.json", model=lm.describe(),
+                         split={"source": data_source, "seed": split_seed, "n_dev": n_dev, "n_test": n_test},
                          dev_roc_auc=float(best["roc_auc"]),
                          test_accuracy_calibrated=float(cal.loc["accuracy", "value"]))
 print(f"results in {results_dir}/ ; total {time.time() - t_start:.0f} s")
