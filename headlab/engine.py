@@ -420,13 +420,18 @@ def _pad_to(x: Tensor, width: int, value: int) -> Tensor:
 def _skip_layers_before(lm: LoadedModel, layer: int, hidden: Tensor) -> Iterator[None]:
     """Make blocks ``0 .. layer-1`` return ``hidden`` (the cached input of block ``layer``) unrun."""
     blocks = [lm.layers[i] for i in range(layer)]
+    # A block may already carry an instance ``forward`` (accelerate's device hooks do): put it back.
+    saved = [block.__dict__.get("forward") for block in blocks]
     try:
         for block in blocks:
             block.forward = lambda *args, **kwargs: hidden  # instance attribute shadows the method
         yield
     finally:
-        for block in blocks:
-            block.__dict__.pop("forward", None)
+        for block, old in zip(blocks, saved):
+            if old is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = old
 
 
 def _edit_fn(edits: Sequence, rows_edit: Tensor, samples: Sequence, widths: Tensor, n_pos: int,
@@ -488,6 +493,13 @@ def sweep_heads(
     """
     from headlab.interventions import edit_heads
 
+    for e in edits:  # fail before any hook is set, naming the bad edit
+        if e.kind not in ("noise", "zero", "mean"):
+            raise ValueError(f"Unknown edit kind {e.kind!r} in {e}; use 'noise', 'zero' or 'mean'.")
+        if not 0 <= e.layer < lm.n_layers:
+            raise ValueError(f"layer {e.layer} of {e} out of range 0..{lm.n_layers - 1}.")
+        if not 0 <= e.head < lm.n_heads:
+            raise ValueError(f"head {e.head} of {e} out of range 0..{lm.n_heads - 1}.")
     enc, P, dev = clean.enc, clean.prefix_len, lm.device
     N, L, dh = len(enc), lm.n_layers, lm.head_dim
     out = torch.empty(len(edits), N, len(clean.label_ids))
