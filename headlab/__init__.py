@@ -5,6 +5,7 @@ Modules (one place for each thing):
 * :mod:`headlab.models` -- ``load_model(spec)`` and the architecture adapter table ``ADAPTERS``
 * :mod:`headlab.data` -- packaged data sets (fetched by ``headlab fetch``) and few-shot prompt pieces
 * :mod:`headlab.engine` -- batched forwards: label-token scoring with a shared-prefix cache, perplexity
+* :mod:`headlab.attention` -- attention patterns, induction scores, repeated random tokens, ablated losses
 * :mod:`headlab.tasks` -- the few-shot sentiment task and prompt selection
 * :mod:`headlab.metrics` -- accuracy, F1, ROC-AUC, bootstrap CIs, chance checks
 * :mod:`headlab.plots` -- figures from tidy frames

@@ -406,7 +406,7 @@ def clean_run(lm: LoadedModel, enc: EncodedPrompts, label_ids: Sequence[int], ba
             mx[l] = torch.maximum(mx[l], zl.abs().amax((0, 2)))
         count += int(mask.sum())
     mean = s1 / count
-    var = s2 / (count * dh) - (mean ** 2).mean(-1)
+    var = s2 / (count * dh) - (s1.sum(-1) / (count * dh)) ** 2  # pooled over positions and dims
     return CleanRun(enc, list(label_ids), kv, prefix_hidden, query_hidden, logprobs,
                     mx.cpu(), var.clamp_min(0).sqrt().cpu(), mean.cpu())
 
@@ -493,6 +493,8 @@ def sweep_heads(
     """
     from headlab.interventions import edit_heads
 
+    if edits_per_group <= 0:
+        raise ValueError(f"edits_per_group={edits_per_group} must be positive.")
     for e in edits:  # fail before any hook is set, naming the bad edit
         if e.kind not in ("noise", "zero", "mean"):
             raise ValueError(f"Unknown edit kind {e.kind!r} in {e}; use 'noise', 'zero' or 'mean'.")
@@ -525,7 +527,9 @@ def sweep_heads(
                          past_key_values=cache, use_cache=True, logits_to_keep=1)
             edited_kv = [(cache.layers[j].keys, cache.layers[j].values) for j in range(L)]
             # 2) (edit, prompt) rows in batches
-            rows = [(m, p) for m in range(g) for p in range(N)]
+            # Rows sorted by query length: a batch then holds one prompt under many edits (or prompts
+            # of similar length), so left padding wastes almost nothing.
+            rows = sorted(((m, p) for m in range(g) for p in range(N)), key=lambda r: (int(lengths[r[1]]), r[1], r[0]))
             row_lengths = [int(lengths[p]) for _, p in rows]
             for chunk in _chunks(rows, row_lengths, batch_size, equal_lengths):
                 b = len(chunk)

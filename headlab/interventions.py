@@ -114,13 +114,14 @@ def ablate_heads(
         heads: ``{layer: [head, ...]}``.
         mode: ``"zero"`` or ``"mean"``.
         means: for ``"mean"``: ``{layer: (n_heads, head_dim)}`` mean head outputs over a reference
-            batch (see :func:`head_output_means`).
+            batch (see :func:`headlab.attention.head_output_means`).
     """
     if mode not in ("zero", "mean"):
         raise ValueError(f"mode={mode!r}; use 'zero' or 'mean'.")
     _check_heads(lm, heads)
     if mode == "mean" and (means is None or any(layer not in means for layer in heads)):
-        raise ValueError("mode='mean' needs `means` for every ablated layer (see head_output_means).")
+        raise ValueError("mode='mean' needs `means` for every ablated layer "
+                         "(see headlab.attention.head_output_means).")
 
     def make(layer: int, hs: list[int]) -> HeadFn:
         def fn(z: Tensor) -> None:

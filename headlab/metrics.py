@@ -20,6 +20,7 @@ __all__ = [
     "accuracy",
     "bootstrap_ci",
     "bootstrap_rows",
+    "bootstrap_two_way",
     "chance_warnings",
     "classification_report",
     "confusion_matrix",
@@ -268,3 +269,27 @@ def impact_category(change_points: ArrayLike) -> np.ndarray:
     """``HIGH`` (>10), ``MEDIUM`` (5-10) or ``LOW`` (<5) for absolute changes in percentage points."""
     c = np.abs(np.asarray(change_points, dtype=float))
     return np.where(c > 10, "HIGH", np.where(c >= 5, "MEDIUM", "LOW"))
+
+
+def bootstrap_two_way(values: ArrayLike, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> CI:
+    """Mean of a ``(groups, items)`` matrix with a percentile interval that resamples rows and columns.
+
+    Each replicate draws the rows (e.g. random head sets) and the columns (e.g. sequences) with
+    replacement, independently, and averages the resampled matrix; a single row resamples columns only.
+    NaN cells (an item missing in one group) are ignored in the means.
+
+    Returns:
+        :class:`CI` of the overall mean.
+    """
+    x = np.asarray(values, dtype=float)
+    if x.ndim != 2 or x.size == 0:
+        raise ValueError(f"values must be a non-empty (groups, items) matrix, got shape {x.shape}.")
+    if not 0 < level < 1:
+        raise ValueError(f"level={level} must be in (0, 1).")
+    rng = np.random.default_rng(seed)
+    g, n = x.shape
+    boots = np.array([np.nanmean(x[np.ix_(rng.integers(0, g, g) if g > 1 else np.zeros(1, int),
+                                          rng.integers(0, n, n))]) for _ in range(n_boot)])
+    alpha = (1 - level) / 2
+    low, high = np.quantile(boots, [alpha, 1 - alpha])
+    return CI(float(np.nanmean(x)), float(low), float(high), level)

@@ -10,8 +10,8 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-__all__ = ["compare_scatter", "confusion_heatmap", "config_comparison", "effect_vs_level", "head_heatmap",
-           "logit_diff_hist", "ranked_effects"]
+__all__ = ["ablation_curves", "attention_patterns", "compare_scatter", "confusion_heatmap", "config_comparison",
+           "effect_vs_level", "head_heatmap", "logit_diff_hist", "position_loss", "ranked_effects"]
 
 
 def confusion_heatmap(cm: np.ndarray, labels: Sequence[str], title: str = "") -> Figure:
@@ -132,5 +132,78 @@ def effect_vs_level(frame: pd.DataFrame, value: str, hue: str = "mode", title: s
     sns.lineplot(data=frame, x="level", y=value, hue=hue, marker="o", ax=ax, errorbar=("ci", 95))
     ax.set_xscale("log")
     ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def attention_patterns(patterns: np.ndarray, titles: Sequence[str], marks: Sequence[int] = (),
+                       ncols: int = 4) -> Figure:
+    """Query x key heatmaps of several attention patterns ``(n, s, s)`` side by side.
+
+    ``marks`` are positions drawn as thin lines on both axes (e.g. where the second copy starts).
+    """
+    pats = np.asarray(patterns, dtype=float)
+    n = len(pats)
+    ncols = min(ncols, n)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.0 * ncols, 3.0 * nrows), squeeze=False)
+    for ax, pat, title in zip(axes.flat, pats, titles):
+        ax.imshow(pat, cmap="viridis", vmin=0, vmax=max(float(pat.max()), 1e-9), interpolation="nearest")
+        for m in marks:
+            ax.axhline(m - 0.5, color="white", lw=0.6)
+            ax.axvline(m - 0.5, color="white", lw=0.6)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("key position")
+        ax.set_ylabel("query position")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def position_loss(frame: pd.DataFrame, x: str = "position", y: str = "loss", hue: str = "condition",
+                  marks: Sequence[int] = (), title: str = "") -> Figure:
+    """Mean per-token loss along the sequence, one line per ``hue`` (95% CI over sequences)."""
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    sns.lineplot(data=frame, x=x, y=y, hue=hue, ax=ax, errorbar=("ci", 95), lw=1.2)
+    for m in marks:
+        ax.axvline(m, color="grey", lw=0.8, ls=":")
+    ax.set_ylabel(f"{y} (nats)")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def ablation_curves(summary: pd.DataFrame, x: str, ylabel: str, hue: str = "head_type",
+                    col: str = "mode", row: str | None = "layer_range", title: str = "",
+                    logx: bool = False) -> Figure:
+    """Lines of ``value`` against ``x`` with ``low``/``high`` bands (from
+    :func:`headlab.sweep.ablation_summary`), one line per ``hue``, one panel per ``row`` x ``col``."""
+    cols = list(dict.fromkeys(summary[col])) if col else [None]
+    rows = list(dict.fromkeys(summary[row])) if row else [None]
+    hues = list(dict.fromkeys(summary[hue]))
+    colors = dict(zip(hues, sns.color_palette(n_colors=len(hues))))
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(3.9 * len(cols), 2.9 * len(rows) + 0.4),
+                             squeeze=False, sharex=True, sharey=True)
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            ax = axes[i][j]
+            sel = summary
+            sel = sel if r is None else sel[sel[row] == r]
+            sel = sel if c is None else sel[sel[col] == c]
+            for h in hues:
+                s = sel[sel[hue] == h].sort_values(x)
+                ax.plot(s[x], s["value"], "o-", ms=3, color=colors[h], label=str(h))
+                ax.fill_between(s[x], s["low"], s["high"], color=colors[h], alpha=0.25, lw=0)
+            ax.set_title(" / ".join(str(v) for v in (c, r) if v is not None), fontsize=9)
+            if logx:
+                ax.set_xscale("symlog", linthresh=1)
+            if i == len(rows) - 1:
+                ax.set_xlabel(x)
+            if j == 0:
+                ax.set_ylabel(ylabel)
+    axes[0][-1].legend(title=hue, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig

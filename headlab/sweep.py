@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["MODES", "ShardStore", "config_hash", "head_edits", "head_sweep", "rank_heads", "run_grid", "seed_agreement"]
+__all__ = ["ABLATION_MODES", "HEAD_TYPES", "LAYER_RANGES", "MODES", "ShardStore", "ablation_heads", "ablation_summary",
+           "config_hash", "head_edits", "head_sweep", "induction_ablation_sweep", "induction_vs_random",
+           "layer_range", "rank_heads", "run_grid", "seed_agreement"]
 
 
 def config_hash(config: dict[str, Any], length: int = 12) -> str:
@@ -175,6 +177,8 @@ def head_sweep(
     from headlab import engine
 
     settings = [dict(s) for s in settings]
+    if not settings:
+        raise ValueError("settings is empty; give at least one dict with 'mode' (and 'level', 'seed').")
     layers = list(range(lm.n_layers)) if layers is None else list(layers)
     for s in settings:  # fail before any work or file, not at the first bad grid point
         if s.get("mode") not in MODES:
@@ -296,3 +300,240 @@ def _setting(frame: pd.DataFrame, mode: str, level: float) -> pd.DataFrame:
         have = sorted(set(zip(frame["mode"], frame["level"])))
         raise ValueError(f"No rows for mode={mode!r}, level={level}; the table has (mode, level) in {have}.")
     return sel
+
+
+# --------------------------------------------------------------------------------------------------
+# Induction heads: ablating the top-k induction heads vs k random heads on repeated random tokens
+# --------------------------------------------------------------------------------------------------
+#: Layer ranges heads are chosen from. ``bottom_half``: layers ``0 .. n//2 - 1`` (nearer the input);
+#: ``top_half``: layers ``n//2 .. n - 1`` (nearer the output; it gets the extra layer of an odd count).
+#: Seed 002 used ``top`` for the layers nearer the *input*; here the names follow the usual picture of
+#: a stack with the output on top.
+LAYER_RANGES = ("full", "top_half", "bottom_half")
+#: ``induction``: the k heads with the highest induction score in the range; ``random``: k heads drawn
+#: uniformly from the range (induction heads included), a new draw per permutation.
+HEAD_TYPES = ("induction", "random")
+ABLATION_MODES = ("zero", "mean")
+
+
+def layer_range(n_layers: int, name: str) -> range:
+    """The layers of one of :data:`LAYER_RANGES` in a model with ``n_layers`` layers."""
+    half = n_layers // 2
+    ranges = {"full": range(n_layers), "bottom_half": range(half), "top_half": range(half, n_layers)}
+    if name not in ranges:
+        raise ValueError(f"layer range {name!r}; choose one of {LAYER_RANGES}.")
+    return ranges[name]
+
+
+def ablation_heads(scores: pd.DataFrame, layer_range_name: str, head_type: str, k: int,
+                   permutation: int = 0, seed: int = 0) -> dict[int, list[int]]:
+    """The heads ablated at one point of :func:`induction_ablation_sweep`.
+
+    Args:
+        scores: one row per head of the model with ``layer``, ``head`` and ``induction_score``
+            (:func:`headlab.attention.scores_frame`, or its CSV export read back).
+        layer_range_name: one of :data:`LAYER_RANGES`.
+        head_type: ``"induction"``: the ``k`` highest-scoring heads of the range (ties: lower layer,
+            then lower head); ``"random"``: ``k`` heads of the range drawn without replacement by a
+            generator keyed by ``(seed, permutation, k)`` only.
+        k: number of heads (0: none).
+
+    Returns:
+        ``{layer: sorted heads}`` for :func:`headlab.interventions.ablate_heads` (empty for ``k = 0``).
+    """
+    import torch
+
+    from headlab.interventions import _seed_for
+
+    if head_type not in HEAD_TYPES:
+        raise ValueError(f"head_type={head_type!r}; choose one of {HEAD_TYPES}.")
+    n_layers = int(scores["layer"].max()) + 1
+    pool = scores[scores["layer"].isin(list(layer_range(n_layers, layer_range_name)))]
+    if not 0 <= k <= len(pool):
+        raise ValueError(f"k={k} heads requested but layer range {layer_range_name!r} has {len(pool)} heads.")
+    if head_type == "induction":
+        chosen = pool.sort_values(["induction_score", "layer", "head"], ascending=[False, True, True],
+                                  kind="stable").head(k)
+    else:
+        pool = pool.sort_values(["layer", "head"])
+        gen = torch.Generator().manual_seed(_seed_for(seed, "random-heads", permutation, k))
+        chosen = pool.iloc[torch.randperm(len(pool), generator=gen)[:k].numpy()]
+    out: dict[int, list[int]] = {}
+    for layer, head in sorted(zip(chosen["layer"].astype(int), chosen["head"].astype(int))):
+        out.setdefault(layer, []).append(head)
+    return out
+
+
+def _heads_label(heads: dict[int, list[int]]) -> str:
+    return " ".join(f"L{layer}H{h}" for layer, hs in sorted(heads.items()) for h in hs)
+
+
+def _check_ablation_grid(n_heads_in: dict[str, int], modes: list, layer_ranges: list, head_types: list,
+                         k_list: list, n_permutations: int, max_heads: int, means: Any) -> None:
+    """Fail before any work on a bad grid, naming the bad value and the allowed ones."""
+    for name, values, allowed in (("mode", modes, ABLATION_MODES), ("layer range", layer_ranges, LAYER_RANGES),
+                                  ("head type", head_types, HEAD_TYPES)):
+        bad = [v for v in values if v not in allowed]
+        if bad or not values:
+            raise ValueError(f"{name}(s) {bad or values} invalid; choose from {allowed}.")
+    bad_k = [k for k in k_list if int(k) != k or k < 0 or k > max_heads]
+    if bad_k or not k_list:
+        raise ValueError(f"k_list entries {bad_k or k_list} invalid; each k must be an integer 0 <= k <= "
+                         f"max_heads={max_heads}.")
+    for rng in layer_ranges:
+        if max(k_list) > n_heads_in[rng]:
+            raise ValueError(f"k={max(k_list)} exceeds the {n_heads_in[rng]} heads of layer range {rng!r}.")
+    if n_permutations < 1:
+        raise ValueError(f"n_permutations={n_permutations} must be >= 1.")
+    if "mean" in modes and means is None:
+        raise ValueError("mode 'mean' needs `means` (see headlab.attention.head_output_means).")
+
+
+def induction_ablation_sweep(
+    lm: Any,
+    batch: Any,
+    scores: pd.DataFrame,
+    out_dir: str | Path,
+    *,
+    modes: Iterable[str] = ("zero",),
+    layer_ranges: Iterable[str] = ("full",),
+    head_types: Iterable[str] = HEAD_TYPES,
+    k_list: Iterable[int] = (0, 1, 5, 10),
+    n_permutations: int = 20,
+    max_heads: int = 50,
+    seed: int = 0,
+    means: dict | None = None,
+    batch_size: int = 8,
+    perm_chunk: int = 10,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Ablate the top-k induction heads or k random heads and score repeated random tokens.
+
+    Each grid point (mode, layer range, head type, k, chunk of ``perm_chunk`` permutations) is one
+    resumable shard. Per permutation the chosen heads (:func:`ablation_heads`) are ablated in one
+    batched pass over all rows of ``batch`` (:func:`headlab.attention.token_losses`); the induction
+    head set does not depend on the permutation, so it runs as permutation 0 only, and so does k = 0
+    (the clean model, computed once and shared by every k = 0 point).
+
+    Args:
+        lm: the model.
+        batch: :class:`headlab.attention.RepeatedTokens` to score (rows may have different lags).
+        scores: per-head ``layer, head, induction_score`` (ranks the induction heads).
+        out_dir: shard folder.
+        modes: ``"zero"`` and/or ``"mean"`` (see :func:`headlab.interventions.ablate_heads`).
+        layer_ranges: entries of :data:`LAYER_RANGES`.
+        head_types: entries of :data:`HEAD_TYPES`.
+        k_list: numbers of heads to ablate (0 = no ablation), each ``<= max_heads``.
+        n_permutations: random head sets per k (seed 002 used 300).
+        max_heads: the largest k allowed (seed 002's ``--max_heads_abl``).
+        seed: keys the random head sets together with the permutation index and k.
+        means: ``{layer: (n_heads, head_dim)}`` reference means for ``"mean"``
+            (:func:`headlab.attention.head_output_means`).
+        batch_size: rows per forward pass (results do not depend on it).
+        perm_chunk: permutations per shard.
+
+    Returns:
+        One row per (mode, layer_range, head_type, k, permutation, sequence) with the sequence's
+        ``lag``, ``p_correct``, ``loss_early``, ``loss_late``, ``icl`` (see
+        :func:`headlab.attention.repeat_metrics`) and the ablated ``heads`` (``"L3H1 L5H2"``).
+    """
+    from headlab import attention
+
+    modes, layer_ranges, head_types = list(modes), list(layer_ranges), list(head_types)
+    k_list = sorted({int(k) for k in k_list})
+    n_in = {r: int(scores["layer"].isin(list(layer_range(lm.n_layers, r))).sum()) for r in LAYER_RANGES}
+    _check_ablation_grid(n_in, modes, layer_ranges, head_types, k_list, n_permutations, max_heads, means)
+    if perm_chunk < 1:
+        raise ValueError(f"perm_chunk={perm_chunk} must be >= 1.")
+    if len(scores) != lm.n_layers * lm.n_heads:
+        raise ValueError(f"scores has {len(scores)} rows; expected one per head ({lm.n_layers} x {lm.n_heads}).")
+    ranking = scores.sort_values(["layer", "head"])["induction_score"].round(6).tolist()
+    base = {"model": lm.fingerprint or lm.spec, "seed": seed,
+            "tokens": config_hash({"t": batch.tokens.tolist(), "lags": batch.lags.tolist()}),
+            "scores": config_hash({"s": ranking})}
+    if means is not None and "mean" in modes:
+        base["means"] = config_hash({"m": [means[layer].double().round(decimals=6).tolist() for layer in sorted(means)]})
+    store = ShardStore(out_dir, base)
+    points = []
+    for mode in modes:
+        for rng in layer_ranges:
+            for ht in head_types:
+                for k in k_list:
+                    n_perm = 1 if ht == "induction" or k == 0 else n_permutations
+                    for a in range(0, n_perm, perm_chunk):
+                        points.append({"mode": mode, "layer_range": rng, "head_type": ht, "k": k,
+                                       "perm_start": a, "perm_stop": min(n_perm, a + perm_chunk)})
+    memo: dict[tuple, Any] = {}
+
+    def losses(mode: str, heads: dict[int, list[int]]) -> Any:
+        key = (mode if heads else "clean", _heads_label(heads))
+        if key not in memo:
+            memo[key] = attention.token_losses(lm, batch.tokens, heads, mode, means, batch_size)
+        return memo[key]
+
+    def compute(point: dict[str, Any]) -> dict[str, pd.DataFrame]:
+        frames = []
+        for perm in range(point["perm_start"], point["perm_stop"]):
+            heads = ablation_heads(scores, point["layer_range"], point["head_type"], point["k"], perm, seed)
+            m = attention.repeat_metrics(batch, losses(point["mode"], heads))
+            frames.append(pd.DataFrame({
+                "model": lm.spec, "mode": point["mode"], "layer_range": point["layer_range"],
+                "head_type": point["head_type"], "k": point["k"], "permutation": perm,
+                "sequence": np.arange(len(batch)), "lag": batch.lags.numpy(),
+                **{name: v.numpy() for name, v in m.items()}, "heads": _heads_label(heads)}))
+        return {"rows": pd.concat(frames, ignore_index=True)}
+
+    return run_grid(points, compute, store, progress=progress)["rows"]
+
+
+def ablation_summary(rows: pd.DataFrame, value: str, by: Iterable[str] = ("mode", "layer_range", "head_type", "k"),
+                     n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Mean of ``value`` per group of :func:`induction_ablation_sweep` rows with a 95% interval.
+
+    Within a group the values form a (permutation x sequence) matrix; the interval resamples random
+    head sets and sequences independently (:func:`headlab.metrics.bootstrap_two_way`), so for random
+    heads it covers both the choice of heads and the choice of sequences, for the single induction
+    set the sequences only.
+
+    Returns:
+        One row per group: the ``by`` columns, ``value``, ``low``, ``high``, ``n_permutations``,
+        ``n_sequences``.
+    """
+    from headlab import metrics
+
+    by = list(by)
+    missing = [c for c in [*by, value, "permutation", "sequence"] if c not in rows.columns]
+    if missing:
+        raise ValueError(f"rows lack column(s) {missing}; they have {list(rows.columns)}.")
+    out = []
+    for key, g in rows.groupby(by, sort=True):
+        mat = g.pivot_table(index="permutation", columns="sequence", values=value, aggfunc="mean")
+        ci = metrics.bootstrap_two_way(mat.to_numpy(), n_boot=n_boot, seed=seed)
+        out.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "value": ci.value,
+                    "low": ci.low, "high": ci.high, "n_permutations": mat.shape[0], "n_sequences": mat.shape[1]})
+    return pd.DataFrame(out)
+
+
+def induction_vs_random(rows: pd.DataFrame, value: str) -> pd.DataFrame:
+    """Top-k induction heads against the distribution of k random heads, per (mode, layer range, k > 0).
+
+    Returns:
+        Columns ``mode, layer_range, k``, ``induction`` (mean over sequences), ``random`` (mean over
+        permutations of the per-permutation mean), ``random_p2.5`` / ``random_p97.5`` (spread of the
+        per-permutation means), ``difference`` (induction - random) and ``frac_random_below``: the
+        share of random head sets whose mean ``value`` is below the induction set's.
+    """
+    per_perm = (rows[rows["k"] > 0].groupby(["mode", "layer_range", "head_type", "k", "permutation"])[value]
+                .mean().reset_index())
+    out = []
+    for (mode, rng, k), g in per_perm.groupby(["mode", "layer_range", "k"], sort=True):
+        ind = g.loc[g["head_type"] == "induction", value]
+        rnd = g.loc[g["head_type"] == "random", value].to_numpy()
+        if ind.empty or len(rnd) == 0:
+            continue
+        iv = float(ind.iloc[0])
+        out.append({"mode": mode, "layer_range": rng, "k": k, "induction": iv, "random": float(rnd.mean()),
+                    "random_p2.5": float(np.quantile(rnd, 0.025)), "random_p97.5": float(np.quantile(rnd, 0.975)),
+                    "difference": iv - float(rnd.mean()), "frac_random_below": float((rnd < iv).mean()),
+                    "n_permutations": len(rnd)})
+    return pd.DataFrame(out)

@@ -152,8 +152,8 @@ def test_noop_edit_reproduces_clean_run(tiny_factory, arch):
 
 def test_clean_run_head_statistics(llama):
     """head_mean / head_max_abs / head_std over the prefix positions (once) and every real query
-    position, from per-prompt plain forwards. ``head_std`` is the root of the per-dimension variances
-    averaged over the head's dimensions (not the std of all its values pooled)."""
+    position, from per-prompt plain forwards. ``head_std`` is the std of all the head's values
+    pooled over positions and dimensions."""
     lm, enc, labels, clean = llama
     P, H, dh = len(enc.prefix), lm.n_heads, lm.head_dim
     per_layer: dict[int, list] = {}
@@ -169,7 +169,7 @@ def test_clean_run_head_statistics(llama):
         assert len(values) == P + sum(len(q) for q in enc.queries)
         torch.testing.assert_close(clean.head_mean[layer], values.mean(0), atol=1e-5, rtol=0)
         torch.testing.assert_close(clean.head_max_abs[layer], values.abs().amax((0, 2)), atol=1e-5, rtol=0)
-        std = values.var(0, unbiased=False).mean(-1).sqrt()
+        std = values.permute(1, 0, 2).reshape(H, -1).var(-1, unbiased=False).sqrt()
         torch.testing.assert_close(clean.head_std[layer], std, atol=1e-5, rtol=1e-4)
 
 
