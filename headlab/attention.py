@@ -205,8 +205,8 @@ def _attentions(lm: LoadedModel, ids: Int[Tensor, "b s"]) -> tuple[Tensor, ...]:
     att = out.attentions
     if att is None or len(att) != lm.n_layers or any(a is None for a in att):
         impl = getattr(lm.model.config, "_attn_implementation", "?")
-        raise ValueError(f"The model returned no attention weights (attn_implementation={impl!r}); load it "
-                         "with attn_implementation='eager' or call lm.model.set_attn_implementation('eager').")
+        raise ValueError(f"The model returned no attention weights (attn_implementation={impl!r}); load it with "
+                         "attn_implementation='eager' or call lm.model.set_attn_implementation('eager').")
     return att
 
 
@@ -241,7 +241,8 @@ def attention_scores(lm: LoadedModel, ids: Int[Tensor, "n s"], score_fns: Mappin
     return {k: v / len(ids) for k, v in sums.items()}
 
 
-def induction_scores(lm: LoadedModel, batch: RepeatedTokens, batch_size: int = 8) -> dict[str, Float[Tensor, "L H"]]:
+def induction_scores(lm: LoadedModel, batch: RepeatedTokens,
+                     batch_size: int = 8) -> dict[str, Float[Tensor, "L H"]]:
     """``induction`` and ``previous_token`` score of every head on plain repeated rows (every lag =
     ``seq_len``), averaged over the rows."""
     if not bool((batch.lags == batch.seq_len).all()):
@@ -266,7 +267,8 @@ def scores_frame(scores: Mapping[str, Float[Tensor, "L H"]], sort_by: str | None
                           "head": torch.arange(H).repeat(L).numpy()})
     for k in names:
         frame[f"{k}_score"] = scores[k].reshape(-1).double().numpy()
-    frame = frame.sort_values([f"{sort_by}_score", "layer", "head"], ascending=[False, True, True], kind="stable")
+    frame = frame.sort_values([f"{sort_by}_score", "layer", "head"], ascending=[False, True, True],
+                              kind="stable")
     frame["rank"] = range(1, len(frame) + 1)
     return frame.reset_index(drop=True)
 
@@ -275,7 +277,8 @@ def scores_frame(scores: Mapping[str, Float[Tensor, "L H"]], sort_by: str | None
 # Losses with heads ablated
 # --------------------------------------------------------------------------------------------------
 @torch.inference_mode()
-def head_output_means(lm: LoadedModel, ids: Int[Tensor, "n s"], batch_size: int = 8) -> dict[int, Float[Tensor, "H dh"]]:
+def head_output_means(lm: LoadedModel, ids: Int[Tensor, "n s"],
+                      batch_size: int = 8) -> dict[int, Float[Tensor, "H dh"]]:
     """Mean output of every head over all positions of all rows of a reference batch.
 
     The head output is its slice of the attention output projection's input (what
@@ -339,7 +342,8 @@ def repeat_metrics(batch: RepeatedTokens, nll: Float[Tensor, "n s-1"]) -> dict[s
         in-context learning score on this probe).
     """
     if nll.shape != (len(batch), batch.tokens.shape[1] - 1):
-        raise ValueError(f"nll has shape {tuple(nll.shape)}; expected {(len(batch), batch.tokens.shape[1] - 1)}.")
+        want = (len(batch), batch.tokens.shape[1] - 1)
+        raise ValueError(f"nll has shape {tuple(nll.shape)}; expected {want}.")
     early, late = batch.target_masks()
     nll = nll.double()
 

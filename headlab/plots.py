@@ -10,8 +10,8 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-__all__ = ["ablation_curves", "attention_patterns", "compare_scatter", "confusion_heatmap", "config_comparison",
-           "effect_vs_level", "head_heatmap", "logit_diff_hist", "position_loss", "ranked_effects"]
+__all__ = ["ablation_curves", "attention_patterns", "compare_scatter", "confusion_heatmap",
+           "config_comparison", "effect_vs_level", "head_heatmap", "logit_diff_hist", "position_loss", "ranked_effects"]
 
 
 def confusion_heatmap(cm: np.ndarray, labels: Sequence[str], title: str = "") -> Figure:
@@ -165,7 +165,7 @@ def position_loss(frame: pd.DataFrame, x: str = "position", y: str = "loss", hue
                   marks: Sequence[int] = (), title: str = "") -> Figure:
     """Mean per-token loss along the sequence, one line per ``hue`` (95% CI over sequences)."""
     fig, ax = plt.subplots(figsize=(7, 3.4))
-    sns.lineplot(data=frame, x=x, y=y, hue=hue, ax=ax, errorbar=("ci", 95), lw=1.2)
+    sns.lineplot(data=frame, x=x, y=y, hue=hue, style=hue, ax=ax, errorbar=("ci", 95), lw=1.2)
     for m in marks:
         ax.axvline(m, color="grey", lw=0.8, ls=":")
     ax.set_ylabel(f"{y} (nats)")
@@ -195,9 +195,10 @@ def ablation_curves(summary: pd.DataFrame, x: str, ylabel: str, hue: str = "head
                 s = sel[sel[hue] == h].sort_values(x)
                 ax.plot(s[x], s["value"], "o-", ms=3, color=colors[h], label=str(h))
                 ax.fill_between(s[x], s["low"], s["high"], color=colors[h], alpha=0.25, lw=0)
-            ax.set_title(" / ".join(str(v) for v in (c, r) if v is not None), fontsize=9)
+            ax.set_title(", ".join(f"{name} {v}" for name, v in ((col, c), (row, r)) if v is not None), fontsize=9)
             if logx:
                 ax.set_xscale("symlog", linthresh=1)
+            ax.set_xticks(sorted(summary[x].unique()), [f"{v:g}" for v in sorted(summary[x].unique())])
             if i == len(rows) - 1:
                 ax.set_xlabel(x)
             if j == 0:

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["ABLATION_MODES", "HEAD_TYPES", "LAYER_RANGES", "MODES", "ShardStore", "ablation_heads", "ablation_summary",
-           "config_hash", "head_edits", "head_sweep", "induction_ablation_sweep", "induction_vs_random",
+__all__ = ["ABLATION_MODES", "HEAD_TYPES", "LAYER_RANGES", "MODES", "ShardStore", "ablation_heads",
+           "ablation_summary", "config_hash", "head_edits", "head_sweep", "induction_ablation_sweep", "induction_vs_random",
            "layer_range", "rank_heads", "run_grid", "seed_agreement"]
 
 
@@ -371,8 +371,8 @@ def _heads_label(heads: dict[int, list[int]]) -> str:
 def _check_ablation_grid(n_heads_in: dict[str, int], modes: list, layer_ranges: list, head_types: list,
                          k_list: list, n_permutations: int, max_heads: int, means: Any) -> None:
     """Fail before any work on a bad grid, naming the bad value and the allowed ones."""
-    for name, values, allowed in (("mode", modes, ABLATION_MODES), ("layer range", layer_ranges, LAYER_RANGES),
-                                  ("head type", head_types, HEAD_TYPES)):
+    for name, values, allowed in (("mode", modes, ABLATION_MODES), ("head type", head_types, HEAD_TYPES),
+                                  ("layer range", layer_ranges, LAYER_RANGES)):
         bad = [v for v in values if v not in allowed]
         if bad or not values:
             raise ValueError(f"{name}(s) {bad or values} invalid; choose from {allowed}.")
@@ -446,13 +446,15 @@ def induction_ablation_sweep(
     if perm_chunk < 1:
         raise ValueError(f"perm_chunk={perm_chunk} must be >= 1.")
     if len(scores) != lm.n_layers * lm.n_heads:
-        raise ValueError(f"scores has {len(scores)} rows; expected one per head ({lm.n_layers} x {lm.n_heads}).")
+        raise ValueError(f"scores has {len(scores)} rows; expected one per head "
+                         f"({lm.n_layers} layers x {lm.n_heads} heads).")
     ranking = scores.sort_values(["layer", "head"])["induction_score"].round(6).tolist()
     base = {"model": lm.fingerprint or lm.spec, "seed": seed,
             "tokens": config_hash({"t": batch.tokens.tolist(), "lags": batch.lags.tolist()}),
             "scores": config_hash({"s": ranking})}
     if means is not None and "mean" in modes:
-        base["means"] = config_hash({"m": [means[layer].double().round(decimals=6).tolist() for layer in sorted(means)]})
+        base["means"] = config_hash({"m": [means[layer].double().round(decimals=6).tolist()
+                                           for layer in sorted(means)]})
     store = ShardStore(out_dir, base)
     points = []
     for mode in modes:
@@ -486,7 +488,8 @@ def induction_ablation_sweep(
     return run_grid(points, compute, store, progress=progress)["rows"]
 
 
-def ablation_summary(rows: pd.DataFrame, value: str, by: Iterable[str] = ("mode", "layer_range", "head_type", "k"),
+def ablation_summary(rows: pd.DataFrame, value: str,
+                     by: Iterable[str] = ("mode", "layer_range", "head_type", "k"),
                      n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Mean of ``value`` per group of :func:`induction_ablation_sweep` rows with a 95% interval.
 
@@ -510,7 +513,8 @@ def ablation_summary(rows: pd.DataFrame, value: str, by: Iterable[str] = ("mode"
         mat = g.pivot_table(index="permutation", columns="sequence", values=value, aggfunc="mean")
         ci = metrics.bootstrap_two_way(mat.to_numpy(), n_boot=n_boot, seed=seed)
         out.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "value": ci.value,
-                    "low": ci.low, "high": ci.high, "n_permutations": mat.shape[0], "n_sequences": mat.shape[1]})
+                    "low": ci.low, "high": ci.high, "n_permutations": mat.shape[0],
+                    "n_sequences": mat.shape[1]})
     return pd.DataFrame(out)
 
 
@@ -533,7 +537,8 @@ def induction_vs_random(rows: pd.DataFrame, value: str) -> pd.DataFrame:
             continue
         iv = float(ind.iloc[0])
         out.append({"mode": mode, "layer_range": rng, "k": k, "induction": iv, "random": float(rnd.mean()),
-                    "random_p2.5": float(np.quantile(rnd, 0.025)), "random_p97.5": float(np.quantile(rnd, 0.975)),
+                    "random_p2.5": float(np.quantile(rnd, 0.025)),
+                    "random_p97.5": float(np.quantile(rnd, 0.975)),
                     "difference": iv - float(rnd.mean()), "frac_random_below": float((rnd < iv).mean()),
                     "n_permutations": len(rnd)})
     return pd.DataFrame(out)

@@ -132,7 +132,7 @@ def test_zero_ablation_equals_zeroed_o_proj_columns(arch, tiny_factory, tokenize
     dh = lm.head_dim
     with torch.no_grad():
         for layer, hs in heads.items():
-            w = edited.adapter.weight_in_out(edited.layer_module(layer, "attn_out"))  # (out, in); a view for Conv1D
+            w = edited.adapter.weight_in_out(edited.layer_module(layer, "attn_out"))  # (out, in), view for Conv1D
             for h in hs:
                 w[:, h * dh:(h + 1) * dh] = 0.0
     with torch.inference_mode():
@@ -243,7 +243,7 @@ def test_sweep_resumes_to_the_same_table(tiny_factory, tmp_path, monkeypatch):
                                              progress=False, **GRID)
     pd.testing.assert_frame_equal(resumed, full, check_exact=False, rtol=1e-5, atol=1e-6)
     summary = sweep.ablation_summary(full, "p_correct", n_boot=50)
-    assert ((summary["low"] <= summary["value"] + 1e-12) & (summary["value"] <= summary["high"] + 1e-12)).all()
+    assert (summary["low"] <= summary["value"] + 1e-12).all() and (summary["value"] <= summary["high"] + 1e-12).all()
     vs = sweep.induction_vs_random(full, "p_correct")
     assert len(vs) == 2 * 2 * 2 and vs["frac_random_below"].between(0, 1).all()
 

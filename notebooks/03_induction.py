@@ -1,0 +1,248 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Induction heads: which heads copy from context, and what does removing them cost?
+#
+# An *induction head* (Olsson et al., 2022) completes the pattern `[A][B] … [A] → [B]`: at a token it
+# attends to the token that followed the same token earlier in the context and copies it forward. The
+# clean probe is a sequence of random tokens repeated once after a BOS token,
+# `[BOS, x_1 … x_T, x_1 … x_T]`. The first copy is unpredictable; in the second copy every next token is
+# given by the context, and a model with induction heads predicts it.
+#
+# **Score.** For head $h$ with attention probabilities $A_h$, the induction (prefix-matching) score is
+# the mean attention from each token of the second copy to the token after its earlier occurrence,
+# $\frac{1}{T}\sum_{j=0}^{T-1} A_h[q_j,\, q_j - T + 1]$ with $q_j = 1 + T + j$. A perfect induction
+# head scores 1, a head spreading its attention evenly about $1/\text{position}$, a previous-token head
+# 0. Scores are computed here from the model's attention weights
+# ({func}`headlab.attention.induction_scores`), never read from a file; the table is exported as CSV.
+#
+# **Ablation.** We then remove the $k$ highest-scoring heads, or $k$ heads drawn at random, and measure
+# how well the model still predicts repeated tokens. Two ablations act on a head's *output* (its slice
+# of the attention output projection's input):
+# *zero* sets it to 0 at every position, so the head adds nothing (except the projection's bias) to the
+# residual stream; *mean* replaces it by its mean over a reference batch of other random sequences.
+# Seed 002 described "zero" as setting the head's attention scores to $-\infty$; after the softmax every
+# row of that head would be $0/0$ = NaN, which then spreads to every later position and layer. What
+# that mode intends — the head contributes nothing — is exactly the zero ablation of its output used
+# here (tested to equal zeroing the head's input columns of the output projection).
+
+# %% tags=["parameters"]
+model: str = "smollm2-135m"  # embedded name, .gguf path, local directory or hub id
+device: str = "auto"  # "auto", "cpu" or "cuda"
+dtype: str = "auto"  # "auto" (fp32 on CPU, bf16 on CUDA), "float32", "bfloat16", "float16"
+n_sequences: int = 16  # random sequences for the scores and for the ablation sweep
+seq_len: int = 32  # tokens per copy T: rows are [BOS, x_1..x_T, x_1..x_T]
+lags: list = [8, 16, 32]  # repeat distances, each at most seq_len, cycled over the rows of the sweep
+seed: int = 0  # seeds the random tokens and the random head sets
+n_permutations: int = 5  # random head sets per k (seed 002 used 300)
+max_heads: int = 50  # largest number of heads ablated at once (seed 002's --max_heads_abl)
+head_type: list = ["induction", "random"]  # which heads to ablate: top-k induction and/or k random
+k_list: list = [0, 1, 5, 10, 20]  # numbers of heads ablated at once (0: no ablation)
+modes: list = ["zero", "mean"]  # "zero" and/or "mean" ablation of the head's output
+layer_ranges: list = ["full"]  # "full", "top_half" (layers n//2..n-1), "bottom_half" (0..n//2-1)
+n_boot: int = 1000  # bootstrap resamples for the intervals
+batch_size: int = 8  # sequences per forward pass (results do not depend on it)
+results_dir: str = "results/induction"  # shards, tables (scores.csv for reuse) and the run's config
+
+# %%
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from IPython.display import Markdown, display
+
+from headlab import attention, plots, records, sweep
+from headlab.models import load_model
+
+t_start = time.time()
+params = {k: v for k, v in dict(globals()).items() if k in {
+    "model", "device", "dtype", "n_sequences", "seq_len", "lags", "seed", "n_permutations", "max_heads",
+    "head_type", "k_list", "modes", "layer_ranges", "n_boot", "batch_size", "results_dir"}}
+lm = load_model(model, device=None if device == "auto" else device, dtype=dtype)
+pd.Series(lm.describe()).to_frame("model")
+
+# %% [markdown]
+# ## The probe
+#
+# Tokens are drawn from the tokenizer's ordinary vocabulary (special and added tokens such as chat
+# markers excluded), all distinct within a row, so each token of the second copy has exactly one earlier
+# occurrence. Row $i$ is drawn from a generator keyed by the seed and $i$ only. The scores use one batch
+# of rows, a held-out check a second, the mean ablation a third, the ablation sweep a fourth.
+
+# %%
+probe = attention.repeated_random_tokens(lm, n_sequences, seq_len, seed=seed)
+heldout = attention.repeated_random_tokens(lm, n_sequences, seq_len, seed=seed + 1)
+reference = attention.repeated_random_tokens(lm, n_sequences, seq_len, seed=seed + 2)
+rows = attention.repeated_random_tokens(lm, n_sequences, seq_len, seed=seed + 3, lags=lags)
+first = lm.tokenizer.convert_ids_to_tokens(probe.tokens[0].tolist())
+pd.DataFrame({"first copy": first[probe.start:][:8], "second copy": first[probe.start + seq_len:][:8]},
+             index=pd.RangeIndex(1, 9, name="position in copy"))
+
+# %% [markdown]
+# ## Induction scores of every head
+#
+# Beside the induction score we compute the previous-token score (mean attention from each position to
+# the one before): induction circuits pair a previous-token head in an earlier layer with the induction
+# head that reads its output.
+
+# %%
+t0 = time.time()
+scores = attention.scores_frame(attention.induction_scores(lm, probe, batch_size=batch_size))
+score_seconds = time.time() - t0
+scores.head(12).round(3)
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(9, 0.2 * lm.n_layers + 1.8))
+plots.head_heatmap(scores, "induction_score", "induction score", center=None, ax=axes[0], cmap="viridis")
+plots.head_heatmap(scores, "previous_token_score", "previous-token score", center=None, ax=axes[1], cmap="viridis")
+fig.tight_layout()
+
+# %% [markdown]
+# ## Does the score mean something? A held-out check
+#
+# Three checks on sequences the scores never saw: the scores computed again on them (a stable property
+# of a head gives the same ranking), the attention patterns of the top heads (an induction head shows
+# a stripe $T-1$ positions below the diagonal in the second copy), and the loss on each token of the
+# second copy with the top heads removed.
+
+# %%
+again = attention.scores_frame(attention.induction_scores(lm, heldout, batch_size=batch_size))
+both = scores.merge(again[["layer", "head", "induction_score"]], on=["layer", "head"], suffixes=("", "_heldout"))
+rho = both["induction_score"].corr(both["induction_score_heldout"], method="spearman")
+overlap = len(set(zip(scores["layer"][:10], scores["head"][:10])) & set(zip(again["layer"][:10], again["head"][:10])))
+display(Markdown(f"Held-out scores: Spearman ρ = {rho:.3f} with the probe's; {overlap} of the top 10 heads shared."))
+both.head(10).round(3)
+
+# %%
+pats = attention.attention_patterns(lm, heldout.tokens[:1])[0]  # (L, H, s, s)
+shown = pd.concat([scores.head(4), scores.iloc[[len(scores) // 2]]])  # top 4 and a median head
+fig = plots.attention_patterns(np.stack([pats[r.layer, r.head].numpy() for r in shown.itertuples()]),
+                               [f"L{r.layer}H{r.head} (rank {r.rank}, score {r.induction_score:.2f})"
+                                for r in shown.itertuples()], marks=[heldout.start + seq_len], ncols=5)
+
+# %%
+k_show = min(5, max(k_list) if max(k_list) else 5)
+sets = {"clean": {}, f"top {k_show} induction": sweep.ablation_heads(scores, "full", "induction", k_show),
+        f"{k_show} random (permutation 0)": sweep.ablation_heads(scores, "full", "random", k_show, 0, seed)}
+per_token = pd.concat([
+    pd.DataFrame(attention.token_losses(lm, heldout.tokens, heads, "zero", batch_size=batch_size).numpy())
+    .rename_axis("sequence").reset_index().melt("sequence", var_name="position", value_name="loss")
+    .assign(condition=name, position=lambda d: d["position"] + 1) for name, heads in sets.items()])
+fig = plots.position_loss(per_token, marks=[heldout.start + seq_len],
+                          title="held-out sequences, zero ablation (second copy from the dotted line)")
+
+# %% [markdown]
+# ## Ablating top-k induction heads vs k random heads
+#
+# For every mode, layer range and $k$ the chosen heads are ablated together in one batched pass over
+# the sweep's rows. Induction heads are the $k$ best-scoring heads of the range; random heads are $k$
+# heads of the range drawn uniformly (induction heads may be among them), a new draw per permutation,
+# keyed by (seed, permutation, $k$). The rows repeat a segment of length *lag* (the distance from each
+# repeated token back to its earlier occurrence) after a random filler, so every row has the same
+# length. Per row we record the mean probability of the correct next token over the second copy
+# (`p_correct`) and the in-context score `icl` = loss on the second copy − loss on the same tokens in
+# the first copy (nats; more negative = more help from the context). Each grid point is saved as a
+# shard, so a killed run resumes where it stopped.
+
+# %%
+means = attention.head_output_means(lm, reference.tokens, batch_size=batch_size)
+t0 = time.time()
+results = sweep.induction_ablation_sweep(
+    lm, rows, scores, Path(results_dir) / "shards", modes=modes, layer_ranges=layer_ranges, head_types=head_type,
+    k_list=k_list, n_permutations=n_permutations, max_heads=max_heads, seed=seed, means=means,
+    batch_size=batch_size)
+sweep_seconds = time.time() - t0
+n_sets = results.groupby(["mode", "layer_range", "head_type", "k", "permutation"]).ngroups
+print(f"{len(results):,} rows from {n_sets} (setting, head set) combinations in {sweep_seconds:.0f} s")
+results.head()
+
+# %% [markdown]
+# ### Effect against the number of ablated heads
+#
+# Bands are 95% bootstrap intervals of the mean: over sequences for the induction set, over random head
+# sets and sequences for random heads.
+
+# %%
+by_k = {v: sweep.ablation_summary(results, v, n_boot=n_boot, seed=seed) for v in ("p_correct", "icl")}
+row_facet = "layer_range" if len(layer_ranges) > 1 else None
+fig = plots.ablation_curves(by_k["p_correct"], "k", "p(correct repeated token)", row=row_facet)
+
+# %%
+fig = plots.ablation_curves(by_k["icl"], "k", "loss late − early (nats)", row=row_facet)
+
+# %% [markdown]
+# ### Effect against the lag
+#
+# The same measure per lag, for each $k > 0$ (first layer range). Lags shorter than the probe's $T$
+# have fewer repeated tokens per row, so their intervals are wider.
+
+# %%
+main_range = layer_ranges[0]
+by_lag = sweep.ablation_summary(results[(results["layer_range"] == main_range)],
+                                "p_correct", by=("mode", "head_type", "k", "lag"), n_boot=n_boot, seed=seed)
+fig = plots.ablation_curves(by_lag[by_lag["k"] > 0], "lag", "p(correct repeated token)", row="k",
+                            title=f"layer range {main_range}")
+
+# %% [markdown]
+# ### Induction set against the random sets
+#
+# For each setting: the induction set's mean, the mean and the 2.5-97.5 percentile range of the random
+# sets' means, and the share of random sets that leave a *lower* value than the induction set.
+
+# %%
+versus = {v: sweep.induction_vs_random(results, v) for v in ("p_correct", "icl")}
+versus["p_correct"].round(4) if len(versus["p_correct"]) else "(needs both head types)"
+
+# %%
+versus["icl"].round(3) if len(versus["icl"]) else "(needs both head types)"
+
+# %% [markdown]
+# ## What we saw
+
+# %%
+top5 = ", ".join(f"L{r.layer}H{r.head} ({r.induction_score:.2f})" for r in scores.head(5).itertuples())
+clean = pd.DataFrame({k: v.numpy() for k, v in attention.repeat_metrics(
+    rows, attention.token_losses(lm, rows.tokens, batch_size=batch_size)).items()}).assign(lag=rows.lags.numpy())
+by_lag_clean = clean.groupby("lag")["p_correct"].mean()
+lines = [
+    f"Top induction heads of {lm.spec} ({n_sequences} sequences of {probe.tokens.shape[1]} tokens): {top5}; "
+    f"{int((scores['induction_score'] > 0.3).sum())} heads score above 0.3; the top 10 sit in layers "
+    f"{', '.join(map(str, sorted(set(scores['layer'][:10]))))} of 0-{lm.n_layers - 1}.",
+    f"Held-out sequences: Spearman ρ = {rho:.2f} between the two score tables, {overlap}/10 top heads shared.",
+    f"Clean model on the sweep's rows: p(correct repeated token) = {clean['p_correct'].mean():.3f} "
+    f"({', '.join(f'lag {lag}: {p:.3f}' for lag, p in by_lag_clean.items())}); loss "
+    f"{clean['loss_early'].mean():.2f} nats on the first copy, {clean['loss_late'].mean():.2f} on the second.",
+]
+
+# %%
+ks = sorted({min(k for k in k_list if k > 0), max(k_list)}) if max(k_list) > 0 else []
+lines += [
+    f"{r['mode']} ablation, {r['layer_range']} range, k = {r['k']}: p(correct) {r['induction']:.4f} with the top "
+    f"induction heads vs {r['random']:.4f} with random heads (random sets {r['random_p2.5']:.4f} to "
+    f"{r['random_p97.5']:.4f}; {round(r['frac_random_below'] * r['n_permutations'])} of {r['n_permutations']} went "
+    f"lower); icl {v['induction']:+.2f} vs {v['random']:+.2f} nats (clean {clean['icl'].mean():+.2f})."
+    for r, v in zip(versus["p_correct"].to_dict("records"), versus["icl"].to_dict("records")) if r["k"] in ks
+]
+lines.append(f"Run time: scores {score_seconds:.0f} s, ablation sweep {sweep_seconds:.0f} s ({n_sets} head sets).")
+display(Markdown("\n".join(f"- {line}" for line in lines)))
+
+# %%
+records.write_config(results_dir, params, lm, elapsed_seconds=time.time() - t_start,
+                     timings={"scores": score_seconds, "sweep": sweep_seconds})
+records.save_frames(results_dir, scores=scores, scores_heldout=again, ablation=results,
+                    summary_k_p_correct=by_k["p_correct"], summary_k_icl=by_k["icl"], summary_lag=by_lag,
+                    induction_vs_random_p=versus["p_correct"], induction_vs_random_icl=versus["icl"])
+print(f"results in {results_dir}/ (scores.csv: the per-head scores for reuse); total {time.time() - t_start:.0f} s")
