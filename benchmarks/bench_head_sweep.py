@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--mode", default="fraction_of_std", choices=sweep.MODES[:3])
     ap.add_argument("--level", type=float, default=3.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--naive-heads", type=int, default=6)
+    ap.add_argument("--naive-heads", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--engine-dtype", default="float32")
@@ -78,7 +78,8 @@ def main() -> None:
     ap.add_argument("--out", default="results/bench/head_sweep.json")
     args = ap.parse_args()
 
-    lm = load_model(args.model, device=args.device, dtype="float32")
+    # transformers' default attention (sdpa) for both methods, as the seed scripts load the model
+    lm = load_model(args.model, device=args.device, dtype="float32", attn_implementation="sdpa")
     config, splits, validated = tasks.load_prompt_setup(args.prompt_config, tasks.PromptConfig("plain", 8, 0))
     task = tasks.make_task(splits, "test", config).head(args.prompts)
     enc, y = task.encode(lm), task.labels
@@ -89,7 +90,8 @@ def main() -> None:
           f"{len(y)} prompts, prefix {len(enc.prefix)} tokens, query mean {np.mean([len(q) for q in enc.queries]):.1f}")
 
     # ---- engine, all heads ----------------------------------------------------------------------
-    lm_e = lm if args.engine_dtype == "float32" else load_model(args.model, device=args.device, dtype=args.engine_dtype)
+    lm_e = lm if args.engine_dtype == "float32" else load_model(args.model, device=args.device, dtype=args.engine_dtype,
+                                                                     attn_implementation="sdpa")
     t0 = time.perf_counter()
     clean = engine.clean_run(lm_e, enc, task.label_ids(lm_e), batch_size=args.batch_size)
     edits = [e for layer in range(lm.n_layers)
