@@ -40,7 +40,7 @@
 # seed 001's impact categories: **HIGH** > 10, **MEDIUM** 5-10, **LOW** < 5 percentage points of
 # accuracy change.
 #
-# **How it is computed.** {func}`headlab.engine.sweep_heads` scores each (head, prompt) pair with one
+# **How it is computed.** `headlab.engine.sweep_heads` scores each (head, prompt) pair with one
 # forward pass on the label-token logits, puts many pairs with different heads in one batch, reuses
 # the clean shared-prefix keys/values and the clean hidden states before the perturbed layer, and
 # gives the same numbers as running each perturbed prompt on its own (this is tested). Results are

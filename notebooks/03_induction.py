@@ -25,7 +25,7 @@
 # $\frac{1}{T}\sum_{j=0}^{T-1} A_h[q_j,\, q_j - T + 1]$ with $q_j = 1 + T + j$. A perfect induction
 # head scores 1, a head spreading its attention evenly about $1/\text{position}$, a previous-token head
 # 0. Scores are computed here from the model's attention weights
-# ({func}`headlab.attention.induction_scores`), never read from a file; the table is exported as CSV.
+# (`headlab.attention.induction_scores`), never read from a file; the table is exported as CSV.
 #
 # **Ablation.** We then remove the $k$ highest-scoring heads, or $k$ heads drawn at random, and measure
 # how well the model still predicts repeated tokens. Two ablations act on a head's *output* (its slice
