@@ -53,7 +53,7 @@ dtype: str = "auto"  # "auto" (fp32 on CPU, bf16 on CUDA), "float32", "bfloat16"
 data_source: str = "rotten_tomatoes"  # used only when the baseline recorded no split
 split_seed: int = 0  # used only when the baseline recorded no split
 prompt_config: str = "results/baseline/prompt_config.json"  # written by the baseline chapter
-n_prompts: int = 24  # test prompts scored under every perturbation (64+ on a GPU)
+n_prompts: int = 0  # test prompts scored under every perturbation; 0 = auto: 64 on a GPU, 24 on CPU
 noise_mode: str = "fraction_of_std"  # "absolute", "fraction_of_max" or "fraction_of_std"
 noise_levels: list = [3.0]  # noise std in units of the mode's scale, e.g. [0.3, 1.0, 3.0]
 noise_seeds: list = [0, 1]  # independent noise draws per level
@@ -90,6 +90,7 @@ pd.Series(lm.describe()).to_frame("model")
 # chose on its dev split; the prompts scored here come from its test split.
 
 # %%
+n_prompts = n_prompts or (64 if lm.device.type == "cuda" else 24)
 config, splits, validated = tasks.load_prompt_setup(prompt_config, tasks.PromptConfig("plain", 8, 0),
                                                     source=data_source, seed=split_seed)
 if not validated:
