@@ -90,7 +90,7 @@ pd.Series(lm.describe()).to_frame("model")
 # chose on its dev split; the prompts scored here come from its test split.
 
 # %%
-n_prompts = n_prompts or (64 if lm.device.type == "cuda" else 24)
+n_prompts = params["n_prompts"] = n_prompts or (64 if lm.device.type == "cuda" else 24)
 config, splits, validated = tasks.load_prompt_setup(prompt_config, tasks.PromptConfig("plain", 8, 0),
                                                     source=data_source, seed=split_seed)
 if not validated:
