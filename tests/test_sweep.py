@@ -107,14 +107,18 @@ def llama(tiny_factory):
 # --------------------------------------------------------------------------------------------------
 # Exactness against the plain reference
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shared_attention", [None, False], ids=["default", "reference_attention"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_sweep_heads_matches_plain_forward_with_edit(tiny_factory, arch):
+def test_sweep_heads_matches_plain_forward_with_edit(tiny_factory, arch, shared_attention):
+    """Both attention paths (the shared-prefix attention, default wherever the model has no sliding
+    window, and transformers' own attention over per-row caches) equal the plain forward."""
     lm = tiny_factory(arch)
     enc, labels = _prompts(lm), _labels(lm)
     assert len({len(q) for q in enc.queries}) > 2  # batches need padding
     clean = engine.clean_run(lm, enc, labels, batch_size=3)
     edits = _mixed_edits()
-    got = engine.sweep_heads(lm, clean, edits, batch_size=4, edits_per_group=3)
+    got = engine.sweep_heads(lm, clean, edits, batch_size=4, edits_per_group=3,
+                             shared_prefix_attention=shared_attention)
     ref = _reference(lm, clean, edits)
     assert got.shape == (len(edits), len(enc), 2) and got.dtype == torch.float32
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
@@ -271,6 +275,7 @@ def test_sweep_heads_restores_model_after_exception(tiny_factory, monkeypatch, f
     edits = [HeadEdit("zero", 0, 1), HeadEdit("noise", 1, 2, 1.0, 0)]
     expected = engine.sweep_heads(lm, clean, edits)
     state = _model_state(lm)
+    attn_impl = lm.model.config._attn_implementation
     with torch.inference_mode():
         logits = lm.model(enc.full(1)[None]).logits
 
@@ -287,9 +292,18 @@ def test_sweep_heads_restores_model_after_exception(tiny_factory, monkeypatch, f
     monkeypatch.undo()
     assert _model_state(lm) == state
     assert all("forward" not in block.__dict__ for block in lm.layers)
+    assert lm.model.config._attn_implementation == attn_impl  # the shared-prefix attention is undone
     with torch.inference_mode():
         torch.testing.assert_close(lm.model(enc.full(1)[None]).logits, logits, atol=0, rtol=0)
     torch.testing.assert_close(engine.sweep_heads(lm, clean, edits), expected, atol=0, rtol=0)
+
+
+def test_shared_prefix_attention_refused_for_reachable_sliding_window(tiny_factory):
+    lm = tiny_factory("mistral", sliding_window=6)
+    enc, labels = _prompts(lm), _labels(lm)
+    clean = engine.clean_run(lm, enc, labels)
+    with pytest.raises(ValueError, match="sliding_window=6"):
+        engine.sweep_heads(lm, clean, [HeadEdit("zero", 0, 0)], shared_prefix_attention=True)
 
 
 def test_sweep_heads_bad_edit_fails_before_touching_the_model(llama):
