@@ -356,22 +356,38 @@ def _resolve_chapter(name: str, cwd: Path) -> Path:
                             f"Chapters in notebooks/: {sorted(p.stem for p in (cwd / 'notebooks').glob('*.py'))}.")
 
 
-def chapter_parameters(chapter: str | Path) -> dict[str, dict[str, Any]]:
-    """The parameters declared in a chapter's ``parameters`` cell (papermill's ``inspect_notebook``).
+def chapter_parameters(chapter: str | Path) -> dict[str, Any]:
+    """The names and defaults assigned in a chapter's ``parameters`` cell.
+
+    The cell is parsed with :mod:`ast` (papermill's own line parser skips lines with a second ``=``,
+    e.g. in a comment). Defaults that are not literals are returned as their source text.
 
     Returns:
-        ``{name: {"inferred_type_name", "default", "help"}}``.
-    """
-    import papermill
+        ``{name: default}`` in the order of the cell.
 
-    from headlab.book import to_notebook
+    Raises:
+        ValueError: the chapter has no cell tagged ``parameters``.
+    """
+    import ast
+
+    import jupytext
 
     chapter = Path(chapter)
-    if chapter.suffix == ".ipynb":
-        return dict(papermill.inspect_notebook(str(chapter)))
-    with tempfile.TemporaryDirectory(prefix="headlab-grid-") as tmp:
-        nb = to_notebook(chapter, Path(tmp) / f"{chapter.stem}.ipynb")
-        return dict(papermill.inspect_notebook(str(nb)))
+    nb = jupytext.read(chapter, fmt="ipynb" if chapter.suffix == ".ipynb" else "py:percent")
+    cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if not cells:
+        _fail(f"{chapter.name} has no cell tagged `parameters`; papermill needs one to inject values.")
+    out: dict[str, Any] = {}
+    for node in ast.parse(cells[0].source).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
+            if isinstance(node, ast.AnnAssign) and node.value is not None else []
+        for target in targets:
+            if isinstance(target, ast.Name):
+                try:
+                    out[target.id] = ast.literal_eval(node.value)
+                except ValueError:
+                    out[target.id] = ast.get_source_segment(cells[0].source, node.value)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -385,17 +401,17 @@ def _slug(value: Any) -> str:
         return "+".join(f"{k}-{_slug(v)}" for k, v in value.items()) or "none"
     if isinstance(value, float):
         value = f"{value:g}"
-    return re.sub(r"[^A-Za-z0-9.+-]+", "-", str(value)).strip("-.") or "x"
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "-", str(value)).strip("-.") or "x"
 
 
 def point_name(varied: dict[str, Any], parameters: dict[str, Any], chapter: str, max_len: int = 80) -> str:
-    """Folder name of a grid point: ``key=value_key=value-<hash>``.
+    """Folder name of a grid point: ``key=value,key=value-<hash>``.
 
     The readable part shows the varied values (lists joined with ``+``, unsafe characters replaced,
     cut at ``max_len``); the 10-character hash (:func:`headlab.sweep.config_hash`) covers the chapter
     name and *every* parameter, so changing a shared parameter never reuses an old point.
     """
-    readable = "_".join(f"{_slug(k)}={_slug(v)}" for k, v in varied.items())[:max_len].rstrip("_=+-.")
+    readable = ",".join(f"{_slug(k)}={_slug(v)}" for k, v in varied.items())[:max_len].rstrip(",=+-.")
     digest = config_hash({"chapter": chapter, "parameters": parameters}, length=10)
     return f"{readable or 'point'}-{digest}"
 
