@@ -53,7 +53,7 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -492,6 +492,10 @@ def _in_flight(point: GridPoint) -> bool:
     return record.get("status") == "submitted" or (record.get("status") == "running" and _alive(record))
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
     """Stop a point's process group: SIGTERM, then SIGKILL after ``grace`` seconds."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -506,13 +510,20 @@ def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
             continue
 
 
+#: Child processes of the points running in this process (stopped when the grid is interrupted).
+_RUNNING: set[subprocess.Popen] = set()
+#: Set when this process stops its points (Ctrl-C, SIGTERM): their records then say ``interrupted``.
+_STOPPING = threading.Event()
+
+
 def run_point(point: GridPoint) -> dict[str, Any]:
     """Execute one grid point unless it is done; return its ``point.json`` record.
 
     The chapter runs under papermill in a child process (``python -m headlab.grid _execute``) in its own
     process group, so a timeout stops it and its kernel. ``point.json`` says ``running`` while it runs
-    and is replaced atomically at the end by ``done``, ``failed`` or ``timeout``, with the seconds, the
-    host, the chapter's ``summary.json`` metrics and the device/dtype its ``config.json`` reports.
+    and is replaced atomically at the end by ``done``, ``failed``, ``timeout`` or ``interrupted``, with
+    the seconds, the host, the chapter's ``summary.json`` metrics and the device/dtype its
+    ``config.json`` reports. Only ``done`` counts as done; every other state is run again next time.
     """
     folder = Path(point.point_dir)
     old = read_point(folder)
@@ -533,19 +544,26 @@ def run_point(point: GridPoint) -> dict[str, Any]:
         proc = subprocess.Popen([sys.executable, "-m", "headlab.grid", "_execute", str(task)],
                                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **point.env},
                                 start_new_session=True)
+        _RUNNING.add(proc)
+        record["runner_pid"] = proc.pid
+        _write_json(folder / "point.json", record)
         try:
             rc = proc.wait(timeout=point.timeout)
-            status = "done" if rc == 0 else "failed"
+            status = "done" if rc == 0 else "interrupted" if _STOPPING.is_set() else "failed"
         except subprocess.TimeoutExpired:
             _stop(proc)
             status, rc = "timeout", None
         except BaseException:  # interrupted (Ctrl-C, worker shutdown): leave no orphan kernel
             _stop(proc, grace=2.0)
             raise
+        finally:
+            _RUNNING.discard(proc)
     record.update(status=status, returncode=rc, seconds=round(time.perf_counter() - t0, 3),
                   finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     if status == "timeout":
         record["error"] = f"stopped after the point timeout of {point.timeout:g} s"
+    elif status == "interrupted":
+        record["error"] = "stopped: the grid was interrupted"
     elif status == "failed":
         if (folder / "error.txt").is_file():  # written by _execute: the cell, exception and message
             record["error"] = (folder / "error.txt").read_text()
@@ -610,11 +628,19 @@ def _run_local(points: list[GridPoint], max_workers: int | None = None,
             free.put(gpu)
 
     records, t0 = [], time.time()
-    with ThreadPoolExecutor(max_workers=max_workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=max_workers)
+    try:
         futures = [pool.submit(one, p) for p in points]
         for fut in as_completed(futures):
             records.append(fut.result())
             _report(len(records), len(points), records[-1], t0)
+    except BaseException:  # Ctrl-C / SIGTERM: start nothing more and stop the running points
+        _STOPPING.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in list(_RUNNING):
+            _stop(proc, grace=2.0)
+        raise
+    pool.shutdown()
     return records
 
 
@@ -739,22 +765,30 @@ def collect_summary(points: list[GridPoint]) -> pd.DataFrame:
 
 
 def _alive(record: dict[str, Any]) -> bool:
-    """Whether the process that marked a point ``running`` on this host still exists."""
+    """Whether the grid process that marked a point ``running``, or the point's own runner, still
+    exists (on this host; a point running on another host counts as alive)."""
     if record.get("host") != socket.gethostname():
         return True  # cannot tell; another machine may be running it
-    try:
-        os.kill(int(record.get("pid", -1)), 0)
-    except (OSError, ValueError):
-        return False
-    return True
+    for key in ("pid", "runner_pid"):
+        try:
+            os.kill(int(record[key]), 0)
+            return True
+        except (KeyError, OSError, ValueError, TypeError):
+            continue
+    return False
 
 
 def _save_summary(out: Path, summary: pd.DataFrame) -> None:
+    """Write ``summary.csv`` and ``summary.parquet`` atomically (a column whose values mix types,
+    e.g. a metric that is a number in one point and text in another, is stored as text in Parquet)."""
+    mixed = [c for c in summary.columns if summary[c].dtype == object
+             and len({type(v) for v in summary[c].dropna()}) > 1]
+    table = summary.astype({c: "string" for c in mixed})
     for suffix, write in ((".csv", lambda f, p: f.to_csv(p, index=False)),
                           (".parquet", lambda f, p: f.to_parquet(p, index=False))):
         path = out / f"summary{suffix}"
         tmp = path.with_name(f".{path.name}.tmp")
-        write(summary, tmp)
+        write(table, tmp)
         os.replace(tmp, path)
 
 
@@ -850,10 +884,14 @@ def grid_main(argv: list[str] | None = None) -> int:
                     opts[key] = value
             raw["executor"] = opts
         spec = parse_spec(raw, spec_path=Path(ns.spec))
+        signal.signal(signal.SIGTERM, _interrupt)  # stop the running points on SIGTERM as on Ctrl-C
         summary = run_grid_spec(spec, dry_run=ns.dry_run, summary_only=ns.summary, resubmit=ns.resubmit)
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"headlab grid: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("headlab grid: interrupted; the same command resumes (done points are skipped).", file=sys.stderr)
+        return 130
     with pd.option_context("display.width", 160, "display.max_columns", 30, "display.max_colwidth", 40):
         print(summary.drop(columns=["notebook"]).to_string(index=False))
     if not ns.dry_run:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
-import textwrap
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -36,6 +37,7 @@ x: int = 1  # a number
 label: str = "a"  # a text
 scale: list = [1, 2]  # a list
 fail_when: int = -1  # raise when x equals this
+sleep_when: int = -1  # sleep a minute when x equals this
 device: str = "auto"  # "auto", "cpu" or "cuda"
 dtype: str = "auto"  # "auto", "float32", ...
 results_dir: str = "results/toy"  # where to write
@@ -44,6 +46,11 @@ results_dir: str = "results/toy"  # where to write
 import json, os, pathlib
 if x == fail_when:
     raise RuntimeError(f"toy chapter asked to fail at x={x}")
+if x == sleep_when:
+    import time
+    pathlib.Path(results_dir).mkdir(parents=True, exist_ok=True)
+    (pathlib.Path(results_dir) / "kernel.pid").write_text(str(os.getpid()))
+    time.sleep(60)
 out = pathlib.Path(results_dir)
 out.mkdir(parents=True, exist_ok=True)
 (out / "values.csv").write_text("x,y\\n" + "".join(f"{x},{x * s}\\n" for s in scale))
@@ -107,8 +114,8 @@ def test_bad_specs_name_the_problem(toy: Path, raw, message: str) -> None:
 
 def test_parameters_are_checked_against_the_chapter(toy: Path) -> None:
     declared = grid.chapter_parameters(toy / "notebooks" / "toy.py")
-    assert declared == {"x": 1, "label": "a", "scale": [1, 2], "fail_when": -1, "device": "auto", "dtype": "auto",
-                        "results_dir": "results/toy"}
+    assert declared == {"x": 1, "label": "a", "scale": [1, 2], "fail_when": -1, "sleep_when": -1, "device": "auto",
+                        "dtype": "auto", "results_dir": "results/toy"}
     with pytest.raises(ValueError, match=r"\['n_layers'\] are not in the parameters cell of toy.py; it declares"):
         grid.expand_points(_spec(toy, grid={"n_layers": [1, 2]}), declared)
     # device / dtype go only to chapters that declare them; asking for one elsewhere is an error
@@ -205,26 +212,56 @@ def test_local_grid_runs_fails_and_resumes(toy: Path) -> None:
     pd.testing.assert_frame_equal(summary3, summary2)
 
 
-def test_interrupted_point_is_rerun_and_timeout_stops_a_point(toy: Path) -> None:
-    spec = _spec(toy, grid={"x": [1, 2]})
-    points = grid.expand_points(spec)
-    grid.run_grid_spec(spec)
-    # Simulate a kill during point 2: its record says "running" (by a process that is gone) and its
-    # results are half written. The summary calls it interrupted; the rerun executes that point only.
-    rec = grid.read_point(points[1].point_dir)
-    rec.update(status="running", pid=2**22 + 12345)
-    (Path(points[1].point_dir) / "point.json").write_text(json.dumps(rec))
-    assert list(grid.collect_summary(points)["status"]) == ["done", "interrupted"]
-    grid.run_grid_spec(spec)
-    assert [_runs(p) for p in points] == [1, 2]
-    assert list(pd.read_csv(spec.out / "summary.csv")["status"]) == ["done", "done"]
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
 
-    slow = TOY.replace("print(\"toy done\", x)", "import time\ntime.sleep(60)")
-    (toy / "notebooks" / "slow.py").write_text(slow)
-    spec = grid.parse_spec({"chapter": "slow", "out": "out_slow", "timeout": 6}, cwd=toy)
+
+def _wait_for(condition, seconds: float = 120.0) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, "timed out waiting"
+        time.sleep(0.2)
+
+
+def test_killed_grid_stops_its_points_and_resumes(toy: Path) -> None:
+    """SIGINT to a running `headlab grid` (as Ctrl-C): the running point's runner and kernel stop, the
+    point reads `interrupted`, and the next run executes only the unfinished points."""
+    (toy / "g.yaml").write_text(yaml.safe_dump({"chapter": "toy", "out": "out", "grid": {"x": [1, 2, 3]},
+                                                "parameters": {"sleep_when": 2}}))
+    spec = grid.load_spec(toy / "g.yaml", cwd=toy)
+    points = grid.expand_points(spec)
+    proc = subprocess.Popen([sys.executable, "-m", "headlab.grid", "g.yaml"], cwd=toy,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pid_file = Path(points[1].parameters["results_dir"]) / "kernel.pid"
+    _wait_for(pid_file.exists)  # point 2 is inside its sleeping cell
+    runner = grid.read_point(points[1].point_dir)["runner_pid"]
+    kernel = int(pid_file.read_text())
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in out
+    _wait_for(lambda: not _pid_alive(runner) and not _pid_alive(kernel), 30)
+    statuses = list(grid.collect_summary(points)["status"])
+    assert statuses == ["done", "interrupted", "pending"]
+
+    toy_src = toy / "notebooks" / "toy.py"
+    toy_src.write_text(TOY.replace("if x == sleep_when:", "if x == sleep_when and False:"))
+    summary = grid.run_grid_spec(spec)
+    assert list(summary["status"]) == ["done"] * 3
+    assert [_runs(p) for p in points] == [1, 1, 1]  # point 1 not again; 2 and 3 once each
+
+
+def test_timeout_stops_a_point(toy: Path) -> None:
+    spec = _spec(toy, parameters={"sleep_when": 1}, timeout=8)
     summary = grid.run_grid_spec(spec)
     assert list(summary["status"]) == ["timeout"] and summary.loc[0, "seconds"] < 30
-    assert "timeout of 6 s" in summary.loc[0, "error"]
+    assert "timeout of 8 s" in summary.loc[0, "error"]
+    (point,) = grid.expand_points(spec)
+    kernel = int((Path(point.parameters["results_dir"]) / "kernel.pid").read_text())
+    _wait_for(lambda: not _pid_alive(kernel), 30)
 
 
 def test_local_gpus_option_pins_one_device_per_point(toy: Path) -> None:
