@@ -127,6 +127,12 @@ def test_parameters_are_checked_against_the_chapter(toy: Path) -> None:
         grid.expand_points(_spec(toy), {k: v for k, v in declared.items() if k != "results_dir"})
 
 
+def test_chapter_without_parameters_cell_is_refused(toy: Path) -> None:
+    (toy / "notebooks" / "plain.py").write_text("# %%\nx = 1\n")
+    with pytest.raises(ValueError, match="plain.py has no cell tagged `parameters`"):
+        grid.chapter_parameters(toy / "notebooks" / "plain.py")
+
+
 def test_load_spec_reads_yaml_and_resolves_paths(toy: Path) -> None:
     path = toy / "g.yaml"
     path.write_text("chapter: toy\ngrid: {x: [1, 2]}\nexecutor: {kind: dask, n_workers: 2}\n")
@@ -273,8 +279,7 @@ def test_local_gpus_option_pins_one_device_per_point(toy: Path) -> None:
 
 def test_dask_local_cluster_on_loopback(toy: Path) -> None:
     pytest.importorskip("dask.distributed")
-    spec = _spec(toy, grid={"x": [4, 5]}, executor={"kind": "dask", "n_workers": 1, "threads_per_worker": 2,
-                                                    "processes": False})
+    spec = _spec(toy, grid={"x": [4, 5]}, executor={"kind": "dask", "n_workers": 1, "threads_per_worker": 2})
     summary = grid.run_grid_spec(spec)
     assert list(summary["status"]) == ["done", "done"] and list(summary["square"]) == [16, 25]
     again = grid.run_grid_spec(spec)  # resumable under Dask too
@@ -332,6 +337,17 @@ def test_slurm_submission_is_one_job_array(toy: Path, monkeypatch: pytest.Monkey
     done = grid.run_grid_spec(spec)  # collects what the jobs left; nothing is resubmitted
     assert list(done["status"]) == ["done"] * 3 and list(done["square"]) == [1, 4, 9]
     assert len((bin_dir / "sbatch.calls").read_text().splitlines()) == 1
+
+
+def test_missing_optional_executor_dependency_is_named(toy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "submitit", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "dask.distributed", None)
+    points = grid.expand_points(_spec(toy))
+    with pytest.raises(ImportError, match=r"needs `pip install submitit` \(or `pip install 'headlab\[grid\]'`\)"):
+        grid.submit_slurm(points, toy / "submitit")
+    with pytest.raises(ImportError, match=r"needs `pip install 'dask\[distributed\]'`"):
+        grid._run_dask(points)
+    assert not (toy / "out").exists()  # refused before running anything
 
 
 def test_cli_dry_run_and_errors(toy: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
