@@ -261,13 +261,15 @@ def test_killed_grid_stops_its_points_and_resumes(toy: Path) -> None:
 
 
 def test_timeout_stops_a_point(toy: Path) -> None:
-    spec = _spec(toy, parameters={"sleep_when": 1}, timeout=8)
+    spec = _spec(toy, parameters={"sleep_when": 1}, timeout=15)
     summary = grid.run_grid_spec(spec)
-    assert list(summary["status"]) == ["timeout"] and summary.loc[0, "seconds"] < 30
-    assert "timeout of 8 s" in summary.loc[0, "error"]
+    assert list(summary["status"]) == ["timeout"] and summary.loc[0, "seconds"] < 40
+    assert "timeout of 15 s" in summary.loc[0, "error"]
     (point,) = grid.expand_points(spec)
-    kernel = int((Path(point.parameters["results_dir"]) / "kernel.pid").read_text())
-    _wait_for(lambda: not _pid_alive(kernel), 30)
+    assert not _pid_alive(grid.read_point(point.point_dir)["runner_pid"])
+    pid_file = Path(point.parameters["results_dir"]) / "kernel.pid"
+    if pid_file.exists():  # the kernel reached the sleeping cell (on a very busy machine it may not)
+        _wait_for(lambda: not _pid_alive(int(pid_file.read_text())), 30)
 
 
 def test_local_gpus_option_pins_one_device_per_point(toy: Path) -> None:
