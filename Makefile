@@ -6,12 +6,12 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup fetch book test test-fast bench clean
+.PHONY: setup fetch book test test-fast bench grid clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH)"
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[book,test]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[book,test,grid]"
 	touch $@
 
 setup: $(VENV)/.installed fetch  ## venv + packages + data/model cache
@@ -30,6 +30,10 @@ test-fast: $(VENV)/.installed
 
 bench: setup
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+SPEC ?= grids/induction_small.yaml
+grid: setup  ## run a chapter over a parameter grid: make grid SPEC=grids/induction_small.yaml
+	$(BIN)/headlab grid $(SPEC)
 
 clean:
 	rm -rf book/_build book/chapters book/_vendor results

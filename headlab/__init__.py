@@ -11,6 +11,8 @@ Modules (one place for each thing):
 * :mod:`headlab.plots` -- figures from tidy frames
 * :mod:`headlab.records` -- results saved with their parameters, model fingerprint and versions
 * :mod:`headlab.book` -- papermill execution of the chapters and the offline Jupyter Book build
+* :mod:`headlab.grid` -- ``headlab grid SPEC.yaml``: a chapter over a parameter grid, one resumable
+  papermill run per point (local processes, Dask, Slurm via submitit) and a summary table
 """
 
 __version__ = "0.1.0"

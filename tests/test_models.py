@@ -310,6 +310,24 @@ def test_load_model_dtype_option(saved_llama):
     assert load_model(str(path), device="cpu", dtype="bfloat16").dtype == torch.bfloat16
 
 
+def test_load_model_device_map_auto_on_cpu(saved_llama):
+    """accelerate's ``device_map="auto"`` (for a model too big for one GPU) places every weight on the
+    CPU when there is no GPU, and gives the plain load's logits, with and without a head ablation."""
+    from headlab.interventions import ablate_heads
+
+    lm, path = saved_llama
+    mapped = load_model(str(path), device_map="auto")
+    assert {p.device.type for p in mapped.model.parameters()} == {"cpu"} and mapped.dtype == torch.float32
+    assert set(getattr(mapped.model, "hf_device_map", {"": "cpu"}).values()) == {"cpu"}
+    x = torch.tensor([lm.tokenizer("Review: a tedious mess.\nSentiment:")["input_ids"]])
+    torch.testing.assert_close(mapped.model(x).logits, lm.model(x).logits, atol=0, rtol=0)
+    with ablate_heads(mapped, {1: [0, 2]}):
+        ablated = mapped.model(x).logits
+    with ablate_heads(lm, {1: [0, 2]}):
+        torch.testing.assert_close(ablated, lm.model(x).logits, atol=0, rtol=0)
+    assert not torch.equal(ablated, lm.model(x).logits)
+
+
 # --------------------------------------------------------------------------------------------------
 # The real GGUF model (slow)
 # --------------------------------------------------------------------------------------------------
