@@ -44,8 +44,10 @@ __all__ = [
     "head_differences",
     "reduce_patterns",
     "span_attention",
+    "span_attentions",
     "span_mass",
     "text_entropy",
+    "text_pattern_stats",
     "head_output_means",
     "induction_score",
     "induction_scores",
@@ -484,6 +486,26 @@ def text_entropy(lm: LoadedModel, seqs: Sequence[Int[Tensor, " s"]], batch_size:
     return reduce_patterns(lm, seqs, fn, batch_size)
 
 
+def text_pattern_stats(lm: LoadedModel, seqs: Sequence[Int[Tensor, " s"]],
+                       batch_size: int = 8) -> dict[str, Float[Tensor, "n L H"]]:
+    """Per sequence and head, in one pass: ``entropy`` (as :func:`text_entropy`) and ``first_token``,
+    the mean attention on position 0 over queries 1 onwards (an *attention sink* puts most of its
+    mass there, which also makes its entropy low)."""
+    window = lm.sliding_window
+    types = getattr(lm.config, "layer_types", None)
+
+    def fn(layer: int, pattern: Tensor, mask: Tensor, rows: list[int]) -> Tensor:
+        w = window if types is None or types[layer] == "sliding_attention" else None
+        ent = torch.nanmean(attention_entropy(pattern, mask, w), -1)  # (b, H)
+        q = mask.clone()
+        q[:, 0] = False
+        first = span_mass(pattern, q, torch.arange(mask.shape[1], device=mask.device)[None] == 0)
+        return torch.stack([ent, first], -1)  # (b, H, 2)
+
+    out = reduce_patterns(lm, seqs, fn, batch_size)  # (n, L, H, 2)
+    return {"entropy": out[..., 0], "first_token": out[..., 1]}
+
+
 def span_attention(lm: LoadedModel, seqs: Sequence[Int[Tensor, " s"]], queries: Sequence[Sequence[int]],
                    keys: Sequence[Sequence[int]], batch_size: int = 8) -> Float[Tensor, "n L H"]:
     """Attention mass of every head on chosen key positions, averaged over chosen query positions.
@@ -494,24 +516,50 @@ def span_attention(lm: LoadedModel, seqs: Sequence[Int[Tensor, " s"]], queries: 
             whose attention is summed (e.g. the last token and the sentiment-word tokens).
 
     Returns:
-        ``(n, n_layers, n_heads)``: :func:`span_mass` per sequence (NaN where a query set is empty).
+        ``(n, n_layers, n_heads)``: :func:`span_mass` per sequence; NaN for a sequence whose query or
+        key set is empty.
     """
-    if not len(seqs) == len(queries) == len(keys):
-        raise ValueError(f"{len(seqs)} sequences but {len(queries)} query and {len(keys)} key position lists.")
+    return span_attentions(lm, seqs, {"mass": (queries, keys)}, batch_size)["mass"]
+
+
+def span_attentions(lm: LoadedModel, seqs: Sequence[Int[Tensor, " s"]],
+                    spans: Mapping[str, tuple[Sequence[Sequence[int]], Sequence[Sequence[int]]]],
+                    batch_size: int = 8) -> dict[str, Float[Tensor, "n L H"]]:
+    """Several :func:`span_attention` measures of the same sequences from one forward pass each.
+
+    Args:
+        spans: measure name -> ``(queries, keys)``, per sequence position lists as in
+            :func:`span_attention`.
+
+    Returns:
+        measure name -> ``(n, n_layers, n_heads)``.
+    """
+    names = list(spans)
+    if not names:
+        raise ValueError("spans is empty; give at least one name -> (queries, keys).")
     width = max(len(s) for s in seqs)
-    qm = torch.zeros(len(seqs), width, dtype=torch.bool)
-    km = torch.zeros(len(seqs), width, dtype=torch.bool)
-    for i, (s, q, k) in enumerate(zip(seqs, queries, keys)):
-        bad = [p for p in [*q, *k] if not 0 <= p < len(s)]
-        if bad:
-            raise ValueError(f"sequence {i} has {len(s)} tokens; positions {bad} are out of range.")
-        qm[i, list(q)] = True
-        km[i, list(k)] = True
+    qm = torch.zeros(len(names), len(seqs), width, dtype=torch.bool)
+    km = torch.zeros(len(names), len(seqs), width, dtype=torch.bool)
+    for m, name in enumerate(names):
+        queries, keys = spans[name]
+        if not len(seqs) == len(queries) == len(keys):
+            raise ValueError(f"{name}: {len(seqs)} sequences but {len(queries)} query and {len(keys)} key "
+                             "position lists.")
+        for i, (s, q, k) in enumerate(zip(seqs, queries, keys)):
+            bad = [p for p in [*q, *k] if not 0 <= p < len(s)]
+            if bad:
+                raise ValueError(f"{name}: sequence {i} has {len(s)} tokens; positions {bad} are out of range.")
+            qm[m, i, list(q)] = True
+            km[m, i, list(k)] = True
+    empty = ~km.any(-1)  # (measures, n): no key -> NaN, not 0
+
     def fn(layer: int, pattern: Tensor, mask: Tensor, rows: list[int]) -> Tensor:
         s = mask.shape[1]
-        return span_mass(pattern, qm[rows, :s].to(pattern.device), km[rows, :s].to(pattern.device))
+        return torch.stack([span_mass(pattern, qm[m, rows, :s].to(pattern.device), km[m, rows, :s].to(pattern.device))
+                            for m in range(len(names))], -1)  # (b, H, measures)
 
-    return reduce_patterns(lm, seqs, fn, batch_size)
+    out = reduce_patterns(lm, seqs, fn, batch_size)  # (n, L, H, measures)
+    return {name: out[..., m].masked_fill(empty[m][:, None, None], torch.nan) for m, name in enumerate(names)}
 
 
 def encode_spans(tokenizer: Any, text: str, spans: Sequence[tuple[int, int]],

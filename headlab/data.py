@@ -610,7 +610,7 @@ def load_crows_pairs(bias_type: str | None = "gender") -> pd.DataFrame:
 # Probes for attention chapters: a sentiment lexicon, instruction vs prose pairs, bias pairs
 # --------------------------------------------------------------------------------------------------
 #: A small hand-written sentiment lexicon of frequent, unambiguous evaluative words of English film
-#: reviews (60 positive, 60 negative; lower case, whole words). It is headlab's own list, not a
+#: reviews (84 positive, 82 negative; lower case, whole words). It is headlab's own list, not a
 #: published lexicon: chosen so that each word's polarity does not depend on context in reviews
 #: ("funny", "long" and "dark" are left out for that reason). Chapter 04 uses it to find the
 #: sentiment words of each review.
@@ -621,14 +621,18 @@ SENTIMENT_LEXICON: dict[str, frozenset[str]] = {
         gripping engaging fascinating remarkable impressive memorable masterpiece masterful perfect
         perfectly amazing fantastic terrific outstanding stunning smart clever witty intelligent
         thoughtful warm sweet heartfelt affecting rich fresh original inventive satisfying solid strong
-        love loved loves like enjoy enjoyed admire triumph gem treat""".split()),
+        love loved loves like enjoy enjoyed admire triumph gem treat gorgeous wonderfully refreshing
+        riveting poignant tender absorbing exhilarating intriguing haunting vivid nicely appealing
+        pleasant pleasure superior winning enjoyably funniest finest joy""".split()),
     "negative": frozenset("""
         bad worse worst awful terrible horrible dreadful poor poorly boring bored dull tedious tiresome
         bland flat lifeless stupid dumb silly pointless mindless mediocre forgettable predictable
         clumsy clichéd cliched contrived formulaic incoherent mess messy disappointing disappointment
         unfunny annoying irritating painful ugly lame weak shallow hollow empty tired stale
         overlong waste wasted fails failed failure hate hated unpleasant unbearable embarrassing
-        pretentious sloppy trite""".split()),
+        pretentious sloppy trite plodding sluggish inept amateurish lousy worthless uninspired
+        unconvincing confusing muddled awkward bloated banal generic repetitive uninteresting
+        unwatchable tedium boredom lacks lacking""".split()),
 }
 _WORD = re.compile(r"[A-Za-zÀ-ɏ]+(?:'[a-z]+)?")
 

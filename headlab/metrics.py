@@ -30,6 +30,7 @@ __all__ = [
     "parse_generated_label",
     "permutation_correlation",
     "rank_agreement",
+    "residualize",
     "roc_auc",
 ]
 
@@ -356,3 +357,22 @@ def benjamini_hochberg(p: ArrayLike) -> np.ndarray:
     out = np.empty(m)
     out[order] = np.minimum(q, 1.0)
     return out
+
+
+def residualize(values: ArrayLike, covariates: ArrayLike) -> np.ndarray:
+    """Residuals of each column of ``values`` after a least-squares fit on ``covariates`` plus an
+    intercept (e.g. attention mass on sentiment words with the number of such words regressed out,
+    before correlating it with the label).
+
+    Args:
+        values: ``(n, columns)``.
+        covariates: ``(n,)`` or ``(n, c)``.
+    """
+    x = np.asarray(values, dtype=float)
+    z = np.asarray(covariates, dtype=float)
+    z = z[:, None] if z.ndim == 1 else z
+    if x.ndim != 2 or len(z) != len(x):
+        raise ValueError(f"values {x.shape} must be (n, columns) and covariates {z.shape} have n rows.")
+    design = np.column_stack([np.ones(len(z)), z])
+    coef, *_ = np.linalg.lstsq(design, x, rcond=None)
+    return x - design @ coef

@@ -264,3 +264,33 @@ def test_ranked_ablation_sweep(tiny_factory, tmp_path):
     with pytest.raises(ValueError, match="mode"):
         sweep.ranked_ablation_sweep(lm, enc, labels, scores, "score", measures, tmp_path / "t",
                                     modes=["half"], progress=False)
+
+
+def test_text_pattern_stats_match_the_single_measures(tiny_factory, tokenizer):
+    lm = tiny_factory("mistral")
+    seqs = _texts(tokenizer)
+    stats = attention.text_pattern_stats(lm, seqs, batch_size=2)
+    torch.testing.assert_close(stats["entropy"], attention.text_entropy(lm, seqs), atol=1e-5, rtol=1e-4)
+    first = attention.span_attention(lm, seqs, [list(range(1, len(s))) for s in seqs], [[0]] * len(seqs))
+    torch.testing.assert_close(stats["first_token"], first, atol=1e-5, rtol=1e-4)
+
+
+def test_residualize_removes_a_linear_covariate():
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal(50)
+    noise = rng.standard_normal((50, 2))
+    res = metrics.residualize(np.column_stack([3 * z + 1, noise[:, 0]]) + 0 * noise, z)
+    assert np.allclose(res[:, 0], 0.0, atol=1e-9)
+    assert abs(np.corrcoef(res[:, 1], z)[0, 1]) < 1e-9
+
+
+def test_span_attentions_equal_separate_runs_and_empty_keys_are_nan(tiny_factory, tokenizer):
+    lm = tiny_factory("gpt2")
+    seqs = _texts(tokenizer)
+    last = [[len(s) - 1] for s in seqs]
+    spans = {"first": (last, [[0]] * 4), "second": (last, [[1], [], [2], [1]])}
+    both = attention.span_attentions(lm, seqs, spans, batch_size=2)
+    torch.testing.assert_close(both["first"], attention.span_attention(lm, seqs, *spans["first"]))
+    assert torch.isnan(both["second"][1]).all() and not torch.isnan(both["second"][[0, 2, 3]]).any()
+    with pytest.raises(ValueError, match="spans is empty"):
+        attention.span_attentions(lm, seqs, {})
