@@ -42,7 +42,7 @@ dtype: str = "auto"  # "auto" (fp32 on CPU, bf16 on CUDA), "float32", "bfloat16"
 split: str = "dev"  # WinoBias split: "dev" or "test"
 max_pairs: int = 200  # WinoBias pairs drawn at random (seeded) for attention and prompts (0: all 767)
 k_list: list = [0, 10]  # numbers of heads ablated at once (0: the clean model)
-n_random: int = 5  # random head sets per k
+n_random: int = 8  # random head sets per k
 modes: list = ["zero", "mean"]  # "zero" and/or "mean" ablation of the heads' outputs
 n_reference: int = 16  # Wikipedia windows for the mean head outputs (mean ablation)
 reference_tokens: int = 64  # tokens per reference window
@@ -133,14 +133,17 @@ overview.round(4)
 # %% [markdown]
 # ### The most differential heads
 #
-# Heads ranked by the absolute pro − anti difference of the attention **on the pronoun** over WinoBias
-# (the ranking the ablation below uses). Beside it: the same head's male − female difference on
+# Heads ranked by the absolute standardised pro − anti difference $|d_z|$ of the attention **on the
+# pronoun** over WinoBias (the ranking the ablation below uses): $d_z$ is the mean paired difference
+# over its standard deviation, so a head whose difference is consistent across pairs ranks above one
+# whose mean is carried by a few pairs (all heads are measured on the same pairs, so this is the
+# ranking by the paired t statistic). Beside it: the same head's male − female difference on
 # WinoBias and on Winogender, and its pro − anti difference from the pronoun to the referent.
 
 # %%
 main = diffs[("winobias", "pro − anti", "on_pronoun")].copy()
-main["abs_diff"] = main["diff"].abs()
-ranked = main.sort_values(["abs_diff", "layer", "head"], ascending=[False, True, True]).reset_index(drop=True)
+main["abs_effect"] = main["effect_size"].abs()
+ranked = main.sort_values(["abs_effect", "layer", "head"], ascending=[False, True, True]).reset_index(drop=True)
 ranked["rank"] = np.arange(1, len(ranked) + 1)
 extra = {"wb_male_female": ("winobias", "male − female", "on_pronoun"),
          "wg_male_female": ("winogender", "male − female", "on_pronoun"),
@@ -160,8 +163,8 @@ for ax, key, title in zip(axes, [("winobias", "pro − anti", "on_pronoun"), ("w
 fig.tight_layout()
 
 # %%
-fig = plots.ranked_effects(ranked.sort_values("diff", key=abs, ascending=False), top=15, value="diff",
-                           title="WinoBias pro − anti attention on the pronoun (top 15 by |diff|)")
+fig = plots.ranked_effects(ranked, top=15, value="diff",
+                           title="WinoBias pro − anti attention on the pronoun (top 15 by |d_z|)")
 
 # %%
 wb_mf, wg_mf = diffs[("winobias", "male − female", "on_pronoun")], diffs[("winogender", "male − female", "on_pronoun")]
@@ -179,7 +182,7 @@ fig = plots.compare_scatter(wb_mf.assign(winogender=wg_mf["diff"].to_numpy()).re
 # the same two forms are counted once.
 #
 # The ablation sweep (`headlab.sweep.ranked_ablation_sweep`) removes the $k$ heads with the largest
-# |pro − anti| attention difference (*top*), or $k$ heads drawn uniformly from all 270 (*random*,
+# standardised |pro − anti| attention difference $|d_z|$ (*top*), or $k$ heads drawn uniformly from all 270 (*random*,
 # `n_random` sets per $k$), by zeroing their outputs (*zero*) or replacing them by their mean output
 # over Wikipedia text (*mean*, `headlab.attention.head_output_means`), and scores every prompt under
 # each ablation with the batched label-token engine (`headlab.engine.label_logprobs`).
@@ -211,7 +214,7 @@ ref_ids = torch.stack([torch.tensor(tok(t)["input_ids"][:reference_tokens])
                        for t in data.load_wikipedia()["text"][-n_reference:]])
 means = attention.head_output_means(lm, ref_ids, batch_size=batch_size) if "mean" in modes else None
 t0 = time.time()
-abl = sweep.ranked_ablation_sweep(lm, enc, label_ids, ranked, "abs_diff", bias_measures, Path(results_dir) / "shards",
+abl = sweep.ranked_ablation_sweep(lm, enc, label_ids, ranked, "abs_effect", bias_measures, Path(results_dir) / "shards",
                                   modes=modes, k_list=k_list, n_permutations=n_random, seed=seed, means=means,
                                   batch_size=batch_size)
 timings["ablation"] = time.time() - t0
@@ -245,7 +248,8 @@ versus.round(4)
 
 # %%
 def head_list(frame, n):
-    return ", ".join(f"L{r['layer']}H{r['head']} ({r['diff']:+.4f} [{r['diff_low']:+.4f}, {r['diff_high']:+.4f}])"
+    return ", ".join(f"L{r['layer']}H{r['head']} ({r['diff']:+.4f} [{r['diff_low']:+.4f}, {r['diff_high']:+.4f}], "
+                     f"d_z {r['effect_size']:+.2f})"
                      for r in frame.head(n).to_dict("records"))
 
 
@@ -254,10 +258,12 @@ main_row = overview[(overview["data"] == "winobias") & (overview["contrast"] == 
 b, g, pp = clean_ci["bias"], clean_ci["gender"], clean_ci["p_pair"]
 lines = [
     f"{len(wb)} WinoBias {split} pairs and {len(wg)} Winogender pairs were compared. Most differential heads "
-    f"(pro − anti attention on the pronoun, mean over pairs [95% CI]): {head_list(ranked, 5)}.",
+    f"(pro − anti attention on the pronoun by |d_z|, mean over pairs [95% CI]): {head_list(ranked, 5)}.",
     f"{main_row['heads with CI > 0']} heads attend more to the pronoun in pro-stereotyped sentences and "
     f"{main_row['heads with CI < 0']} less (95% intervals excluding 0, of {len(ranked)}; no multiple-comparison "
-    f"correction). Per-head male − female differences on WinoBias and Winogender agree with Spearman ρ = {rho_mf:.2f}.",
+    f"correction). {float(male_a.float().mean()):.0%} of the pro-stereotyped pronouns are masculine, so pro − anti is "
+    f"not a male − female contrast; per-head male − female differences on WinoBias and Winogender agree with "
+    f"Spearman ρ = {rho_mf:.2f}.",
     f"Clean model, {len(prompts)} prompts cut before the pronoun: log p(pro) − log p(anti) = {b} "
     f"(> 0 prefers the stereotype; {float((clean['bias'] > 0).mean()):.0%} of prompts); log p(male) − log p(female) "
     f"= {g}; the pair's two pronouns together get probability {pp} at that position.",

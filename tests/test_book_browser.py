@@ -7,6 +7,7 @@ the Output widget shows its figure. A screenshot is saved to ``results/test-arte
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -40,6 +41,36 @@ widgets.head_view(patterns, tokens, layers=[0, 2])
 # %%
 widgets.pattern_explorer({"cat": patterns}, {"cat": tokens}, layer=1, head=1)
 '''
+
+
+def test_localize_outputs_rewrites_cdn_urls_in_outputs_only(tmp_path: Path) -> None:
+    url_js = "https://cdnjs.cloudflare.com/ajax/libs/require.js/2.3.6/require.min.js"
+    d3 = "https://cdnjs.cloudflare.com/ajax/libs/d3/5.7.0/d3.min"
+    nb = {"cells": [
+        {"cell_type": "code", "source": f"# {d3}", "metadata": {}, "outputs": [
+            {"output_type": "display_data", "metadata": {}, "data": {"text/html": [f'<script src="{url_js}"></script>']}},
+            {"output_type": "display_data", "metadata": {},
+             "data": {"application/javascript": f"require.config({{paths: {{d3: '{d3}'}}}});",
+                      "text/plain": d3}}]}],
+        "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    path = tmp_path / "ch.ipynb"
+    path.write_text(json.dumps(nb))
+    assert book.localize_outputs(path, root="../") == 2
+    out = json.loads(path.read_text())
+    cell = out["cells"][0]
+    assert cell["outputs"][0]["data"]["text/html"] == ['<script src="../require.js"></script>']
+    assert cell["outputs"][1]["data"]["application/javascript"] == "require.config({paths: {d3: '../d3/d3.min'}});"
+    assert cell["outputs"][1]["data"]["text/plain"] == d3 and cell["source"] == f"# {d3}"  # not rendered as code
+    assert book.localize_outputs(path) == 0  # idempotent
+
+
+def test_drawn_outputs_counts_shapes_inside_views_only() -> None:
+    dom = ('<div id="bertviz-0a1b"><div id="vis"><svg><rect></rect><text>a</text><line></line></svg></div></div>'
+           '<div id="bertviz-ff00"><div id="vis"></div></div><svg><rect></rect></svg>'
+           '<div class="widget-vbox jupyter-widgets"><div class="widget-output"><img src="data:image/png;base64,AA"></div>'
+           '</div><img src="data:image/png;base64,AA">')
+    assert book.drawn_outputs(dom) == {"bertviz_views": 2, "bertviz_drawn": 1, "svg_shapes": 3, "widgets": 2,
+                                       "widget_images": 1}
 
 
 @pytest.fixture(scope="module")
