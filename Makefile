@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup fetch book test test-fast bench grid clean
+.PHONY: setup fetch chromium book test test-fast bench grid clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,13 +19,20 @@ setup: $(VENV)/.installed fetch  ## venv + packages + data/model cache
 fetch: $(VENV)/.installed
 	$(BIN)/headlab fetch
 
+# Debian's Chromium: the tests open a built book in it (tests/test_book_browser.py), so does
+# `headlab book --browser-check`. Installed with apt-get when missing (as root, else through sudo).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
 book: setup  ## execute every chapter with papermill and render the offline HTML book
 	$(BIN)/headlab book
 
-test: setup  ## the whole test suite (includes the `slow` tests on the real GGUF model)
+test: setup chromium  ## the whole test suite (includes the `slow` tests on the real GGUF model)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: $(VENV)/.installed
+test-fast: $(VENV)/.installed chromium
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: setup

@@ -35,8 +35,19 @@ from headlab.models import LoadedModel
 
 __all__ = [
     "RepeatedTokens",
+    "attention_entropy",
     "attention_patterns",
     "attention_scores",
+    "EncodedPairs",
+    "encode_pairs",
+    "encode_spans",
+    "head_differences",
+    "reduce_patterns",
+    "span_attention",
+    "span_attentions",
+    "span_mass",
+    "text_entropy",
+    "text_pattern_stats",
     "head_output_means",
     "induction_score",
     "induction_scores",
@@ -353,3 +364,301 @@ def repeat_metrics(batch: RepeatedTokens, nll: Float[Tensor, "n s-1"]) -> dict[s
     loss_early, loss_late = masked_mean(nll, early), masked_mean(nll, late)
     return {"p_correct": masked_mean(torch.exp(-nll), late), "loss_early": loss_early,
             "loss_late": loss_late, "icl": loss_late - loss_early}
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention entropy and attention mass on token spans (chapters 04 and 05)
+# --------------------------------------------------------------------------------------------------
+PatternReduceFn = Callable[[int, Float[Tensor, "b H s s"], Bool[Tensor, "b s"], list[int]], Tensor]
+
+
+def attention_entropy(pattern: Float[Tensor, "*b q k"], key_mask: Bool[Tensor, "*b k"] | None = None,
+                      window: int | None = None) -> Float[Tensor, "*b q"]:
+    """Normalised Shannon entropy of each query's attention distribution of a causal pattern.
+
+    The entropy ``H_t = -sum_k p_tk log p_tk`` (nats, ``0 log 0 = 0``) at query ``t`` is divided by
+    ``log n_t``, the entropy of the uniform distribution over the ``n_t`` keys query ``t`` may attend
+    to: the real (unmasked) keys at positions ``<= t`` (and within ``window`` positions, for
+    sliding-window attention). So 1 means "uniform over everything it could see" and 0 "all mass on
+    one key", and early and late positions compare fairly.
+
+    Positions where the value is undefined are **NaN**: queries with a single attendable key
+    (``n_t = 1``, e.g. position 0, whose distribution is forced) and padded queries
+    (``key_mask`` false at ``t``). Average with ``nanmean``. Probability mass a pattern puts on
+    masked keys (zero for a correct mask, up to rounding) is ignored.
+
+    Args:
+        pattern: attention probabilities, the last two dimensions (query, key), ``q == k``.
+        key_mask: ``True`` for real tokens (the tokenizer's attention mask); broadcast over heads
+            when it has fewer leading dimensions (e.g. ``(b, k)`` for a ``(b, H, q, k)`` pattern).
+        window: attention window of sliding-window layers (``None``: the whole causal prefix).
+    """
+    q, k = pattern.shape[-2:]
+    if q != k:
+        raise ValueError(f"attention_entropy needs a square (query, key) pattern, got {tuple(pattern.shape)}.")
+    pos = torch.arange(k, device=pattern.device)
+    allowed = pos[None, :] <= pos[:, None]  # (q, k) causal
+    if window is not None:
+        if window < 1:
+            raise ValueError(f"window={window} must be a positive number of positions.")
+        allowed &= pos[None, :] > pos[:, None] - window
+    real = torch.ones(k, dtype=torch.bool, device=pattern.device) if key_mask is None else key_mask.bool()
+    while real.dim() < pattern.dim() - 1:  # (b, k) -> (b, 1, k) for (b, H, q, k)
+        real = real.unsqueeze(-2)
+    allowed = allowed & real.unsqueeze(-2)  # (..., q, k)
+    p = pattern.double() * allowed
+    h = -torch.special.xlogy(p, p).sum(-1)  # (..., q)
+    n = allowed.sum(-1).double()
+    out = h / torch.log(n.clamp_min(2))
+    query_real = real.expand(*pattern.shape[:-2], k) if real.shape[-1] == k else real
+    out = torch.where((n > 1) & query_real, out, torch.nan)
+    return out.to(pattern.dtype if pattern.is_floating_point() else torch.float32)
+
+
+def span_mass(pattern: Float[Tensor, "b H q k"], query_mask: Bool[Tensor, "b q"],
+              key_mask: Bool[Tensor, "b k"]) -> Float[Tensor, "b H"]:
+    """Attention mass on a set of key positions, averaged over a set of query positions.
+
+    ``out[b, h] = mean_{q in Q_b} sum_{k in K_b} pattern[b, h, q, k]``. Rows with an empty query set
+    give NaN.
+    """
+    qm, km = query_mask.to(pattern.dtype), key_mask.to(pattern.dtype)
+    per_query = (pattern * km[:, None, None, :]).sum(-1)  # (b, H, q)
+    n_q = qm.sum(-1)[:, None]  # (b, 1)
+    return (per_query * qm[:, None, :]).sum(-1) / n_q.where(n_q > 0, torch.nan)
+
+
+@torch.inference_mode()
+def reduce_patterns(lm: LoadedModel, seqs: Sequence[Int[Tensor, " s"]], fn: PatternReduceFn,
+                    batch_size: int = 8) -> Tensor:
+    """Run token sequences of any lengths and reduce every layer's attention pattern on the fly.
+
+    Sequences are sorted by length, right-padded within a batch (pads masked, so every real token
+    sees exactly what it sees alone) and run with ``output_attentions=True``; each layer's
+    ``(b, H, s, s)`` pattern is handed to ``fn(layer, pattern, mask, rows)`` at once and dropped, so
+    the full ``(n, L, H, s, s)`` tensor never exists. ``mask`` is ``(b, s)``, true on real tokens;
+    ``rows`` are the indices into ``seqs`` of the batch's rows.
+
+    Args:
+        seqs: 1-D token id tensors.
+        fn: returns a ``(b, H, ...)`` tensor per layer (e.g. :func:`span_mass` of chosen positions).
+        batch_size: sequences per forward pass (results do not depend on it).
+
+    Returns:
+        ``(n, L, H, ...)`` float32 on the CPU, in the order of ``seqs``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be positive.")
+    if not len(seqs) or any(len(s) == 0 for s in seqs):
+        raise ValueError("reduce_patterns needs at least one sequence and no empty sequence.")
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    pad = lm.tokenizer.pad_token_id or 0
+    parts: list[Tensor] = []
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        width = max(len(seqs[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        for j, i in enumerate(rows):
+            ids[j, :len(seqs[i])] = seqs[i]
+            mask[j, :len(seqs[i])] = True
+        out = lm.model(input_ids=ids.to(lm.device), attention_mask=mask.long().to(lm.device),
+                       output_attentions=True)
+        att = out.attentions
+        if att is None or any(a is None for a in att):
+            _attentions(lm, ids[:1])  # raises the explanatory error
+        per_layer = [fn(layer, a.float(), mask.to(a.device), rows).float().cpu() for layer, a in enumerate(att)]
+        parts.append(torch.stack(per_layer, 1))  # (b, L, H, ...)
+    result = torch.cat(parts)
+    return result[torch.argsort(torch.tensor(order))]
+
+
+def text_entropy(lm: LoadedModel, seqs: Sequence[Int[Tensor, " s"]], batch_size: int = 8) -> Float[Tensor, "n L H"]:
+    """Mean normalised attention entropy (:func:`attention_entropy`) of every head on each sequence,
+    averaged over the query positions where it is defined (positions 1 onwards, real tokens only)."""
+    window = lm.sliding_window
+    types = getattr(lm.config, "layer_types", None)  # per-layer "sliding_attention" / "full_attention"
+
+    def fn(layer: int, pattern: Tensor, mask: Tensor, rows: list[int]) -> Tensor:
+        w = window if types is None or types[layer] == "sliding_attention" else None
+        return torch.nanmean(attention_entropy(pattern, mask, w), -1)  # (b, H)
+
+    return reduce_patterns(lm, seqs, fn, batch_size)
+
+
+def text_pattern_stats(lm: LoadedModel, seqs: Sequence[Int[Tensor, " s"]],
+                       batch_size: int = 8) -> dict[str, Float[Tensor, "n L H"]]:
+    """Per sequence and head, in one pass: ``entropy`` (as :func:`text_entropy`) and ``first_token``,
+    the mean attention on position 0 over queries 1 onwards (an *attention sink* puts most of its
+    mass there, which also makes its entropy low)."""
+    window = lm.sliding_window
+    types = getattr(lm.config, "layer_types", None)
+
+    def fn(layer: int, pattern: Tensor, mask: Tensor, rows: list[int]) -> Tensor:
+        w = window if types is None or types[layer] == "sliding_attention" else None
+        ent = torch.nanmean(attention_entropy(pattern, mask, w), -1)  # (b, H)
+        q = mask.clone()
+        q[:, 0] = False
+        first = span_mass(pattern, q, torch.arange(mask.shape[1], device=mask.device)[None] == 0)
+        return torch.stack([ent, first], -1)  # (b, H, 2)
+
+    out = reduce_patterns(lm, seqs, fn, batch_size)  # (n, L, H, 2)
+    return {"entropy": out[..., 0], "first_token": out[..., 1]}
+
+
+def span_attention(lm: LoadedModel, seqs: Sequence[Int[Tensor, " s"]], queries: Sequence[Sequence[int]],
+                   keys: Sequence[Sequence[int]], batch_size: int = 8) -> Float[Tensor, "n L H"]:
+    """Attention mass of every head on chosen key positions, averaged over chosen query positions.
+
+    Args:
+        seqs: token sequences.
+        queries, keys: per sequence, the query positions to average over and the key positions
+            whose attention is summed (e.g. the last token and the sentiment-word tokens).
+
+    Returns:
+        ``(n, n_layers, n_heads)``: :func:`span_mass` per sequence; NaN for a sequence whose query or
+        key set is empty.
+    """
+    return span_attentions(lm, seqs, {"mass": (queries, keys)}, batch_size)["mass"]
+
+
+def span_attentions(lm: LoadedModel, seqs: Sequence[Int[Tensor, " s"]],
+                    spans: Mapping[str, tuple[Sequence[Sequence[int]], Sequence[Sequence[int]]]],
+                    batch_size: int = 8) -> dict[str, Float[Tensor, "n L H"]]:
+    """Several :func:`span_attention` measures of the same sequences from one forward pass each.
+
+    Args:
+        spans: measure name -> ``(queries, keys)``, per sequence position lists as in
+            :func:`span_attention`.
+
+    Returns:
+        measure name -> ``(n, n_layers, n_heads)``.
+    """
+    names = list(spans)
+    if not names:
+        raise ValueError("spans is empty; give at least one name -> (queries, keys).")
+    width = max(len(s) for s in seqs)
+    qm = torch.zeros(len(names), len(seqs), width, dtype=torch.bool)
+    km = torch.zeros(len(names), len(seqs), width, dtype=torch.bool)
+    for m, name in enumerate(names):
+        queries, keys = spans[name]
+        if not len(seqs) == len(queries) == len(keys):
+            raise ValueError(f"{name}: {len(seqs)} sequences but {len(queries)} query and {len(keys)} key "
+                             "position lists.")
+        for i, (s, q, k) in enumerate(zip(seqs, queries, keys)):
+            bad = [p for p in [*q, *k] if not 0 <= p < len(s)]
+            if bad:
+                raise ValueError(f"{name}: sequence {i} has {len(s)} tokens; positions {bad} are out of range.")
+            qm[m, i, list(q)] = True
+            km[m, i, list(k)] = True
+    empty = ~km.any(-1)  # (measures, n): no key -> NaN, not 0
+
+    def fn(layer: int, pattern: Tensor, mask: Tensor, rows: list[int]) -> Tensor:
+        s = mask.shape[1]
+        return torch.stack([span_mass(pattern, qm[m, rows, :s].to(pattern.device), km[m, rows, :s].to(pattern.device))
+                            for m in range(len(names))], -1)  # (b, H, measures)
+
+    out = reduce_patterns(lm, seqs, fn, batch_size)  # (n, L, H, measures)
+    return {name: out[..., m].masked_fill(empty[m][:, None, None], torch.nan) for m, name in enumerate(names)}
+
+
+def encode_spans(tokenizer: Any, text: str, spans: Sequence[tuple[int, int]],
+                 add_special_tokens: bool = True) -> tuple[Int[Tensor, " s"], list[list[int]]]:
+    """Tokenise ``text`` and find the tokens of each character span ``[start, end)``.
+
+    A token belongs to a span when their character ranges overlap (special tokens, with an empty
+    range, never do).
+
+    Returns:
+        ``(ids, positions)``: the token ids and, per span, the sorted token positions (possibly empty
+        when the span is whitespace only).
+    """
+    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    out = []
+    for a, b in spans:
+        if not 0 <= a < b <= len(text):
+            raise ValueError(f"span ({a}, {b}) is not a non-empty range inside the text of length {len(text)}.")
+        out.append([i for i, (s, e) in enumerate(offsets) if e > s and s < b and e > a])
+    return torch.tensor(enc["input_ids"], dtype=torch.long), out
+
+
+def head_differences(a: Float[Tensor, "n L H"], b: Float[Tensor, "n L H"], n_boot: int = 1000,
+                     seed: int = 0, names: tuple[str, str] = ("a", "b")) -> pd.DataFrame:
+    """Per-head paired difference ``a - b`` over matched items, with paired bootstrap 95% intervals.
+
+    Items (rows) where either value is NaN are dropped for every head alike, so all heads are
+    compared on the same items; the bootstrap resamples items jointly for all heads
+    (:func:`headlab.metrics.bootstrap_rows`).
+
+    Returns:
+        One row per head, ordered by layer then head: ``layer, head``, the means ``mean_<a>``,
+        ``mean_<b>``, ``diff``, ``diff_low``, ``diff_high``, ``effect_size`` (mean / sd of the
+        paired differences, Cohen's d_z) and ``n``.
+    """
+    from headlab import metrics
+
+    if a.shape != b.shape or a.dim() != 3:
+        raise ValueError(f"a {tuple(a.shape)} and b {tuple(b.shape)} must both be (items, layers, heads).")
+    keep = ~(torch.isnan(a) | torch.isnan(b)).flatten(1).any(1)
+    if int(keep.sum()) < 2:
+        raise ValueError(f"only {int(keep.sum())} items without NaN; need at least 2.")
+    a, b = a[keep].double(), b[keep].double()
+    n, L, H = a.shape
+    d = (a - b).reshape(n, L * H).T.numpy()  # (heads, items)
+    mean, low, high = metrics.bootstrap_rows(d, n_boot=n_boot, seed=seed)
+    sd = d.std(1, ddof=1)
+    return pd.DataFrame({
+        "layer": torch.arange(L).repeat_interleave(H).numpy(), "head": torch.arange(H).repeat(L).numpy(),
+        f"mean_{names[0]}": a.mean(0).reshape(-1).numpy(), f"mean_{names[1]}": b.mean(0).reshape(-1).numpy(),
+        "diff": mean, "diff_low": low, "diff_high": high,
+        "effect_size": mean / (sd + 1e-12), "n": n})
+
+
+@dataclass(frozen=True)
+class EncodedPairs:
+    """Token ids of sentence pairs that differ in one token (a gendered pronoun) at one position.
+
+    Attributes:
+        a, b: token ids of the two sentences of each kept pair (same length within a pair).
+        pronoun: position of the differing token in both sentences.
+        referent: token positions of the referent noun (empty when it was not found).
+        index: row of each kept pair in the frame that was encoded.
+        dropped: number of pairs whose token sequences did not align (length or more than one
+            differing token).
+    """
+
+    a: list[Int[Tensor, " s"]]
+    b: list[Int[Tensor, " s"]]
+    pronoun: list[int]
+    referent: list[list[int]]
+    index: list[int]
+    dropped: int
+
+    def __len__(self) -> int:
+        return len(self.a)
+
+    def after_pronoun(self) -> list[list[int]]:
+        """Query positions after the pronoun (to the end of the sentence), per pair."""
+        return [list(range(p + 1, len(s))) for p, s in zip(self.pronoun, self.a)]
+
+
+def encode_pairs(tokenizer: Any, pairs: pd.DataFrame) -> EncodedPairs:
+    """Tokenise :func:`headlab.data.bias_pairs` rows; keep pairs whose token sequences have the same
+    length and differ in exactly one position, the pronoun's (a single token in both)."""
+    out: dict[str, list] = {"a": [], "b": [], "pronoun": [], "referent": [], "index": []}
+    dropped = 0
+    for i, r in enumerate(pairs.itertuples()):
+        ref_a = [r.a_referent_span] if r.a_referent_span is not None else []
+        ids_a, (pron_a, *refs) = encode_spans(tokenizer, r.a, [r.a_span, *ref_a])
+        ids_b, (pron_b,) = encode_spans(tokenizer, r.b, [r.b_span])
+        differ = torch.nonzero(ids_a != ids_b)[:, 0].tolist() if len(ids_a) == len(ids_b) else None
+        if differ is None or len(pron_a) != 1 or pron_a != pron_b or differ != pron_a:
+            dropped += 1
+            continue
+        out["a"].append(ids_a)
+        out["b"].append(ids_b)
+        out["pronoun"].append(pron_a[0])
+        out["referent"].append(refs[0] if refs else [])
+        out["index"].append(i)
+    return EncodedPairs(**out, dropped=dropped)

@@ -41,11 +41,16 @@ __all__ = [
     "ChapterError",
     "book_main",
     "browser_requests",
+    "CDN_REWRITES",
     "build_book",
+    "check_drawn",
     "check_offline",
+    "drawn_outputs",
     "execute_chapter",
     "find_external_urls",
     "find_missing_assets",
+    "localize_outputs",
+    "render_page",
     "to_notebook",
     "vendor_js",
 ]
@@ -333,6 +338,61 @@ def vendor_js(dest: Path) -> dict[str, str]:
     shutil.rmtree(dest, ignore_errors=True)
     staging.rename(dest)
     return entries
+
+
+#: CDN URLs written into executed notebooks by libraries we use, and the vendored file (relative to
+#: the HTML root, where :func:`vendor_js` puts its files) each is replaced with. bertviz's head view
+#: loads require.js with a ``<script src>`` and asks require.js for d3 and jQuery; jQuery 2.0.0 is
+#: not on npm, so the vendored 2.2.4 (same 2.x API) stands in. Module paths have no ``.js`` suffix
+#: (require.js adds it).
+CDN_REWRITES: dict[str, str] = {
+    "https://cdnjs.cloudflare.com/ajax/libs/require.js/2.3.6/require.min.js": "require.js",
+    "https://cdnjs.cloudflare.com/ajax/libs/d3/5.7.0/d3.min": "d3/d3.min",
+    "https://cdnjs.cloudflare.com/ajax/libs/jquery/2.0.0/jquery.min": "jquery/jquery.min",
+}
+
+
+def localize_outputs(notebook: Path, root: str = "../") -> int:
+    """Rewrite the CDN URLs of :data:`CDN_REWRITES` in a notebook's outputs to the vendored copies.
+
+    The executed notebook keeps working in JupyterLab on a connected machine until this runs; the
+    book build applies it to ``book/chapters/*.ipynb`` before rendering, so pages load the vendored
+    files. Both the ``<script src>`` of an HTML output and the ``require.config`` paths of a
+    JavaScript output are relative to the page, which sits ``root`` below the HTML root
+    (``"../"`` for ``chapters/<stem>.html``; require.js resolves paths against the page's folder).
+
+    Args:
+        notebook: An executed ``.ipynb``, rewritten in place when anything changes.
+        root: Path from the page's folder to the HTML root.
+
+    Returns:
+        Number of URLs replaced.
+    """
+    notebook = Path(notebook)
+    nb = json.loads(notebook.read_text(encoding="utf-8"))
+    count = 0
+
+    def fix(value: Any) -> Any:
+        nonlocal count
+        if isinstance(value, list):
+            return [fix(v) for v in value]
+        if isinstance(value, str):
+            for url, local in CDN_REWRITES.items():
+                if url in value:
+                    count += value.count(url)
+                    value = value.replace(url, root + local)
+        return value
+
+    for cell in nb.get("cells", []):
+        for out in cell.get("outputs", []):
+            data = out.get("data")
+            if isinstance(data, dict):
+                for mime in ("text/html", "application/javascript"):
+                    if mime in data:
+                        data[mime] = fix(data[mime])
+    if count:
+        notebook.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return count
 
 
 # ---------------------------------------------------------------------------
@@ -710,6 +770,140 @@ def browser_requests(
     return result
 
 
+_CHROMIUM_FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--disable-default-apps", "--no-first-run",
+    "--hide-scrollbars", "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+)
+
+
+def render_page(html_dir: Path, page: str, screenshot: Path | None = None, chromium: str = "chromium",
+                budget_ms: int = 10000, window: tuple[int, int] = (1280, 2400)) -> str:
+    """Open one page in headless Chromium (served on 127.0.0.1) and return its DOM after the scripts ran.
+
+    Args:
+        html_dir: Root of the built HTML.
+        page: Page relative to ``html_dir``.
+        screenshot: Also save a PNG of the first ``window`` pixels of the page there.
+        chromium: Name or path of the Chromium executable.
+        budget_ms: Virtual time the page's scripts get before the DOM is read.
+        window: Window size in pixels (width, height).
+
+    Returns:
+        The serialised DOM (``--dump-dom``).
+    """
+    exe = shutil.which(chromium)
+    if exe is None:
+        raise RuntimeError(f"{chromium} not found (apt-get install chromium)")
+    with _serve(Path(html_dir)) as base, tempfile.TemporaryDirectory(prefix="headlab-chromium-") as tmp:
+        common = [exe, *_CHROMIUM_FLAGS, f"--user-data-dir={tmp}/profile", f"--virtual-time-budget={budget_ms}",
+                  f"--window-size={window[0]},{window[1]}"]
+        proc = subprocess.run([*common, "--dump-dom", base + page], capture_output=True, text=True,
+                              timeout=180, check=False)
+        if proc.returncode != 0 or not proc.stdout.strip():
+            raise RuntimeError(f"chromium could not render {page} (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+        if screenshot is not None:
+            screenshot = Path(screenshot).resolve()
+            screenshot.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run([*common, f"--screenshot={screenshot}", base + page], capture_output=True,
+                           text=True, timeout=180, check=False)
+            if not screenshot.is_file():
+                raise RuntimeError(f"chromium wrote no screenshot of {page} to {screenshot}")
+    return proc.stdout
+
+
+class _DrawnScanner(HTMLParser):
+    """Count what interactive outputs drew in a rendered DOM."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.stack: list[tuple[str, bool, bool]] = []  # (tag, opens a bertviz view, opens a widget output)
+        self.bertviz_views = 0
+        self.bertviz_drawn: set[int] = set()
+        self.svg_shapes = 0
+        self.widgets = 0
+        self.widget_images = 0
+
+    def _inside(self, which: int) -> int | None:
+        for i in range(len(self.stack) - 1, -1, -1):
+            if self.stack[i][which]:
+                return i
+        return None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k.lower(): (v or "") for k, v in attrs}
+        classes = a.get("class", "").split()
+        bertviz = tag == "div" and a.get("id", "").startswith("bertviz-")
+        output = "widget-output" in classes or "jupyter-widgets-output-area" in classes
+        if bertviz:
+            self.bertviz_views += 1
+        if "jupyter-widgets" in classes or any(c.startswith("widget-") for c in classes):
+            self.widgets += 1
+        view = self._inside(1)
+        if tag in ("rect", "line", "text", "path") and view is not None:
+            self.svg_shapes += 1
+            self.bertviz_drawn.add(view)
+        if tag == "img" and a.get("src", "").startswith("data:image/") and self._inside(2) is not None:
+            self.widget_images += 1
+        if tag not in ("img", "br", "hr", "input", "meta", "link", "rect", "line", "path", "circle"):
+            self.stack.append((tag, bertviz, output))
+
+    def handle_endtag(self, tag: str) -> None:
+        for i in range(len(self.stack) - 1, -1, -1):
+            if self.stack[i][0] == tag:
+                del self.stack[i:]
+                break
+
+
+def drawn_outputs(dom: str) -> dict[str, int]:
+    """What the interactive outputs of a rendered page drew (from :func:`render_page`'s DOM).
+
+    Returns:
+        ``bertviz_views`` (head-view containers), ``bertviz_drawn`` (containers holding SVG shapes),
+        ``svg_shapes`` (rect/line/text/path elements inside them), ``widgets`` (elements of rendered
+        ipywidgets) and ``widget_images`` (images inside rendered Output widgets).
+    """
+    scanner = _DrawnScanner()
+    scanner.feed(dom)
+    scanner.close()
+    return {"bertviz_views": scanner.bertviz_views, "bertviz_drawn": len(scanner.bertviz_drawn),
+            "svg_shapes": scanner.svg_shapes, "widgets": scanner.widgets,
+            "widget_images": scanner.widget_images}
+
+
+def check_drawn(html_dir: Path, pages: list[str], artefacts: Path | None = None) -> dict[str, dict[str, int]]:
+    """Fail unless every bertviz view and widget output on the pages actually drew in Chromium.
+
+    A page whose HTML holds a bertviz container must show SVG shapes in each; a page that embeds
+    widget views (``application/vnd.jupyter.widget-view+json``) must show rendered widgets.
+
+    Args:
+        html_dir: Root of the built HTML.
+        pages: Pages relative to ``html_dir``.
+        artefacts: Folder for a screenshot of each checked page (``<page path with __>.png``).
+
+    Returns:
+        ``{page: drawn_outputs(dom)}`` for the pages that have such outputs.
+    """
+    report, problems = {}, []
+    for page in pages:
+        text = (Path(html_dir) / page).read_text(encoding="utf-8", errors="replace")
+        views = len(re.findall(r'id="bertviz-[0-9a-f]+"', text))
+        widgets = text.count("application/vnd.jupyter.widget-view+json")
+        if not views and not widgets:
+            continue
+        shot = None if artefacts is None else Path(artefacts) / (page.replace("/", "__") + ".png")
+        drawn = drawn_outputs(render_page(html_dir, page, screenshot=shot))
+        report[page] = drawn
+        if drawn["bertviz_drawn"] < views:
+            problems.append(f"{page}: {drawn['bertviz_drawn']} of {views} bertviz views drew ({drawn})")
+        if widgets and drawn["widgets"] == 0:
+            problems.append(f"{page}: {widgets} widget views in the HTML but none rendered ({drawn})")
+    if problems:
+        raise RuntimeError("interactive outputs did not draw:\n" + "\n".join(problems))
+    return report
+
+
 # ---------------------------------------------------------------------------
 # 4. the whole book
 # ---------------------------------------------------------------------------
@@ -782,6 +976,12 @@ def build_book(
             print(f"[book] {src.name} was never executed; rendering it without outputs", flush=True)
             to_notebook(src, out_dir / f"{src.stem}.ipynb")
 
+    with _step("point CDN URLs in outputs at the vendored copies"):
+        for nb in sorted(out_dir.glob("*.ipynb")):
+            n = localize_outputs(nb, root="../")
+            if n:
+                print(f"[book] {nb.name}: {n} CDN URL(s) rewritten", flush=True)
+
     with _step("vendor JavaScript from npm"):
         vendor_js(book / "_vendor")
 
@@ -824,6 +1024,9 @@ def build_book(
             ]
             if leaks:
                 raise RuntimeError("pages requested other hosts:\n" + "\n".join(map(str, leaks)))
+            drawn = check_drawn(html_dir, pages, artefacts=root / "results" / "book-screenshots")
+            for page, counts in drawn.items():
+                print(f"[book] {page}: {counts}", flush=True)
     print(f"[book] done in {time.perf_counter() - total:.1f} s: {html_dir / 'index.html'}", flush=True)
     return html_dir
 

@@ -39,9 +39,15 @@ __all__ = [
     "PACKAGES",
     "FewShotFormat",
     "FORMATS",
+    "INSTRUCTION_FRAMES",
+    "INSTRUCTION_ITEMS",
+    "SENTIMENT_LEXICON",
+    "bias_pairs",
     "build_fewshot_prefix",
     "fetch",
     "fetched_file",
+    "instruction_pairs",
+    "lexicon_spans",
     "load_crows_pairs",
     "load_sentiment",
     "load_wikipedia",
@@ -598,3 +604,186 @@ def load_crows_pairs(bias_type: str | None = "gender") -> pd.DataFrame:
         raw = raw[raw["bias_type"] == bias_type]
     return raw[["sent_more", "sent_less", "stereo_antistereo", "bias_type"]].reset_index(drop=True)
 
+
+
+# --------------------------------------------------------------------------------------------------
+# Probes for attention chapters: a sentiment lexicon, instruction vs prose pairs, bias pairs
+# --------------------------------------------------------------------------------------------------
+#: A small hand-written sentiment lexicon of frequent, unambiguous evaluative words of English film
+#: reviews (84 positive, 82 negative; lower case, whole words). It is headlab's own list, not a
+#: published lexicon: chosen so that each word's polarity does not depend on context in reviews
+#: ("funny", "long" and "dark" are left out for that reason). Chapter 04 uses it to find the
+#: sentiment words of each review.
+SENTIMENT_LEXICON: dict[str, frozenset[str]] = {
+    "positive": frozenset("""
+        good great best better excellent wonderful brilliant superb fine beautiful beautifully lovely
+        charming delightful enjoyable entertaining fun hilarious moving touching powerful compelling
+        gripping engaging fascinating remarkable impressive memorable masterpiece masterful perfect
+        perfectly amazing fantastic terrific outstanding stunning smart clever witty intelligent
+        thoughtful warm sweet heartfelt affecting rich fresh original inventive satisfying solid strong
+        love loved loves like enjoy enjoyed admire triumph gem treat gorgeous wonderfully refreshing
+        riveting poignant tender absorbing exhilarating intriguing haunting vivid nicely appealing
+        pleasant pleasure superior winning enjoyably funniest finest joy""".split()),
+    "negative": frozenset("""
+        bad worse worst awful terrible horrible dreadful poor poorly boring bored dull tedious tiresome
+        bland flat lifeless stupid dumb silly pointless mindless mediocre forgettable predictable
+        clumsy clichéd cliched contrived formulaic incoherent mess messy disappointing disappointment
+        unfunny annoying irritating painful ugly lame weak shallow hollow empty tired stale
+        overlong waste wasted fails failed failure hate hated unpleasant unbearable embarrassing
+        pretentious sloppy trite plodding sluggish inept amateurish lousy worthless uninspired
+        unconvincing confusing muddled awkward bloated banal generic repetitive uninteresting
+        unwatchable tedium boredom lacks lacking""".split()),
+}
+_WORD = re.compile(r"[A-Za-zÀ-ɏ]+(?:'[a-z]+)?")
+
+
+def lexicon_spans(text: str, lexicon: dict[str, frozenset[str]] | None = None) -> list[tuple[int, int, str]]:
+    """Character spans ``(start, end, polarity)`` of the lexicon words in ``text`` (whole words,
+    case-insensitive), in order of appearance. Default lexicon: :data:`SENTIMENT_LEXICON`."""
+    lexicon = SENTIMENT_LEXICON if lexicon is None else lexicon
+    out = []
+    for m in _WORD.finditer(text):
+        w = m.group().lower()
+        for polarity, words in lexicon.items():
+            if w in words:
+                out.append((m.start(), m.end(), polarity))
+                break
+    return out
+
+
+#: Directive phrases for the instruction probe: ``(directive word, rest of the sentence)``. The
+#: directive word is an imperative verb or a constraint adverb (always, never, only) as it opens an
+#: instruction; the rest completes a plausible task.
+INSTRUCTION_ITEMS: tuple[tuple[str, str], ...] = (
+    ("explain", "why the sky looks blue in two sentences"),
+    ("list", "three causes of the French Revolution"),
+    ("summarize", "the main argument of the article"),
+    ("describe", "the water cycle to a ten-year-old"),
+    ("write", "a short poem about the sea"),
+    ("translate", "the first paragraph into French"),
+    ("compare", "the two proposals in a table"),
+    ("name", "the largest planet in the solar system"),
+    ("give", "an example of a prime number above fifty"),
+    ("answer", "the question with a single word"),
+    ("avoid", "technical terms in the summary"),
+    ("use", "simple words and short sentences"),
+    ("keep", "the answer under fifty words"),
+    ("include", "the date of every event"),
+    ("check", "the spelling of each name"),
+    ("find", "the error in the following proof"),
+    ("tell", "the story from the point of view of the dog"),
+    ("show", "every step of the calculation"),
+    ("always", "cite the source of each number"),
+    ("never", "reveal the final answer before the end"),
+    ("only", "reply with yes or no"),
+    ("rewrite", "the letter in a formal tone"),
+    ("sort", "the names in alphabetical order"),
+    ("count", "the words in the second sentence"),
+)
+
+#: Matched frames: instruction frame ``i`` and plain frame ``i`` put the same directive phrase after
+#: a short lead-in, as a request (instruction) or as a statement about someone (plain prose). The
+#: directive word is mid-sentence and lower case in both, so it is the same token(s).
+INSTRUCTION_FRAMES: tuple[tuple[str, str], ...] = (
+    ("Please {directive} {rest}.", "The students {directive} {rest}."),
+    ("Your task: {directive} {rest}.", "Every week they {directive} {rest}."),
+    ("Now, {directive} {rest}.", "In the story, the clerks {directive} {rest}."),
+)
+
+
+def instruction_pairs() -> pd.DataFrame:
+    """Instruction vs plain-prose sentences with the same directive phrase (:data:`INSTRUCTION_ITEMS`
+    x :data:`INSTRUCTION_FRAMES`).
+
+    Returns:
+        One row per (item, frame): ``directive``, ``frame``, ``instruction``, ``plain`` and the
+        character span of the directive word in each (``instruction_span``, ``plain_span``).
+    """
+    rows = []
+    for directive, rest in INSTRUCTION_ITEMS:
+        for f, (instr, plain) in enumerate(INSTRUCTION_FRAMES):
+            row = {"directive": directive, "frame": f}
+            for kind, template in (("instruction", instr), ("plain", plain)):
+                text = template.format(directive=directive, rest=rest)
+                start = template.index("{directive}")
+                row[kind] = text
+                row[f"{kind}_span"] = (start, start + len(directive))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+_MALE = frozenset({"he", "him", "his", "himself"})
+
+
+def _first_word_diff(a: str, b: str) -> list[tuple[int, int, int, int]]:
+    """Character spans ``(a_start, a_end, b_start, b_end)`` of the whitespace words that differ."""
+    wa, wb = list(re.finditer(r"\S+", a)), list(re.finditer(r"\S+", b))
+    if len(wa) != len(wb):
+        return []
+    out = []
+    for x, y in zip(wa, wb):
+        if x.group() != y.group():
+            # the pronoun without punctuation attached to it ("him." -> "him")
+            core_x, core_y = re.match(r"[A-Za-z]+", x.group()), re.match(r"[A-Za-z]+", y.group())
+            if core_x is None or core_y is None:
+                return []
+            out.append((x.start(), x.start() + core_x.end(), y.start(), y.start() + core_y.end()))
+    return out
+
+
+def _find_referent(text: str, referent: str, before: int) -> tuple[int, int] | None:
+    """Span of the last occurrence of ``referent`` (case-insensitive, whole words) before ``before``,
+    else the first occurrence anywhere."""
+    hits = [m.span() for m in re.finditer(r"\b" + re.escape(referent.lower()) + r"\b", text.lower())]
+    if not hits:
+        return None
+    earlier = [h for h in hits if h[1] <= before]
+    return earlier[-1] if earlier else hits[0]
+
+
+def bias_pairs(source: str = "winobias", split: str = "dev") -> pd.DataFrame:
+    """Sentence pairs that differ in exactly one gendered pronoun, with character spans.
+
+    * ``"winobias"``: :func:`load_winobias` pairs; ``a`` is the pro-stereotyped sentence, ``b`` the
+      anti-stereotyped one; the referent is WinoBias's bracketed occupation (the noun the pronoun
+      refers to).
+    * ``"winogender"``: :func:`load_winogender`; ``a`` is the male, ``b`` the female sentence; the
+      referent is the occupation (``answer`` 0) or the other participant (``answer`` 1).
+
+    Pairs whose sentences differ in more than one word (a second pronoun) are dropped; their number
+    is in ``frame.attrs["dropped"]``.
+
+    Returns:
+        Columns ``source, a, b, a_pronoun, b_pronoun, a_span, b_span`` (character spans of the
+        pronoun), ``a_referent_span, b_referent_span`` (``None`` if the referent is not found),
+        ``prefix`` (the text before the pronoun, shared by both), ``a_male`` (whether ``a``'s pronoun
+        is masculine) and ``occupation``.
+    """
+    if source == "winobias":
+        raw = load_winobias(split)
+        items = [(r.pro, r.anti, r.occupation, r.occupation.split()[-1]) for r in raw.itertuples()]
+    elif source == "winogender":
+        raw = load_winogender()
+        items = [(r.male, r.female, r.occupation, r.occupation if r.answer == 0 else r.participant)
+                 for r in raw.itertuples()]
+    else:
+        raise ValueError(f"source={source!r}; choose 'winobias' or 'winogender'.")
+    rows, dropped = [], 0
+    for a, b, occupation, referent in items:
+        diff = _first_word_diff(a, b)
+        if len(diff) != 1:
+            dropped += 1
+            continue
+        a0, a1, b0, b1 = diff[0]
+        pa, pb = a[a0:a1].lower(), b[b0:b1].lower()
+        if pa not in _GENDERED_PRONOUNS or pb not in _GENDERED_PRONOUNS or (pa in _MALE) == (pb in _MALE):
+            dropped += 1
+            continue
+        rows.append({"source": source, "a": a, "b": b, "a_pronoun": pa, "b_pronoun": pb,
+                     "a_span": (a0, a1), "b_span": (b0, b1),
+                     "a_referent_span": _find_referent(a, referent, a0),
+                     "b_referent_span": _find_referent(b, referent, b0),
+                     "prefix": a[:a0].rstrip(), "a_male": pa in _MALE, "occupation": occupation})
+    frame = pd.DataFrame(rows)
+    frame.attrs["dropped"] = dropped
+    return frame

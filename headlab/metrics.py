@@ -18,6 +18,7 @@ from numpy.typing import ArrayLike
 __all__ = [
     "CI",
     "accuracy",
+    "benjamini_hochberg",
     "bootstrap_ci",
     "bootstrap_rows",
     "bootstrap_two_way",
@@ -27,7 +28,9 @@ __all__ = [
     "impact_category",
     "macro_f1",
     "parse_generated_label",
+    "permutation_correlation",
     "rank_agreement",
+    "residualize",
     "roc_auc",
 ]
 
@@ -293,3 +296,83 @@ def bootstrap_two_way(values: ArrayLike, n_boot: int = 1000, level: float = 0.95
     alpha = (1 - level) / 2
     low, high = np.quantile(boots, [alpha, 1 - alpha])
     return CI(float(np.nanmean(x)), float(low), float(high), level)
+
+
+# --------------------------------------------------------------------------------------------------
+# Correlation with a label: permutation p-values and false discovery rate
+# --------------------------------------------------------------------------------------------------
+def permutation_correlation(values: ArrayLike, labels: ArrayLike, n_perm: int = 1000,
+                            seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pearson correlation of every column of ``values`` with ``labels``, with permutation p-values.
+
+    The labels are shuffled ``n_perm`` times (the same shuffles for every column); the two-sided
+    p-value of column ``j`` is ``(1 + #{perm: |r_perm_j| >= |r_j|}) / (1 + n_perm)`` (never 0). The
+    family-wise p-value compares ``|r_j|`` with the *largest* ``|r|`` over all columns in each shuffle
+    (a max-statistic correction: it controls the chance of any false positive among the columns).
+
+    Args:
+        values: ``(n_items, n_columns)``, e.g. attention mass per text and head.
+        labels: ``(n_items,)`` numbers (0/1 labels give the point-biserial correlation).
+
+    Returns:
+        ``(r, p, p_familywise)``, each ``(n_columns,)``; a constant column gets ``r = 0``, ``p = 1``.
+    """
+    x = np.asarray(values, dtype=float)
+    y = np.asarray(labels, dtype=float)
+    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or len(y) < 3:
+        raise ValueError(f"values must be (n, columns) and labels (n,) with n >= 3; got {x.shape} and {y.shape}.")
+    if not np.isfinite(x).all() or not np.isfinite(y).all():
+        raise ValueError("values and labels must be finite (drop NaN items first).")
+    if n_perm < 1:
+        raise ValueError(f"n_perm={n_perm} must be >= 1.")
+    xc = x - x.mean(0)
+    sx = np.sqrt((xc ** 2).sum(0))
+    xz = np.divide(xc, sx, out=np.zeros_like(xc), where=sx > 0)  # unit-norm columns (zero if constant)
+    rng = np.random.default_rng(seed)
+
+    def corr(yy: np.ndarray) -> np.ndarray:
+        yc = yy - yy.mean(0)
+        return xz.T @ (yc / np.sqrt((yc ** 2).sum(0)))
+
+    r = corr(y[:, None])[:, 0]
+    perms = np.stack([rng.permutation(y) for _ in range(n_perm)], 1)  # (n, n_perm)
+    null = np.abs(corr(perms))  # (columns, n_perm)
+    tol = 1e-12
+    p = (1 + (null >= np.abs(r)[:, None] - tol).sum(1)) / (1 + n_perm)
+    p_fw = (1 + (null.max(0)[None, :] >= np.abs(r)[:, None] - tol).sum(1)) / (1 + n_perm)
+    return r, p, p_fw
+
+
+def benjamini_hochberg(p: ArrayLike) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (q-values): reject where ``q <= alpha`` to keep the
+    expected false discovery rate among rejections at ``alpha`` (independent or positively
+    dependent tests)."""
+    pv = np.asarray(p, dtype=float)
+    if pv.ndim != 1 or ((pv < 0) | (pv > 1)).any() or np.isnan(pv).any():
+        raise ValueError("p must be a 1-D array of p-values in [0, 1].")
+    m = len(pv)
+    order = np.argsort(pv)
+    scaled = pv[order] * m / np.arange(1, m + 1)
+    q = np.minimum.accumulate(scaled[::-1])[::-1]
+    out = np.empty(m)
+    out[order] = np.minimum(q, 1.0)
+    return out
+
+
+def residualize(values: ArrayLike, covariates: ArrayLike) -> np.ndarray:
+    """Residuals of each column of ``values`` after a least-squares fit on ``covariates`` plus an
+    intercept (e.g. attention mass on sentiment words with the number of such words regressed out,
+    before correlating it with the label).
+
+    Args:
+        values: ``(n, columns)``.
+        covariates: ``(n,)`` or ``(n, c)``.
+    """
+    x = np.asarray(values, dtype=float)
+    z = np.asarray(covariates, dtype=float)
+    z = z[:, None] if z.ndim == 1 else z
+    if x.ndim != 2 or len(z) != len(x):
+        raise ValueError(f"values {x.shape} must be (n, columns) and covariates {z.shape} have n rows.")
+    design = np.column_stack([np.ones(len(z)), z])
+    coef, *_ = np.linalg.lstsq(design, x, rcond=None)
+    return x - design @ coef

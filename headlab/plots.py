@@ -11,7 +11,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 __all__ = ["ablation_curves", "attention_patterns", "compare_scatter", "confusion_heatmap",
-           "config_comparison", "effect_vs_level", "head_heatmap", "logit_diff_hist", "position_loss", "ranked_effects"]
+           "config_comparison", "effect_vs_level", "head_heatmap", "logit_diff_hist", "position_loss", "ranked_effects", "token_pattern"]
 
 
 def confusion_heatmap(cm: np.ndarray, labels: Sequence[str], title: str = "") -> Figure:
@@ -206,5 +206,29 @@ def ablation_curves(summary: pd.DataFrame, x: str, ylabel: str, hue: str = "head
     axes[0][-1].legend(title=hue, fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def token_pattern(pattern: np.ndarray, tokens: Sequence[str], title: str = "",
+                  ax: plt.Axes | None = None) -> Figure:
+    """One head's query x key attention pattern ``(s, s)`` with the tokens on both axes."""
+    pat = np.asarray(pattern, dtype=float)
+    n = len(tokens)
+    if pat.shape != (n, n):
+        raise ValueError(f"pattern has shape {pat.shape} but there are {n} tokens.")
+    if ax is None:
+        size = min(9.0, 1.8 + 0.24 * n)
+        fig, ax = plt.subplots(figsize=(size + 0.8, size))
+    else:
+        fig = ax.figure
+    im = ax.imshow(pat, cmap="viridis", vmin=0, vmax=max(float(pat.max()), 1e-9), interpolation="nearest")
+    labels = [t.replace("\n", "\\n") for t in tokens]
+    ax.set_xticks(range(n), labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(n), labels, fontsize=7)
+    ax.set_xlabel("key")
+    ax.set_ylabel("query")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label="attention")
     fig.tight_layout()
     return fig

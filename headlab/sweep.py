@@ -22,7 +22,7 @@ import pandas as pd
 
 __all__ = ["ABLATION_MODES", "HEAD_TYPES", "LAYER_RANGES", "MODES", "ShardStore", "ablation_heads",
            "ablation_summary", "config_hash", "head_edits", "head_sweep", "induction_ablation_sweep", "induction_vs_random",
-           "layer_range", "rank_heads", "run_grid", "seed_agreement"]
+           "layer_range", "rank_heads", "ranked_ablation_sweep", "run_grid", "seed_agreement", "top_heads"]
 
 
 def config_hash(config: dict[str, Any], length: int = 12) -> str:
@@ -542,3 +542,119 @@ def induction_vs_random(rows: pd.DataFrame, value: str) -> pd.DataFrame:
                     "difference": iv - float(rnd.mean()), "frac_random_below": float((rnd < iv).mean()),
                     "n_permutations": len(rnd)})
     return pd.DataFrame(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Top-k heads of any per-head score vs k random heads, scored on label tokens of prompts
+# --------------------------------------------------------------------------------------------------
+def top_heads(scores: pd.DataFrame, column: str, k: int) -> dict[int, list[int]]:
+    """The ``k`` heads with the largest ``column`` (ties: lower layer, then lower head) as
+    ``{layer: sorted heads}`` for :func:`headlab.interventions.ablate_heads`."""
+    if column not in scores.columns:
+        raise ValueError(f"column {column!r} not in the scores; they have {list(scores.columns)}.")
+    if not 0 <= k <= len(scores):
+        raise ValueError(f"k={k} must be between 0 and the {len(scores)} heads of the table.")
+    chosen = scores.sort_values([column, "layer", "head"], ascending=[False, True, True], kind="stable").head(k)
+    out: dict[int, list[int]] = {}
+    for layer, head in sorted(zip(chosen["layer"].astype(int), chosen["head"].astype(int))):
+        out.setdefault(layer, []).append(head)
+    return out
+
+
+def ranked_ablation_sweep(
+    lm: Any,
+    enc: Any,
+    label_ids: list[int],
+    scores: pd.DataFrame,
+    column: str,
+    measures: dict[str, Callable[[Any], Any]],
+    out_dir: str | Path,
+    *,
+    modes: Iterable[str] = ("zero",),
+    k_list: Iterable[int] = (0, 5, 10),
+    n_permutations: int = 10,
+    seed: int = 0,
+    means: dict | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Ablate the top-k heads of a per-head score, or k random heads, and score prompts on label tokens.
+
+    Per (mode, head type, k, permutation) the chosen heads are ablated together
+    (:func:`headlab.interventions.ablate_heads`) while :func:`headlab.engine.label_logprobs` scores
+    every prompt; each measure turns the ``(n_prompts, n_labels)`` log-probabilities into one value
+    per prompt. ``"top"`` heads are :func:`top_heads` of ``column`` (one set, permutation 0);
+    ``"random"`` heads are drawn uniformly from all heads by :func:`ablation_heads` (a new set per
+    permutation, keyed by ``(seed, permutation, k)``). ``k = 0`` is the clean model. Each setting is a
+    resumable shard.
+
+    Args:
+        lm: the model.
+        enc: prompts (:func:`headlab.engine.encode_prompts`).
+        label_ids: label token ids scored at the last position of every prompt.
+        scores: one row per head with ``layer``, ``head`` and ``column``.
+        column: the score ranking the heads (largest first).
+        measures: name -> function of the ``(n_prompts, n_labels)`` log-probability tensor returning
+            ``(n_prompts,)`` values (e.g. a log-probability difference between two labels).
+        out_dir: shard folder.
+        modes: ``"zero"`` and/or ``"mean"`` (``means`` needed, see
+            :func:`headlab.attention.head_output_means`).
+        k_list: numbers of heads to ablate.
+        n_permutations: random head sets per k.
+
+    Returns:
+        One row per (mode, head_type, k, permutation, sequence = prompt) with each measure, its change
+        from the clean model (``<measure>_change``) and the ablated ``heads``.
+    """
+    from headlab import engine
+    from headlab.interventions import ablate_heads
+
+    modes, k_list = list(modes), sorted({int(k) for k in k_list})
+    n_heads_total = lm.n_layers * lm.n_heads
+    if len(scores) != n_heads_total:
+        raise ValueError(f"scores has {len(scores)} rows; expected one per head ({n_heads_total}).")
+    bad = [m for m in modes if m not in ABLATION_MODES]
+    if bad or not modes:
+        raise ValueError(f"mode(s) {bad or modes} invalid; choose from {ABLATION_MODES}.")
+    bad_k = [k for k in k_list if not 0 <= k <= n_heads_total]
+    if bad_k or not k_list:
+        raise ValueError(f"k_list entries {bad_k or k_list} invalid; each must be in 0..{n_heads_total}.")
+    if n_permutations < 1:
+        raise ValueError(f"n_permutations={n_permutations} must be >= 1.")
+    if "mean" in modes and means is None:
+        raise ValueError("mode 'mean' needs `means` (see headlab.attention.head_output_means).")
+    if not measures:
+        raise ValueError("measures is empty; give at least one name -> function of the log-probabilities.")
+    ranking = scores.sort_values(["layer", "head"])[column].round(8).tolist()
+    base = {"model": lm.fingerprint or lm.spec, "seed": seed, "labels": list(label_ids),
+            "prompts": config_hash({"q": [q.tolist() for q in enc.queries], "p": enc.prefix.tolist()}),
+            "scores": config_hash({"s": ranking}), "measures": sorted(measures)}
+    if means is not None and "mean" in modes:
+        base["means"] = config_hash({"m": [means[layer].double().round(decimals=6).tolist() for layer in sorted(means)]})
+    store = ShardStore(out_dir, base)
+    clean_lp = engine.label_logprobs(lm, enc, label_ids, batch_size=batch_size)
+    clean = {name: np.asarray(fn(clean_lp), dtype=float) for name, fn in measures.items()}
+    points = [{"mode": mode, "head_type": ht, "k": k, "permutation": perm}
+              for mode in modes for ht in ("top", "random") for k in k_list
+              for perm in range(1 if ht == "top" or k == 0 else n_permutations)]
+
+    def compute(point: dict[str, Any]) -> dict[str, pd.DataFrame]:
+        if point["head_type"] == "top":
+            heads = top_heads(scores, column, point["k"])
+        else:
+            heads = ablation_heads(scores, "full", "random", point["k"],
+                                   point["permutation"], seed)
+        if heads:
+            with ablate_heads(lm, heads, point["mode"], means):
+                lp = engine.label_logprobs(lm, enc, label_ids, batch_size=batch_size)
+        else:
+            lp = clean_lp
+        frame = pd.DataFrame({**point, "model": lm.spec, "sequence": np.arange(len(enc)),
+                              "heads": _heads_label(heads)})
+        for name, fn in measures.items():
+            v = np.asarray(fn(lp), dtype=float)
+            frame[name] = v
+            frame[f"{name}_change"] = v - clean[name]
+        return {"rows": frame}
+
+    return run_grid(points, compute, store, progress=progress)["rows"]

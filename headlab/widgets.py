@@ -6,14 +6,14 @@ their initial state) in the static HTML book.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import ipywidgets as W
 import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import display
 
-__all__ = ["sweep_explorer"]
+__all__ = ["head_view", "pattern_explorer", "sweep_explorer"]
 
 
 def sweep_explorer(heads: pd.DataFrame, metrics: Sequence[str] = ("logit_diff_drop", "accuracy_drop",
@@ -58,3 +58,75 @@ def sweep_explorer(heads: pd.DataFrame, metrics: Sequence[str] = ("logit_diff_dr
         w.observe(draw, "value")
     draw()
     return W.VBox([W.HBox([mode, level]), W.HBox([seed, metric]), out])
+
+
+def pattern_explorer(patterns: Mapping[str, object], tokens: Mapping[str, Sequence[str]], layer: int = 0,
+                     head: int = 0, notes: Mapping[tuple[int, int], str] | None = None) -> W.Widget:
+    """Pick a text, a layer and a head and see that head's attention pattern with the tokens.
+
+    Compute first (:func:`headlab.attention.attention_patterns` of each text), then call this: the
+    callbacks only slice the given patterns and draw them (:func:`headlab.plots.token_pattern`).
+
+    Args:
+        patterns: text name -> ``(n_layers, n_heads, s, s)`` attention probabilities.
+        tokens: text name -> its ``s`` token strings.
+        layer, head: the initial choice (what the static HTML book shows).
+        notes: optional ``(layer, head) -> text`` shown under the title (e.g. the head's entropy).
+    """
+    from headlab import plots
+
+    names = list(patterns)
+    if not names or set(names) != set(tokens):
+        raise ValueError(f"patterns {names} and tokens {list(tokens)} must name the same, non-empty set of texts.")
+    n_layers, n_heads = (int(v) for v in patterns[names[0]].shape[:2])
+    if not (0 <= layer < n_layers and 0 <= head < n_heads):
+        raise ValueError(f"layer={layer}, head={head} out of range 0..{n_layers - 1}, 0..{n_heads - 1}.")
+    text = W.Dropdown(options=names, value=names[0], description="text")
+    lay = W.IntSlider(value=layer, min=0, max=n_layers - 1, description="layer", continuous_update=False)
+    hd = W.IntSlider(value=head, min=0, max=n_heads - 1, description="head", continuous_update=False)
+    out = W.Output()
+
+    def draw(*_: object) -> None:
+        pat = patterns[text.value][lay.value, hd.value]
+        title = f"L{lay.value}H{hd.value} on {text.value!r}"
+        if notes and (lay.value, hd.value) in notes:
+            title += f"\n{notes[(lay.value, hd.value)]}"
+        with out:
+            out.clear_output(wait=True)
+            fig = plots.token_pattern(pat, list(tokens[text.value]), title)
+            display(fig)
+            plt.close(fig)
+
+    for w in (text, lay, hd):
+        w.observe(draw, "value")
+    draw()
+    return W.VBox([text, W.HBox([lay, hd]), out])
+
+
+def head_view(patterns: object, tokens: Sequence[str], layers: Sequence[int], layer: int | None = None) -> None:
+    """Display bertviz's interactive head view of the given layers for one short text.
+
+    Args:
+        patterns: ``(n_layers, n_heads, s, s)`` attention probabilities of one text.
+        tokens: its ``s`` token strings.
+        layers: the layers to embed. bertviz writes every number of every chosen head into the page
+            (about 26 KB per layer for 10 tokens and 9 heads, growing with tokens squared), so keep
+            the text short and the layers few.
+        layer: the layer shown first (default the first of ``layers``).
+
+    The output loads require.js, d3 and jQuery from cdnjs; the book build rewrites those URLs to its
+    vendored copies (:func:`headlab.book.localize_outputs`).
+    """
+    import torch
+    from bertviz import head_view as _head_view
+
+    pats = torch.as_tensor(patterns, dtype=torch.float32)
+    if pats.dim() != 4 or pats.shape[-1] != len(tokens) or pats.shape[-2] != len(tokens):
+        raise ValueError(f"patterns of shape {tuple(pats.shape)} do not fit (layers, heads, s, s) with "
+                         f"s = {len(tokens)} tokens.")
+    layers = sorted(int(v) for v in layers)
+    bad = [v for v in layers if not 0 <= v < pats.shape[0]]
+    if not layers or bad:
+        raise ValueError(f"layers {bad or layers} invalid; choose from 0..{pats.shape[0] - 1}.")
+    attention = tuple(pats[i][None] for i in range(pats.shape[0]))  # bertviz: per layer (1, H, s, s)
+    _head_view(attention, list(tokens), include_layers=layers, layer=layers[0] if layer is None else layer)

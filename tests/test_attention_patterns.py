@@ -1,0 +1,296 @@
+"""Attention entropy, attention mass on token spans and paired differential attention: hand-built
+patterns (uniform -> 1, one-hot -> 0, padding ignored), tiny random models (batched == one at a time,
+agreement with the full pattern tensor), bias/instruction probes, the permutation correlation with
+Benjamini-Hochberg, and the top-k vs random-k ablation sweep on label tokens."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from beartype import beartype
+from jaxtyping import jaxtyped
+
+from headlab import attention, data, engine, metrics, sweep
+from headlab.interventions import ablate_heads
+
+
+def _causal_uniform(s: int) -> torch.Tensor:
+    return torch.tril(torch.ones(s, s)) / torch.arange(1, s + 1)[:, None]
+
+
+# --------------------------------------------------------------------------------------------------
+# attention_entropy on hand-built patterns
+# --------------------------------------------------------------------------------------------------
+def test_entropy_of_uniform_pattern_is_one_and_position_zero_is_undefined():
+    h = jaxtyped(typechecker=beartype)(attention.attention_entropy)(_causal_uniform(6))
+    assert math.isnan(h[0])  # one attendable key: the distribution is forced
+    torch.testing.assert_close(h[1:], torch.ones(5))
+
+
+def test_entropy_of_one_hot_pattern_is_zero():
+    pat = torch.zeros(2, 3, 5, 5)  # (b, H, q, k): every query on the first key, or on itself
+    pat[0, :, :, 0] = 1.0
+    pat[1] = torch.eye(5)
+    h = attention.attention_entropy(pat)
+    assert torch.isnan(h[..., 0]).all()
+    torch.testing.assert_close(h[..., 1:], torch.zeros(2, 3, 4))
+
+
+def test_entropy_of_two_keys_at_position_two_of_three():
+    pat = torch.zeros(4, 4)
+    pat[3, :2] = 0.5  # query 3 may see 4 keys and spreads over 2: log 2 / log 4
+    pat[1, :2] = 0.5
+    pat[2, 2] = 1.0
+    h = attention.attention_entropy(pat)
+    assert h[1].item() == pytest.approx(1.0)
+    assert h[2].item() == pytest.approx(0.0)
+    assert h[3].item() == pytest.approx(0.5)
+
+
+def test_entropy_ignores_padding():
+    s, real = 6, 4
+    pat = torch.zeros(1, 2, s, s)
+    pat[0, :, :real, :real] = _causal_uniform(real)
+    pat[0, :, real:, :real] = 1.0 / real  # pad queries look at the real keys (as HF does)
+    mask = torch.tensor([[True] * real + [False] * (s - real)])
+    h = attention.attention_entropy(pat, mask)
+    torch.testing.assert_close(h[0, :, 1:real], torch.ones(2, real - 1))
+    assert torch.isnan(h[0, :, real:]).all() and torch.isnan(h[0, :, 0]).all()
+    # left padding: the first real token has one attendable key, the next ones uniform over theirs
+    left = torch.zeros(1, 1, s, s)
+    left[0, 0, 2:, 2:] = _causal_uniform(s - 2)
+    lmask = torch.tensor([[False, False] + [True] * (s - 2)])
+    hl = attention.attention_entropy(left, lmask)[0, 0]
+    assert torch.isnan(hl[:3]).all()
+    torch.testing.assert_close(hl[3:], torch.ones(s - 3))
+
+
+def test_entropy_with_a_window_normalises_by_the_window():
+    s, w = 6, 3
+    pat = torch.zeros(s, s)
+    for q in range(s):
+        lo = max(0, q - w + 1)
+        pat[q, lo:q + 1] = 1.0 / (q + 1 - lo)
+    h = attention.attention_entropy(pat, window=w)
+    torch.testing.assert_close(h[1:], torch.ones(s - 1))
+    with pytest.raises(ValueError, match="window"):
+        attention.attention_entropy(pat, window=0)
+
+
+def test_entropy_rejects_non_square_patterns():
+    with pytest.raises(ValueError, match="square"):
+        attention.attention_entropy(torch.ones(3, 4) / 4)
+
+
+# --------------------------------------------------------------------------------------------------
+# span_mass / head_differences on hand-built cases
+# --------------------------------------------------------------------------------------------------
+def test_span_mass_by_hand():
+    pat = _causal_uniform(4)[None, None].repeat(2, 1, 1, 1)  # (2, 1, 4, 4)
+    q = torch.tensor([[False, False, False, True], [False, False, True, True]])
+    k = torch.tensor([[True, True, False, False], [False, False, True, False]])
+    m = jaxtyped(typechecker=beartype)(attention.span_mass)(pat, q, k)
+    # row 0: query 3 puts 1/4 + 1/4 on keys 0, 1; row 1: queries 2 and 3 put 1/3 and 1/4 on key 2
+    torch.testing.assert_close(m, torch.tensor([[0.5], [(1 / 3 + 1 / 4) / 2]]))
+    empty = attention.span_mass(pat, torch.zeros(2, 4, dtype=torch.bool), k)
+    assert torch.isnan(empty).all()
+
+
+def test_head_differences_of_a_hand_built_pair_set():
+    n, L, H = 40, 2, 3
+    g = torch.Generator().manual_seed(0)
+    b = torch.rand(n, L, H, generator=g)
+    a = b.clone()
+    a[:, 1, 2] += 0.3  # one head attends 0.3 more to the pronoun in the "a" sentences
+    a[:, 0, 0] -= 0.1 + 0.01 * torch.randn(n, generator=g)
+    frame = attention.head_differences(a, b, n_boot=200, names=("pro", "anti"))
+    assert list(frame.columns[:4]) == ["layer", "head", "mean_pro", "mean_anti"]
+    diff = frame.set_index(["layer", "head"])["diff"]
+    assert diff[(1, 2)] == pytest.approx(0.3, abs=1e-6)
+    assert diff[(0, 0)] == pytest.approx(-0.1, abs=0.01)
+    assert (diff.drop([(1, 2), (0, 0)]).abs() < 1e-6).all()
+    row = frame[(frame["layer"] == 0) & (frame["head"] == 0)].iloc[0]
+    assert row["diff_low"] <= row["diff"] <= row["diff_high"] < 0
+    # items with NaN (an empty query set) are dropped for every head
+    a[3] = torch.nan
+    assert (attention.head_differences(a, b, n_boot=50)["n"] == n - 1).all()
+    with pytest.raises(ValueError, match="items"):
+        attention.head_differences(a[:1], b[:1])
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny models: batch invariance and agreement with the full pattern tensor
+# --------------------------------------------------------------------------------------------------
+def _texts(tokenizer):
+    texts = ["Review: a gripping, funny and warm film.", "The cat sat on the mat.",
+             "Classify the sentiment of each movie review as positive or negative.", "a dull film"]
+    return [torch.tensor(tokenizer(t)["input_ids"]) for t in texts]
+
+
+def test_text_entropy_is_batch_invariant_and_matches_patterns(tiny_lm, tokenizer):
+    seqs = _texts(tokenizer)
+    batched = attention.text_entropy(tiny_lm, seqs, batch_size=3)
+    alone = torch.cat([attention.text_entropy(tiny_lm, [s], batch_size=1) for s in seqs])
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-4)
+    assert batched.shape == (len(seqs), tiny_lm.n_layers, tiny_lm.n_heads)
+    assert ((batched >= -1e-6) & (batched <= 1 + 1e-6)).all()
+    pats = attention.attention_patterns(tiny_lm, seqs[1][None])[0]  # (L, H, s, s)
+    by_hand = torch.nanmean(attention.attention_entropy(pats, window=tiny_lm.sliding_window), -1)
+    torch.testing.assert_close(batched[1], by_hand, atol=1e-5, rtol=1e-4)
+
+
+def test_span_attention_matches_patterns_and_is_batch_invariant(tiny_factory, tokenizer):
+    lm = tiny_factory("llama")
+    seqs = _texts(tokenizer)
+    queries = [[len(s) - 1] for s in seqs]
+    keys = [[1, 2], [0], [3, 4, 5], [1]]
+    batched = attention.span_attention(lm, seqs, queries, keys, batch_size=4)
+    alone = torch.cat([attention.span_attention(lm, [s], [q], [k], batch_size=1)
+                       for s, q, k in zip(seqs, queries, keys)])
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-4)
+    pats = attention.attention_patterns(lm, seqs[2][None])[0]
+    torch.testing.assert_close(batched[2], pats[:, :, len(seqs[2]) - 1, [3, 4, 5]].sum(-1), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="out of range"):
+        attention.span_attention(lm, seqs[:1], [[99]], [[0]])
+
+
+def test_differential_attention_of_identical_pairs_is_zero(tiny_factory, tokenizer):
+    lm = tiny_factory("qwen2")
+    seqs = _texts(tokenizer)
+    q = [list(range(2, len(s))) for s in seqs]
+    k = [[1]] * len(seqs)
+    a = attention.span_attention(lm, seqs, q, k)
+    b = attention.span_attention(lm, list(reversed(seqs)), list(reversed(q)), list(reversed(k))).flip(0)
+    frame = attention.head_differences(a, b, n_boot=50)
+    assert np.allclose(frame["diff"], 0.0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Probes: spans, pairs, lexicon, instruction pairs
+# --------------------------------------------------------------------------------------------------
+def test_encode_spans_finds_the_tokens_of_a_word(tokenizer):
+    text = "The cat sat on the mat."
+    ids, (cat, mat) = attention.encode_spans(tokenizer, text, [(4, 7), (19, 22)])
+    assert "".join(tokenizer.convert_ids_to_tokens(ids[cat].tolist())).replace("▁", "") == "cat"
+    assert "".join(tokenizer.convert_ids_to_tokens(ids[mat].tolist())).replace("▁", "") == "mat"
+    assert cat[0] > 0  # the BOS the test tokenizer adds belongs to no span
+    with pytest.raises(ValueError, match="span"):
+        attention.encode_spans(tokenizer, text, [(5, 5)])
+
+
+def test_encode_pairs_keeps_only_aligned_single_token_differences(tokenizer):
+    pairs = pd.DataFrame([
+        {"a": "the cat is bad", "b": "the cat is good", "a_span": (11, 14), "b_span": (11, 15),
+         "a_referent_span": (4, 7)},
+        {"a": "the cat is a", "b": "the cat is the", "a_span": (11, 12), "b_span": (11, 14),
+         "a_referent_span": None},
+    ])
+    enc = attention.encode_pairs(tokenizer, pairs)
+    assert len(enc) + enc.dropped == 2
+    for i in range(len(enc)):
+        differ = torch.nonzero(enc.a[i] != enc.b[i])[:, 0].tolist()
+        assert differ == [enc.pronoun[i]]
+        assert enc.after_pronoun()[i] == list(range(enc.pronoun[i] + 1, len(enc.a[i])))
+
+
+def test_lexicon_spans_and_instruction_pairs():
+    text = "A dull, BORING film; the cast is great."
+    assert [(text[a:b], p) for a, b, p in data.lexicon_spans(text)] == [
+        ("dull", "negative"), ("BORING", "negative"), ("great", "positive")]
+    assert not data.SENTIMENT_LEXICON["positive"] & data.SENTIMENT_LEXICON["negative"]
+    pairs = data.instruction_pairs()
+    assert len(pairs) == len(data.INSTRUCTION_ITEMS) * len(data.INSTRUCTION_FRAMES)
+    for r in pairs.itertuples():
+        (a, b), (c, d) = r.instruction_span, r.plain_span
+        assert r.instruction[a:b] == r.plain[c:d] == r.directive
+        assert r.instruction[b:] == r.plain[d:]  # the same words follow the directive
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------------
+def test_permutation_correlation():
+    rng = np.random.default_rng(0)
+    y = np.repeat([0.0, 1.0], 30)
+    x = np.stack([y + 0.1 * rng.standard_normal(60), rng.standard_normal(60), np.ones(60)], 1)
+    r, p, p_fw = metrics.permutation_correlation(x, y, n_perm=499, seed=1)
+    assert r[0] > 0.9 and p[0] == pytest.approx(1 / 500) and p_fw[0] == pytest.approx(1 / 500)
+    assert r[2] == 0.0 and p[2] == 1.0
+    assert abs(r[1]) < 0.4 and p[1] > 0.01
+    assert (p_fw >= p).all()
+    r2, p2, _ = metrics.permutation_correlation(x, y, n_perm=499, seed=1)
+    assert np.array_equal(p, p2)  # reproducible
+    assert r[0] == pytest.approx(np.corrcoef(x[:, 0], y)[0, 1])
+    with pytest.raises(ValueError, match="finite"):
+        metrics.permutation_correlation(np.full((5, 1), np.nan), np.arange(5.0))
+
+
+def test_benjamini_hochberg_by_hand():
+    q = metrics.benjamini_hochberg([0.01, 0.04, 0.03, 0.2])
+    np.testing.assert_allclose(q, [0.04, 0.04 * 4 / 3, 0.04 * 4 / 3, 0.2])
+    with pytest.raises(ValueError, match="p-values"):
+        metrics.benjamini_hochberg([0.5, 1.5])
+
+
+# --------------------------------------------------------------------------------------------------
+# Top-k vs random-k ablation on label tokens
+# --------------------------------------------------------------------------------------------------
+def test_ranked_ablation_sweep(tiny_factory, tmp_path):
+    lm = tiny_factory("llama")
+    enc = engine.encode_prompts(lm, "", ["the cat sat on", "a dull film is", "the dog ran in the"])
+    labels = engine.label_token_ids(lm, ["the", "a"])
+    scores = pd.DataFrame({"layer": np.repeat(range(lm.n_layers), lm.n_heads),
+                           "head": np.tile(range(lm.n_heads), lm.n_layers)})
+    scores["score"] = np.arange(len(scores))[::-1] * 1.0  # L0H0 first
+    assert sweep.top_heads(scores, "score", 3) == {0: [0, 1, 2]}
+    measures = {"diff": lambda lp: (lp[:, 0] - lp[:, 1]).numpy()}
+    kw = dict(k_list=[0, 2], n_permutations=3, seed=0, batch_size=2, progress=False)
+    rows = sweep.ranked_ablation_sweep(lm, enc, labels, scores, "score", measures, tmp_path / "s", **kw)
+    assert len(rows) == (1 + 1 + 1 + 3) * len(enc)  # top k=0, top k=2, random k=0, random k=2 x 3
+    clean = rows[rows["k"] == 0]
+    assert np.allclose(clean["diff_change"], 0.0)
+    top = rows[(rows["head_type"] == "top") & (rows["k"] == 2)]
+    assert set(top["heads"]) == {"L0H0 L0H1"}
+    with ablate_heads(lm, {0: [0, 1]}):
+        lp = engine.label_logprobs(lm, enc, labels)
+    np.testing.assert_allclose(top["diff"], (lp[:, 0] - lp[:, 1]).numpy(), atol=1e-5)
+    # resuming from the shards gives the same table
+    again = sweep.ranked_ablation_sweep(lm, enc, labels, scores, "score", measures, tmp_path / "s", **kw)
+    pd.testing.assert_frame_equal(rows, again)
+    with pytest.raises(ValueError, match="mode"):
+        sweep.ranked_ablation_sweep(lm, enc, labels, scores, "score", measures, tmp_path / "t",
+                                    modes=["half"], progress=False)
+
+
+def test_text_pattern_stats_match_the_single_measures(tiny_factory, tokenizer):
+    lm = tiny_factory("mistral")
+    seqs = _texts(tokenizer)
+    stats = attention.text_pattern_stats(lm, seqs, batch_size=2)
+    torch.testing.assert_close(stats["entropy"], attention.text_entropy(lm, seqs), atol=1e-5, rtol=1e-4)
+    first = attention.span_attention(lm, seqs, [list(range(1, len(s))) for s in seqs], [[0]] * len(seqs))
+    torch.testing.assert_close(stats["first_token"], first, atol=1e-5, rtol=1e-4)
+
+
+def test_residualize_removes_a_linear_covariate():
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal(50)
+    noise = rng.standard_normal((50, 2))
+    res = metrics.residualize(np.column_stack([3 * z + 1, noise[:, 0]]) + 0 * noise, z)
+    assert np.allclose(res[:, 0], 0.0, atol=1e-9)
+    assert abs(np.corrcoef(res[:, 1], z)[0, 1]) < 1e-9
+
+
+def test_span_attentions_equal_separate_runs_and_empty_keys_are_nan(tiny_factory, tokenizer):
+    lm = tiny_factory("gpt2")
+    seqs = _texts(tokenizer)
+    last = [[len(s) - 1] for s in seqs]
+    spans = {"first": (last, [[0]] * 4), "second": (last, [[1], [], [2], [1]])}
+    both = attention.span_attentions(lm, seqs, spans, batch_size=2)
+    torch.testing.assert_close(both["first"], attention.span_attention(lm, seqs, *spans["first"]))
+    assert torch.isnan(both["second"][1]).all() and not torch.isnan(both["second"][[0, 2, 3]]).any()
+    with pytest.raises(ValueError, match="spans is empty"):
+        attention.span_attentions(lm, seqs, {})
