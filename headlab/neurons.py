@@ -1,5 +1,5 @@
-"""FFN neurons: streaming activation statistics over a corpus, top-activating snippets, the tokens a
-neuron promotes, and losses with neurons ablated.
+"""FFN neurons: streaming activation statistics over a corpus, top-activating snippets, and the tokens
+a neuron promotes through the unembedding.
 
 A *neuron* is one coordinate of the FFN's hidden layer *after* the activation function (and the gate
 product of gated MLPs): the input of the down projection, ``(batch, seq, d_mlp)``, found through the
@@ -11,6 +11,9 @@ the forward hook* (:func:`headlab.interventions.observe`): running sums of ``a``
 the minimum, and the ``k`` largest activations of every neuron with their token positions. Only one
 layer's activations of one batch exist at a time, so memory does not grow with the corpus.
 
+Ablating neurons is :func:`headlab.interventions.ablate_neurons`; the top-k vs random-k loss sweep
+is :func:`headlab.sweep.neuron_ablation_sweep`.
+
 Top-k lists are kept as one int64 key per (token, neuron) that orders by activation and then by
 earlier position, so they are exact and do not depend on how the corpus is batched (ties included,
 e.g. the zeros of ReLU models).
@@ -18,7 +21,7 @@ e.g. the zeros of ReLU models).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +34,6 @@ from headlab.models import LoadedModel
 
 __all__ = [
     "NeuronStats",
-    "ablation_losses",
     "dense_bytes",
     "neuron_activations",
     "neuron_stats",
@@ -48,9 +50,30 @@ _LOW32 = (1 << 32) - 1
 
 def _keys(values: Float[Tensor, "n N"], index: Int[Tensor, " n"]) -> Int[Tensor, "n N"]:
     """int64 keys ordering by float32 value, then by *smaller* token index (exact, no ties)."""
+    return _keys_at(values, index[:, None].expand(values.shape))
+
+
+def _batch_top_keys(a: Float[Tensor, "n N"], index: Int[Tensor, " n"], k: int) -> Int[Tensor, "k N"]:
+    """The ``k`` largest keys (:func:`_keys`) of every column of ``a``, without keying every element.
+
+    The ``k`` largest values of a column are unique as a set unless the ``k``-th value equals the
+    ``(k+1)``-th; only such columns are keyed in full (ReLU zeros), the rest from ``topk``.
+    """
+    if a.shape[0] <= k:
+        return _keys(a, index)
+    vals, rows = a.topk(k + 1, dim=0)  # (k + 1, N), largest first
+    keys = _keys_at(vals[:k], index[rows[:k]])
+    tied = (vals[k] == vals[k - 1]).nonzero()[:, 0]
+    if len(tied):
+        keys[:, tied] = _keys(a[:, tied], index).topk(k, dim=0).values
+    return keys
+
+
+def _keys_at(values: Float[Tensor, "k N"], index: Int[Tensor, "k N"]) -> Int[Tensor, "k N"]:
+    """:func:`_keys` for values whose token index is given per element."""
     bits = values.float().contiguous().view(torch.int32)
     ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).long()  # monotone in the float value
-    return (ordered << 32) + (_LOW32 - index.long())[:, None]
+    return (ordered << 32) + (_LOW32 - index.long())
 
 
 def _decode(keys: Int[Tensor, "*s"]) -> tuple[Float[Tensor, "*s"], Int[Tensor, "*s"]]:
@@ -119,16 +142,13 @@ class NeuronStats:
         once per batch.
         """
         a = acts.float()
-        a64 = a.double()
-        self.sum[slot] += a64.sum(0)
-        self.sum_abs[slot] += a64.abs().sum(0)
-        self.sum_sq[slot] += (a64 * a64).sum(0)
+        # per-batch sums in float32, accumulated across batches in float64
+        self.sum[slot] += a.sum(0).double()
+        self.sum_abs[slot] += a.abs().sum(0).double()
+        self.sum_sq[slot] += a.square().sum(0).double()
         self.min[slot] = torch.minimum(self.min[slot], a.amin(0))
-        k = self.k
-        new = _keys(a, index.to(a.device)).T  # (N, n)
-        if new.shape[1] > k:
-            new = new.topk(k, dim=1).values
-        self.top_keys[slot] = torch.cat([self.top_keys[slot], new], 1).topk(k, dim=1).values
+        self.top_keys[slot] = torch.cat([self.top_keys[slot], _batch_top_keys(a, index.to(a.device), self.k).T],
+                                        1).topk(self.k, dim=1).values
 
     def add_count(self, n: int) -> None:
         self.count += int(n)
@@ -358,38 +378,3 @@ def random_neurons(d_mlp: int, k: int, seed: int, layer: int, draw: int,
         raise ValueError(f"k={k} random neurons requested but only {len(pool)} are available.")
     rng = np.random.default_rng([seed, layer, k, draw])
     return sorted(rng.choice(pool, size=k, replace=False).tolist())
-
-
-@torch.inference_mode()
-def ablation_losses(
-    lm: LoadedModel,
-    ids: Int[Tensor, "n s"],
-    sets: Mapping[str, Mapping[int, Sequence[int]]],
-    modes: Sequence[str] = ("zero", "mean"),
-    means: Mapping[int, Tensor] | None = None,
-    batch_size: int = 8,
-) -> pd.DataFrame:
-    """Mean next-token loss of every row with each neuron set ablated, and without.
-
-    Args:
-        ids: equal-length held-out rows.
-        sets: name -> ``{layer: [neuron, ...]}``.
-        modes: ablation modes (see :func:`headlab.interventions.ablate_neurons`).
-        means: reference means for ``"mean"`` (from a *different* corpus than ``ids``).
-
-    Returns:
-        One row per (set, mode, row): ``set, mode, row, loss, clean_loss, delta`` (nats; ``delta`` =
-        ablated - clean, paired per row).
-    """
-    from headlab.attention import token_losses
-    from headlab.interventions import ablate_neurons
-
-    clean = token_losses(lm, ids, batch_size=batch_size).double().mean(1).numpy()
-    frames = []
-    for mode in modes:
-        for name, neurons in sets.items():
-            with ablate_neurons(lm, neurons, mode, means):
-                loss = token_losses(lm, ids, batch_size=batch_size).double().mean(1).numpy()
-            frames.append(pd.DataFrame({"set": name, "mode": mode, "row": np.arange(len(ids)), "loss": loss,
-                                        "clean_loss": clean, "delta": loss - clean}))
-    return pd.concat(frames, ignore_index=True)
