@@ -40,6 +40,7 @@ __all__ = [
     "output_weights",
     "promoted_tokens",
     "random_neurons",
+    "snippet_activations",
     "top_examples",
     "top_neurons",
 ]
@@ -336,6 +337,30 @@ def top_examples(lm: LoadedModel, stats: NeuronStats, ids: Int[Tensor, "n s"], l
                      "before": tok.decode(seq[max(0, pos - before):pos]),
                      "after": tok.decode(seq[pos + 1:pos + 1 + after])})
     return pd.DataFrame(rows)
+
+
+def snippet_activations(lm: LoadedModel, ids: Int[Tensor, "n s"], examples: pd.DataFrame, layer: int,
+                        neuron: int, before: int = 12, after: int = 3) -> pd.DataFrame:
+    """The neuron's activation on every token around each example of :func:`top_examples`.
+
+    Runs the example rows again (only up to the last shown token, and only up to ``layer``).
+
+    Returns:
+        One row per shown token: ``rank`` (of the example), ``offset`` (position - the example's
+        position), ``token`` (decoded), ``activation``.
+    """
+    if examples.empty:
+        return pd.DataFrame(columns=["rank", "offset", "token", "activation"])
+    rows = torch.tensor(examples["row"].tolist(), dtype=torch.long)
+    end = min(ids.shape[1], int(examples["position"].max()) + after + 1)
+    acts = neuron_activations(lm, ids[rows, :end], layer)[..., neuron]  # (n_examples, end)
+    out = []
+    for j, ex in enumerate(examples.itertuples()):
+        for pos in range(max(0, ex.position - before), min(end, ex.position + after + 1)):
+            out.append({"rank": ex.rank, "offset": pos - ex.position,
+                        "token": lm.tokenizer.decode([int(ids[ex.row, pos])]),
+                        "activation": float(acts[j, pos])})
+    return pd.DataFrame(out)
 
 
 def output_weights(lm: LoadedModel, layer: int) -> Float[Tensor, "d_model N"]:

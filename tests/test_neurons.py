@@ -420,3 +420,57 @@ def test_peak_memory_sees_a_large_allocation():
     assert mem["rss_increase"] >= 48 * 1024 * 1024
     assert np.isfinite(mem["rss_peak"])
     assert neurons.dense_bytes(1000, 30, 1536) == 1000 * 30 * 1536 * 4
+
+
+# --------------------------------------------------------------------------------------------------
+# Readout metrics and views
+# --------------------------------------------------------------------------------------------------
+def test_layer_readout_and_first_sustained_layer():
+    from headlab import metrics
+
+    y = np.array([0, 1, 0, 1, 1, 0])
+    L = 3
+    lp = np.full((L, 6, 2), np.log(0.25))
+    ranks = np.full((L, 6, 2), 50)
+    # layer 0: no information; layer 1: correct label slightly ahead; layer 2: correct label is the top token
+    lp[1, np.arange(6), y] = np.log(0.3)
+    lp[2, np.arange(6), y] = np.log(0.9)
+    ranks[2, np.arange(6), y] = 0
+    out = metrics.layer_readout(lp, ranks, y, n_boot=200)
+    assert out["layer"].tolist() == [0, 1, 2]
+    assert out["accuracy"].tolist() == [0.0, 1.0, 1.0]  # ties are not "beats"
+    assert out["roc_auc"].tolist() == [0.5, 1.0, 1.0]
+    assert out["p_correct"].iloc[2] == pytest.approx(0.9)
+    assert out["median_rank"].tolist() == [50, 50, 0] and out["top1"].tolist() == [0, 0, 1]
+    assert (out["roc_auc_low"] <= out["roc_auc"]).all()
+    assert metrics.first_sustained_layer(out, "accuracy", 0.5) == 1
+    assert metrics.first_sustained_layer(out, "top1", 0.5) == 2
+    assert metrics.first_sustained_layer(out.assign(top1=[1, 0, 0]), "top1", 0.5) is None
+    with pytest.raises(ValueError, match="shape"):
+        metrics.layer_readout(lp[:, :5], ranks, y)
+
+
+def test_neuron_views(tiny_factory, tokenizer):
+    import matplotlib.pyplot as plt
+
+    from headlab import plots, widgets
+
+    lm = tiny_factory("llama")
+    ids = torch.tensor(tokenizer(["Review: a gripping, funny and warm film. The cat sat on the mat."] * 2,
+                                 add_special_tokens=True)["input_ids"])
+    stats = neurons.neuron_stats(lm, ids, k=3)
+    ex = neurons.top_examples(lm, stats, ids, 1, 4, before=4, after=1)
+    snip = neurons.snippet_activations(lm, ids, ex, 1, 4, before=4, after=1)
+    a = neurons.neuron_activations(lm, ids, 1)[..., 4]
+    top = snip[snip["offset"] == 0]
+    np.testing.assert_allclose(top["activation"].to_numpy(), ex["activation"].to_numpy(), rtol=1e-5)
+    assert snip["offset"].min() >= -4 and snip["offset"].max() <= 1
+    assert float(a.max()) == pytest.approx(float(ex["activation"].iloc[0]))
+    html = plots.neuron_snippets_html(snip, ex, "L1 N4")
+    assert html.count("outline") == len(ex) and "L1 N4" in html
+    fig = plots.neuron_profile(stats.frame())
+    plt.close(fig)
+    box = widgets.neuron_explorer(lm, stats, ids, layer=1, neuron=4, n_examples=2)
+    assert box.children[0].children[1].max == D_MLP - 1
+    box.children[0].children[1].value = 5  # the callback redraws without error
+    assert _no_hooks(lm)
