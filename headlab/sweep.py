@@ -604,7 +604,6 @@ def neuron_ablation_sweep(
         One row per (mode, layer, k, kind, permutation, sequence): mean next-token ``loss`` of the row,
         its ``clean_loss`` and ``delta`` = loss - clean_loss (nats), and the ablated ``neurons``.
     """
-    from headlab import attention
     from headlab.interventions import ablate_neurons
 
     layers, k_list, modes = [int(x) for x in layers], sorted({int(k) for k in k_list}), list(modes)
@@ -630,14 +629,49 @@ def neuron_ablation_sweep(
     clean: dict[str, Any] = {}
 
     def compute(point: dict[str, Any]) -> dict[str, pd.DataFrame]:
-        if "loss" not in clean:
-            clean["loss"] = attention.token_losses(lm, ids, batch_size=batch_size).double().mean(1).numpy()
+        if "loss" not in clean:  # the clean pass also keeps the input of every ablated layer
+            nll, clean["hidden"] = _losses_keeping_inputs(lm, ids, layers, batch_size)
+            clean["loss"] = nll.double().mean(1).numpy()
         chosen = neuron_ablation_sets(stats, point["layer"], point["k"], point["kind"], point["permutation"],
                                       seed, by)
         with ablate_neurons(lm, {point["layer"]: chosen}, point["mode"], means):
-            loss = attention.token_losses(lm, ids, batch_size=batch_size).double().mean(1).numpy()
+            loss = _losses_from(lm, ids, point["layer"], clean["hidden"], batch_size).double().mean(1).numpy()
         return {"rows": pd.DataFrame({
             "model": lm.spec, **point, "sequence": np.arange(len(ids)), "loss": loss,
             "clean_loss": clean["loss"], "delta": loss - clean["loss"], "neurons": " ".join(map(str, chosen))})}
 
     return run_grid(points, compute, store, progress=progress)["rows"]
+
+
+def _losses_keeping_inputs(lm: Any, ids: Any, layers: list[int], batch_size: int) -> tuple[Any, dict[int, Any]]:
+    """Clean next-token losses of ``ids`` and the residual stream entering each of ``layers``."""
+    import torch
+
+    from headlab import attention
+    from headlab.interventions import capture_residual
+
+    before = sorted({layer - 1 for layer in layers if layer > 0})
+    nll, kept = [], {layer: [] for layer in before}
+    for start in range(0, len(ids), batch_size):
+        with capture_residual(lm, before) as res:
+            nll.append(attention.token_losses(lm, ids[start:start + batch_size], batch_size=batch_size))
+        for layer in before:
+            kept[layer].append(res[layer])
+    return torch.cat(nll), {layer + 1: torch.cat(h) for layer, h in kept.items()}
+
+
+def _losses_from(lm: Any, ids: Any, layer: int, hidden: dict[int, Any], batch_size: int) -> Any:
+    """Next-token losses with blocks before ``layer`` replaced by their cached clean output ``hidden[layer]``
+    (an edit in ``layer`` cannot change them); equal to a full forward up to float rounding."""
+    import torch
+
+    from headlab import attention
+    from headlab.engine import _skip_layers_before
+
+    if layer == 0:
+        return attention.token_losses(lm, ids, batch_size=batch_size)
+    out = []
+    for start in range(0, len(ids), batch_size):
+        with _skip_layers_before(lm, layer, hidden[layer][start:start + batch_size]):
+            out.append(attention.token_losses(lm, ids[start:start + batch_size], batch_size=batch_size))
+    return torch.cat(out)
