@@ -166,8 +166,9 @@ for layer in show_layers:
     ex = neurons.top_examples(lm, stats, ref_ids, layer, n)
     snip = neurons.snippet_activations(lm, ref_ids, ex, layer, n)
     promo = neurons.promoted_tokens(lm, layer, n, k=8)
-    shown.append({"layer": layer, "neuron": n, "max": float(row["max"]), "top_token": ex["token"].iloc[0],
-                  "top_tokens": ex["token"].tolist(), "promoted": promo[promo["direction"] == "promoted"]["token"].tolist()})
+    shown.append({"layer": layer, "neuron": n, "max": float(row["max"]), "top_tokens": ex["token"].tolist(),
+                  "positions": ex["position"].tolist(),
+                  "promoted": promo[promo["direction"] == "promoted"]["token"].tolist()})
     display(HTML(plots.neuron_snippets_html(snip, ex, f"layer {layer}, neuron {n} (max {row['max']:.2f}, "
                                                        f"mean |act| {row['mean_abs']:.3f})")))
     display(promo.pivot(index="rank", columns="direction", values="token").T)
@@ -222,7 +223,7 @@ fig = plots.lens_readout(readout, title=f"logit lens, {len(task.labels)} sentime
 
 # %%
 readout[["layer", "p_correct", "median_rank", "top1", "accuracy", "accuracy_low", "accuracy_high", "roc_auc",
-         "roc_auc_low", "roc_auc_high"]].round(3)
+         "roc_auc_low", "roc_auc_high"]].round(3).assign(p_correct=readout["p_correct"].map("{:.2e}".format))
 
 # %% [markdown]
 # ## Causal check: top neurons vs random neurons
@@ -262,22 +263,26 @@ last = readout.iloc[-1]
 g_abs = frame.loc[frame.groupby("layer")["mean_abs"].idxmax()]
 outliers = g_abs.assign(ratio=g_abs["mean_abs"].to_numpy() / frame.groupby("layer")["mean_abs"].median().to_numpy())
 big = outliers.sort_values("ratio", ascending=False).head(3)
-fmt_layer = lambda v: f"layer {v}" if v is not None else "no layer (not even the last)"  # noqa: E731
+since = lambda v: f"from layer {v} on" if v is not None else "not even at the last layer"  # noqa: E731
+positions = stats.top_index % seq_len  # (L, N, k): position in its row of each top example
 lines = [
     f"Capture: {stats.count:,} tokens of {len(ref_titles)} reference articles, all {lm.n_layers} layers "
     f"x {lm.d_mlp} neurons, in {capture_seconds:.0f} s; peak RSS rose by "
     f"{(mem['rss_increase'] or float('nan')) / mib:.0f} MiB while holding every activation would take "
     f"{dense / mib:,.0f} MiB (the statistics themselves: {stats.nbytes() / mib:.1f} MiB).",
     "Most lopsided layers (largest neuron's mean |act| / the layer's median): " + "; ".join(
-        f"L{r.layer} N{r.neuron} mean |act| {r.mean_abs:.2f} = {r.ratio:.0f}x the median, max {r.max:.1f}"
+        f"L{r.layer} N{r.neuron} mean |act| {r.mean_abs:.2f} = {r.ratio:.0f}x the median, max {r.max:.1f}, its "
+        f"top {k_examples} examples at row positions {sorted(positions[stats.slot(r.layer), r.neuron].tolist())}"
         for r in big.itertuples()) + ".",
     "Neuroscope: " + "; ".join(
         f"L{s['layer']} N{s['neuron']} (max {s['max']:.1f}) fires most on {', '.join(map(repr, s['top_tokens'][:4]))}"
-        f" and promotes {', '.join(map(repr, s['promoted'][:4]))}" for s in shown) + ".",
+        f" (row positions {s['positions'][:4]}) and promotes {', '.join(map(repr, s['promoted'][:4]))}"
+        for s in shown) + ".",
     f"Logit lens at the last layer equals the model's label log-probabilities (max difference {lens_gap:.1e}).",
-    f"Sentiment ({len(task.labels)} prompts): the ROC-AUC interval stays above 0.5 from {fmt_layer(auc_layer)} on, "
-    f"the accuracy interval (correct label beats the other) from {fmt_layer(acc_layer)} on; the correct label is "
-    f"the top token for most prompts from {fmt_layer(top1_layer)} on. At the last layer: p(correct) "
+    f"Sentiment ({len(task.labels)} prompts{'' if validated else ', UNVALIDATED default prompt'}): the ROC-AUC "
+    f"interval stays above 0.5 {since(auc_layer)}, the accuracy interval (correct label beats the other) "
+    f"{since(acc_layer)}; the correct label is the top token for most prompts {since(top1_layer)}. "
+    f"At the last layer: p(correct) "
     f"{last['p_correct']:.3f}, accuracy {last['accuracy']:.3f} [{last['accuracy_low']:.3f}, "
     f"{last['accuracy_high']:.3f}], ROC-AUC {last['roc_auc']:.3f}, median rank {last['median_rank']:.0f}.",
 ]
