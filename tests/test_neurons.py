@@ -26,8 +26,26 @@ def _rows(n: int = 5, s: int = 12, seed: int = 0) -> torch.Tensor:
     return torch.randint(4, MODEL_VOCAB, (n, s), generator=gen)
 
 
+_BASELINE_HOOKS: dict[int, int] = {}
+
+
+def _hook_count(lm: LoadedModel) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in lm.model.modules())
+
+
 def _no_hooks(lm: LoadedModel) -> bool:
-    return all(not m._forward_pre_hooks and not m._forward_hooks for m in lm.model.modules())
+    """No hook of ours is left: the model has the hooks it had when first seen here (transformers may
+    install its own output-recording hooks on a model, e.g. after ``output_hidden_states=True``)."""
+    return _hook_count(lm) == _BASELINE_HOOKS.get(id(lm.model), 0)
+
+
+@pytest.fixture(autouse=True)
+def _record_hooks(request):
+    for name in ("tiny_lm",):
+        if name in request.fixturenames:
+            lm = request.getfixturevalue(name)
+            _BASELINE_HOOKS[id(lm.model)] = _hook_count(lm)
+    yield
 
 
 def _act_fn(lm: LoadedModel):
