@@ -493,3 +493,20 @@ def test_neuron_views(tiny_factory, tokenizer):
     assert box.children[0].children[1].max == D_MLP - 1
     box.children[0].children[1].value = 5  # the callback redraws without error
     assert _no_hooks(lm)
+
+
+@pytest.mark.slow
+def test_real_model_lens_and_streaming_stats(real_lm):
+    ids = torch.tensor([real_lm.tokenizer("The capital of France is Paris. The capital of Italy is")["input_ids"]])
+    lens = engine.lens_logits(real_lm, ids, positions=[ids.shape[1] - 1])[:, 0, 0]  # (L, V)
+    logits = real_lm.model(input_ids=ids).logits[0, -1].float()
+    torch.testing.assert_close(lens[-1], logits, rtol=1e-4, atol=1e-4)
+    assert real_lm.tokenizer.decode([int(lens[-1].argmax())]).strip() == "Rome"
+    stats = neurons.neuron_stats(real_lm, ids, k=3, skip_first=0)
+    with capture(real_lm, site="mlp_out") as acts:
+        real_lm.model(input_ids=ids)
+    for layer in (0, 15, 29):
+        a = acts[layer][0]
+        torch.testing.assert_close(stats.mean[layer], a.mean(0), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(stats.max[layer], a.amax(0), rtol=0, atol=0)
+    assert _no_hooks(real_lm)
