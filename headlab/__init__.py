@@ -4,10 +4,12 @@ Modules (one place for each thing):
 
 * :mod:`headlab.models` -- ``load_model(spec)`` and the architecture adapter table ``ADAPTERS``
 * :mod:`headlab.data` -- packaged data sets (fetched by ``headlab fetch``) and few-shot prompt pieces
-* :mod:`headlab.engine` -- batched forwards: label-token scoring with a shared-prefix cache, perplexity
+* :mod:`headlab.engine` -- batched forwards: label-token scoring with a shared-prefix cache, perplexity,
+  the logit lens (``decode_residual``, ``lens_logits``, ``lens_label_scores``)
+* :mod:`headlab.neurons` -- FFN neurons: streaming activation statistics, top snippets, promoted tokens
 * :mod:`headlab.attention` -- attention patterns, induction scores, repeated random tokens, ablated losses
 * :mod:`headlab.tasks` -- the few-shot sentiment task and prompt selection
-* :mod:`headlab.metrics` -- accuracy, F1, ROC-AUC, bootstrap CIs, chance checks
+* :mod:`headlab.metrics` -- accuracy, F1, ROC-AUC, bootstrap CIs, chance checks, per-layer readouts
 * :mod:`headlab.plots` -- figures from tidy frames
 * :mod:`headlab.records` -- results saved with their parameters, model fingerprint and versions
 * :mod:`headlab.book` -- papermill execution of the chapters and the offline Jupyter Book build

@@ -28,11 +28,15 @@ from headlab.models import LoadedModel
 __all__ = [
     "HeadEdit",
     "ablate_heads",
+    "ablate_neurons",
     "capture",
+    "capture_residual",
     "edit_heads",
+    "edit_neurons",
     "head_noise",
     "hooks",
     "noise_heads",
+    "observe",
 ]
 
 HeadFn = Callable[[Float[Tensor, "b s n_heads d_head"]], Float[Tensor, "b s n_heads d_head"] | None]
@@ -238,3 +242,120 @@ def capture(lm: LoadedModel, layers: Sequence[int] | None = None, site: str = "a
 
     with hooks(pre=[(lm.layer_module(layer, site), make(layer)) for layer in layers]):
         yield store
+
+
+# --------------------------------------------------------------------------------------------------
+# FFN neurons and the residual stream
+# --------------------------------------------------------------------------------------------------
+NeuronFn = Callable[[Float[Tensor, "b s d_mlp"]], Float[Tensor, "b s d_mlp"] | None]
+
+
+@contextmanager
+def observe(lm: LoadedModel, fn: Callable[[int, Tensor], None], layers: Sequence[int] | None = None,
+            site: str = "mlp_out") -> Iterator[None]:
+    """Call ``fn(layer, x)`` with the input ``x`` of ``site`` in each layer during every forward pass.
+
+    The streaming counterpart of :func:`capture`: nothing is kept unless ``fn`` keeps it, so a caller
+    can aggregate each layer's activations as they are produced (``x`` is ``(b, s, d_mlp)`` for
+    ``"mlp_out"``, the FFN neuron activations after the activation function / gate product; OPT's
+    blocks pass it flattened to ``(b * s, d_mlp)``).
+    """
+    layers = range(lm.n_layers) if layers is None else layers
+
+    def make(layer: int) -> Callable:
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            fn(layer, args[0].detach())
+
+        return pre_hook
+
+    with hooks(pre=[(lm.layer_module(layer, site), make(layer)) for layer in layers]):
+        yield
+
+
+@contextmanager
+def capture_residual(lm: LoadedModel, layers: Sequence[int] | None = None,
+                     store: dict[int, Tensor] | None = None) -> Iterator[dict[int, Tensor]]:
+    """Record the residual stream after each listed block (the block's output), ``(b, s, d_model)``.
+
+    Blocks that return a tuple contribute its first element. The output of the last block is the
+    residual stream *before* the final norm (what the logit lens decodes).
+    """
+    store = {} if store is None else store
+    layers = range(lm.n_layers) if layers is None else layers
+
+    def make(layer: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
+            store[layer] = (output[0] if isinstance(output, tuple) else output).detach()
+
+        return hook
+
+    with hooks(post=[(lm.layers[layer], make(layer)) for layer in layers]):
+        yield store
+
+
+@contextmanager
+def edit_neurons(lm: LoadedModel, fns: Mapping[int, NeuronFn]) -> Iterator[None]:
+    """Apply ``fns[layer](a)`` to the FFN neuron activations ``a`` (input of the down projection).
+
+    ``a`` has shape ``(batch, seq, d_mlp)`` and is a copy: ``fn`` may edit it in place or return a
+    replacement.
+    """
+
+    def make(fn: NeuronFn) -> Callable:
+        def pre_hook(module: nn.Module, args: tuple) -> tuple:
+            a = args[0].clone()
+            out = fn(a)
+            return (a if out is None else out, *args[1:])
+
+        return pre_hook
+
+    pre = [(lm.layer_module(layer, "mlp_out"), make(fn)) for layer, fn in fns.items()]
+    with hooks(pre=pre):
+        yield
+
+
+@contextmanager
+def ablate_neurons(
+    lm: LoadedModel,
+    neurons: Mapping[int, Sequence[int]],
+    mode: str = "zero",
+    means: Mapping[int, Float[Tensor, " d_mlp"]] | None = None,
+) -> Iterator[None]:
+    """Zero- or mean-ablate FFN neurons: replace their activation by 0 or a reference mean.
+
+    Zeroing neuron ``n`` of a layer equals deleting column ``n`` of the down projection's weight
+    (the neuron then writes nothing to the residual stream); mean ablation writes the neuron's mean
+    output direction scaled by its mean activation instead, at every position.
+
+    Args:
+        neurons: ``{layer: [neuron, ...]}``; empty lists are allowed (no edit).
+        mode: ``"zero"`` or ``"mean"``.
+        means: for ``"mean"``: ``{layer: (d_mlp,)}`` mean activations over a reference corpus (see
+            :meth:`headlab.neurons.NeuronStats.mean`).
+    """
+    if mode not in ("zero", "mean"):
+        raise ValueError(f"mode={mode!r}; use 'zero' or 'mean'.")
+    d_mlp = lm.d_mlp
+    for layer, ns in neurons.items():
+        if not 0 <= layer < lm.n_layers:
+            raise ValueError(f"layer {layer} out of range 0..{lm.n_layers - 1}.")
+        bad = [n for n in ns if not 0 <= n < d_mlp]
+        if bad:
+            raise ValueError(f"neuron(s) {bad} in layer {layer} out of range 0..{d_mlp - 1}.")
+    if mode == "mean" and (means is None or any(layer not in means for layer, ns in neurons.items() if len(ns))):
+        raise ValueError("mode='mean' needs `means` for every ablated layer (see headlab.neurons.NeuronStats.mean).")
+
+    def make(layer: int, ns: list[int]) -> NeuronFn:
+        idx = torch.tensor(ns, dtype=torch.long)
+
+        def fn(a: Tensor) -> None:
+            i = idx.to(a.device)
+            if mode == "zero":
+                a[..., i] = 0.0
+            else:
+                a[..., i] = means[layer].to(a.device, a.dtype)[i]
+
+        return fn
+
+    with edit_neurons(lm, {layer: make(layer, list(ns)) for layer, ns in neurons.items() if len(ns)}):
+        yield

@@ -17,6 +17,8 @@ from numpy.typing import ArrayLike
 
 __all__ = [
     "CI",
+    "first_sustained_layer",
+    "layer_readout",
     "accuracy",
     "benjamini_hochberg",
     "bootstrap_ci",
@@ -376,3 +378,59 @@ def residualize(values: ArrayLike, covariates: ArrayLike) -> np.ndarray:
     design = np.column_stack([np.ones(len(z)), z])
     coef, *_ = np.linalg.lstsq(design, x, rcond=None)
     return x - design @ coef
+
+
+def layer_readout(logprobs: ArrayLike, ranks: ArrayLike, labels: ArrayLike, n_boot: int = 1000,
+                  level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """How well a binary label can be read off each layer (e.g. by the logit lens), with intervals.
+
+    Args:
+        logprobs: ``(L, n, 2)`` log-probabilities (over the full vocabulary) of the two label tokens.
+        ranks: ``(L, n, 2)`` rank of each label token among all tokens (0 = top token).
+        labels: ``(n,)`` correct label per prompt (0 or 1).
+
+    Returns:
+        One row per layer: ``layer`` and, each with ``<name>_low`` / ``<name>_high`` bootstrap
+        intervals over prompts, ``p_correct`` (mean probability of the correct label token),
+        ``logit_diff`` (mean log-probability of the correct minus the wrong label), ``accuracy``
+        (share of prompts whose correct label beats the other one), ``roc_auc`` (of
+        ``lp[1] - lp[0]``, threshold-free), ``median_rank`` (of the correct label among all tokens)
+        and ``top1`` (share of prompts where the correct label is the top token).
+    """
+    lp, rk, y = np.asarray(logprobs, dtype=float), np.asarray(ranks), np.asarray(labels).astype(int)
+    if lp.ndim != 3 or lp.shape[2] != 2 or rk.shape != lp.shape or lp.shape[1] != len(y):
+        raise ValueError(f"expected logprobs and ranks of shape (L, n, 2) with n = len(labels) = {len(y)}; got "
+                         f"{lp.shape} and {rk.shape}.")
+    rows = np.arange(len(y))
+    out = []
+    for layer in range(lp.shape[0]):
+        right, wrong = lp[layer, rows, y], lp[layer, rows, 1 - y]
+        rank = rk[layer, rows, y].astype(float)
+        diff = lp[layer, :, 1] - lp[layer, :, 0]
+        row: dict[str, float] = {"layer": layer}
+        stats = {
+            "p_correct": (lambda a: float(np.mean(np.exp(a))), (right,)),
+            "logit_diff": (lambda a: float(np.mean(a)), (right - wrong,)),
+            "accuracy": (lambda a: float(np.mean(a > 0)), (right - wrong,)),
+            "roc_auc": (roc_auc, (y, diff)),
+            "median_rank": (lambda a: float(np.median(a)), (rank,)),
+            "top1": (lambda a: float(np.mean(a == 0)), (rank,)),
+        }
+        for name, (fn, arrays) in stats.items():
+            ci = bootstrap_ci(fn, *arrays, n_boot=n_boot, level=level, seed=seed)
+            row.update({name: ci.value, f"{name}_low": ci.low, f"{name}_high": ci.high})
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def first_sustained_layer(frame: pd.DataFrame, column: str, above: float) -> int | None:
+    """The first ``layer`` from which ``column`` stays above ``above`` in every later layer (``None``
+    if the last layer is not above), e.g. ``first_sustained_layer(readout, "roc_auc_low", 0.5)``."""
+    f = frame.sort_values("layer")
+    ok = (f[column] > above).to_numpy()
+    if not len(ok) or not ok[-1]:
+        return None
+    i = len(ok) - 1
+    while i > 0 and ok[i - 1]:
+        i -= 1
+    return int(f["layer"].iloc[i])

@@ -11,7 +11,8 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 __all__ = ["ablation_curves", "attention_patterns", "compare_scatter", "confusion_heatmap",
-           "config_comparison", "effect_vs_level", "head_heatmap", "logit_diff_hist", "position_loss", "ranked_effects", "token_pattern"]
+           "config_comparison", "effect_vs_level", "head_heatmap", "lens_readout", "logit_diff_hist",
+           "neuron_profile", "neuron_snippets_html", "position_loss", "ranked_effects", "token_pattern"]
 
 
 def confusion_heatmap(cm: np.ndarray, labels: Sequence[str], title: str = "") -> Figure:
@@ -232,3 +233,81 @@ def token_pattern(pattern: np.ndarray, tokens: Sequence[str], title: str = "",
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03, label="attention")
     fig.tight_layout()
     return fig
+
+
+def neuron_profile(frame: pd.DataFrame, title: str = "") -> Figure:
+    """Per layer: the largest, 99th-percentile and median neuron by mean |activation| (left) and by
+    max activation (right, log scale), from :meth:`headlab.neurons.NeuronStats.frame`."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for ax, col, label in ((axes[0], "mean_abs", "mean |activation|"), (axes[1], "max", "max activation")):
+        g = frame.groupby("layer")[col]
+        for q, name, style in ((1.0, "largest neuron", "o-"), (0.99, "99th percentile", "s--"),
+                               (0.5, "median neuron", "^:")):
+            ax.plot(g.quantile(q).index, g.quantile(q).to_numpy(), style, ms=3, lw=1, label=name)
+        ax.set_yscale("log")
+        ax.set_xlabel("layer")
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def lens_readout(readout: pd.DataFrame, title: str = "") -> Figure:
+    """Logit-lens readout of a label by layer (from :func:`headlab.metrics.layer_readout`): probability
+    of the correct label token, accuracy and ROC-AUC of the two-label decision, median rank of the
+    correct label among all tokens; bands are the bootstrap intervals."""
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.3))
+    x = readout["layer"]
+    for name, label in (("accuracy", "accuracy (correct > wrong label)"), ("roc_auc", "ROC-AUC")):
+        axes[0].plot(x, readout[name], "o-", ms=3, label=label)
+        axes[0].fill_between(x, readout[f"{name}_low"], readout[f"{name}_high"], alpha=0.25, lw=0)
+    axes[0].axhline(0.5, color="grey", lw=0.8, ls=":")
+    axes[0].set_ylim(0, 1.02)
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("two-label decision", fontsize=9)
+    axes[1].plot(x, readout["p_correct"], "o-", ms=3)
+    axes[1].fill_between(x, readout["p_correct_low"], readout["p_correct_high"], alpha=0.25, lw=0)
+    axes[1].set_yscale("log")
+    axes[1].set_title("p(correct label token)", fontsize=9)
+    axes[2].plot(x, readout["median_rank"] + 1, "o-", ms=3)
+    axes[2].fill_between(x, readout["median_rank_low"] + 1, readout["median_rank_high"] + 1, alpha=0.25, lw=0)
+    axes[2].set_yscale("log")
+    axes[2].invert_yaxis()
+    axes[2].set_title("median rank of the correct label (1 = top token)", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("layer (residual stream after the block)")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def neuron_snippets_html(snippets: pd.DataFrame, examples: pd.DataFrame, title: str = "") -> str:
+    """Neuroscope-style HTML: one line per top example, every token shaded by the neuron's activation
+    (red positive, blue negative, scaled by the largest |activation| shown); the top token is boxed.
+
+    Args:
+        snippets: :func:`headlab.neurons.snippet_activations`.
+        examples: :func:`headlab.neurons.top_examples` (gives the order and the top activations).
+    """
+    import html
+
+    if snippets.empty:
+        return "<p>(no examples)</p>"
+    scale = float(snippets["activation"].abs().max()) or 1.0
+    lines = [f"<p><b>{html.escape(title)}</b></p>"] if title else []
+    for ex in examples.itertuples():
+        spans = []
+        for t in snippets[snippets["rank"] == ex.rank].itertuples():
+            v = t.activation / scale
+            color = f"rgba(220,40,40,{min(1.0, v):.2f})" if v >= 0 else f"rgba(40,90,220,{min(1.0, -v):.2f})"
+            box = "outline:1.5px solid black;" if t.offset == 0 else ""
+            text = html.escape(t.token).replace("\n", "\u21b5")
+            spans.append(f'<span title="{t.activation:.3f}" style="background:{color};{box}'
+                         f'white-space:pre">{text}</span>')
+        lines.append(f'<div style="font-family:monospace;font-size:12px;margin:2px 0">'
+                     f'<span style="display:inline-block;width:5.5em;color:#555">{ex.activation:8.2f}</span>'
+                     f'{"".join(spans)}</div>')
+    return "\n".join(lines)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,7 @@ import torch
 
 from headlab.models import LoadedModel
 
-__all__ = ["environment", "save_frames", "write_config", "write_summary"]
+__all__ = ["environment", "peak_memory", "save_frames", "write_config", "write_summary"]
 
 _PACKAGES = ("headlab", "torch", "transformers", "gguf", "numpy", "pandas", "papermill", "jupyter-book")
 
@@ -96,3 +99,44 @@ def write_summary(results_dir: str | Path, **metrics: Any) -> Path:
     tmp.write_text(json.dumps(clean, indent=1))
     tmp.replace(path)
     return path
+
+
+def _rss_kib(field: str) -> int | None:
+    try:
+        m = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(m.group(1)) if m else None
+
+
+@contextmanager
+def peak_memory() -> Iterator[dict[str, Any]]:
+    """Measure the peak memory of the block; the yielded dict is filled on exit.
+
+    Keys: ``rss_before`` and ``rss_peak`` (bytes; the process's resident set before the block and its
+    high-water mark during it, reset on entry through ``/proc/self/clear_refs`` on Linux, else
+    ``None``), ``rss_increase`` (peak - before), and on CUDA ``cuda_peak_allocated`` and
+    ``cuda_before`` (bytes, ``torch.cuda`` allocator).
+    """
+    out: dict[str, Any] = {"rss_before": None, "rss_peak": None, "rss_increase": None}
+    reset = False
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        reset = True
+    except OSError:
+        pass
+    before = _rss_kib("VmRSS")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        out["cuda_before"] = torch.cuda.memory_allocated()
+    try:
+        yield out
+    finally:
+        if cuda:
+            torch.cuda.synchronize()
+            out["cuda_peak_allocated"] = torch.cuda.max_memory_allocated()
+        peak = _rss_kib("VmHWM") if reset else None
+        if before is not None and peak is not None:
+            out.update(rss_before=before * 1024, rss_peak=peak * 1024, rss_increase=(peak - before) * 1024)

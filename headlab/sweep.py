@@ -22,7 +22,8 @@ import pandas as pd
 
 __all__ = ["ABLATION_MODES", "HEAD_TYPES", "LAYER_RANGES", "MODES", "ShardStore", "ablation_heads",
            "ablation_summary", "config_hash", "head_edits", "head_sweep", "induction_ablation_sweep", "induction_vs_random",
-           "layer_range", "rank_heads", "ranked_ablation_sweep", "run_grid", "seed_agreement", "top_heads"]
+           "layer_range", "neuron_ablation_sets", "neuron_ablation_sweep", "rank_heads",
+           "ranked_ablation_sweep", "run_grid", "seed_agreement", "top_heads"]
 
 
 def config_hash(config: dict[str, Any], length: int = 12) -> str:
@@ -658,3 +659,135 @@ def ranked_ablation_sweep(
         return {"rows": frame}
 
     return run_grid(points, compute, store, progress=progress)["rows"]
+
+
+# FFN neuron ablation: top-k neurons of a layer against k random neurons of the same layer
+# --------------------------------------------------------------------------------------------------
+NEURON_SET_KINDS = ("top", "random")
+
+
+def neuron_ablation_sets(stats: Any, layer: int, k: int, kind: str, permutation: int = 0, seed: int = 0,
+                         by: str = "mean_abs") -> list[int]:
+    """The neurons ablated for one grid point: layer ``layer``'s ``k`` neurons with the largest ``by``
+    (``kind="top"``), or ``k`` neurons drawn uniformly from the layer's *other* neurons
+    (``kind="random"``; the draw depends on ``seed, layer, k, permutation``)."""
+    from headlab import neurons
+
+    if kind not in NEURON_SET_KINDS:
+        raise ValueError(f"kind={kind!r}; choose one of {NEURON_SET_KINDS}.")
+    top = neurons.top_neurons(stats, by, k)
+    top = sorted(int(n) for n in top.loc[top["layer"] == layer, "neuron"])
+    if kind == "top":
+        return top
+    return neurons.random_neurons(stats.d_mlp, k, seed, layer, permutation, exclude=top)
+
+
+def neuron_ablation_sweep(
+    lm: Any,
+    ids: Any,
+    stats: Any,
+    out_dir: str | Path,
+    *,
+    layers: Iterable[int],
+    k_list: Iterable[int] = (16, 64),
+    modes: Iterable[str] = ("zero", "mean"),
+    n_permutations: int = 3,
+    by: str = "mean_abs",
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Next-token loss on held-out rows with a layer's top-k neurons or k random neurons ablated.
+
+    Each (mode, layer, k, kind, permutation) is one resumable shard; the top set does not depend on
+    the permutation and runs once. Mean ablation uses ``stats.means()``: the statistics must come
+    from a corpus *disjoint* from ``ids``.
+
+    Args:
+        lm: the model.
+        ids: ``(n, s)`` held-out token rows.
+        stats: :class:`headlab.neurons.NeuronStats` over the reference corpus (ranks neurons, gives means).
+        out_dir: shard folder.
+        layers: layers whose neurons are ablated (one layer at a time).
+        k_list: numbers of neurons ablated at once (each >= 1).
+        modes: ``"zero"`` and/or ``"mean"``.
+        n_permutations: random sets per (layer, k).
+        by: ranking of the top set (a :meth:`~headlab.neurons.NeuronStats.frame` column).
+        seed: keys the random sets.
+        batch_size: rows per forward pass (results do not depend on it).
+
+    Returns:
+        One row per (mode, layer, k, kind, permutation, sequence): mean next-token ``loss`` of the row,
+        its ``clean_loss`` and ``delta`` = loss - clean_loss (nats), and the ablated ``neurons``.
+    """
+    from headlab.interventions import ablate_neurons
+
+    layers, k_list, modes = [int(x) for x in layers], sorted({int(k) for k in k_list}), list(modes)
+    bad_modes = [m for m in modes if m not in ABLATION_MODES]
+    if bad_modes:
+        raise ValueError(f"modes {bad_modes} not allowed; choose from {ABLATION_MODES}.")
+    bad_k = [k for k in k_list if not 1 <= k <= stats.d_mlp // 2]
+    if bad_k:
+        raise ValueError(f"k_list entries {bad_k} out of range 1..{stats.d_mlp // 2} (half the layer, so that "
+                         "random sets can avoid the top set).")
+    for layer in layers:
+        stats.slot(layer)  # raises for layers without statistics
+    if n_permutations < 1:
+        raise ValueError(f"n_permutations={n_permutations} must be >= 1.")
+    means = stats.means()
+    base = {"model": lm.fingerprint or lm.spec, "seed": seed, "by": by,
+            "tokens": config_hash({"t": ids.tolist()}),
+            "stats": config_hash({"n": stats.count, "m": stats.mean.double().round(decimals=5).tolist()})}
+    store = ShardStore(out_dir, base)
+    points = [{"mode": m, "layer": layer, "k": k, "kind": kind, "permutation": p}
+              for m in modes for layer in layers for k in k_list for kind in NEURON_SET_KINDS
+              for p in range(1 if kind == "top" else n_permutations)]
+    clean: dict[str, Any] = {}
+
+    def compute(point: dict[str, Any]) -> dict[str, pd.DataFrame]:
+        if "loss" not in clean:  # the clean pass also keeps the input of every ablated layer
+            nll, clean["hidden"] = _losses_keeping_inputs(lm, ids, layers, batch_size)
+            clean["loss"] = nll.double().mean(1).numpy()
+        chosen = neuron_ablation_sets(stats, point["layer"], point["k"], point["kind"], point["permutation"],
+                                      seed, by)
+        with ablate_neurons(lm, {point["layer"]: chosen}, point["mode"], means):
+            loss = _losses_from(lm, ids, point["layer"], clean["hidden"], batch_size).double().mean(1).numpy()
+        return {"rows": pd.DataFrame({
+            "model": lm.spec, **point, "sequence": np.arange(len(ids)), "loss": loss,
+            "clean_loss": clean["loss"], "delta": loss - clean["loss"], "neurons": " ".join(map(str, chosen))})}
+
+    return run_grid(points, compute, store, progress=progress)["rows"]
+
+
+def _losses_keeping_inputs(lm: Any, ids: Any, layers: list[int], batch_size: int) -> tuple[Any, dict[int, Any]]:
+    """Clean next-token losses of ``ids`` and the residual stream entering each of ``layers``."""
+    import torch
+
+    from headlab import attention
+    from headlab.interventions import capture_residual
+
+    before = sorted({layer - 1 for layer in layers if layer > 0})
+    nll, kept = [], {layer: [] for layer in before}
+    for start in range(0, len(ids), batch_size):
+        with capture_residual(lm, before) as res:
+            nll.append(attention.token_losses(lm, ids[start:start + batch_size], batch_size=batch_size))
+        for layer in before:
+            kept[layer].append(res[layer])
+    return torch.cat(nll), {layer + 1: torch.cat(h) for layer, h in kept.items()}
+
+
+def _losses_from(lm: Any, ids: Any, layer: int, hidden: dict[int, Any], batch_size: int) -> Any:
+    """Next-token losses with blocks before ``layer`` replaced by their cached clean output ``hidden[layer]``
+    (an edit in ``layer`` cannot change them); equal to a full forward up to float rounding."""
+    import torch
+
+    from headlab import attention
+    from headlab.engine import _skip_layers_before
+
+    if layer == 0:
+        return attention.token_losses(lm, ids, batch_size=batch_size)
+    out = []
+    for start in range(0, len(ids), batch_size):
+        with _skip_layers_before(lm, layer, hidden[layer][start:start + batch_size]):
+            out.append(attention.token_losses(lm, ids[start:start + batch_size], batch_size=batch_size))
+    return torch.cat(out)

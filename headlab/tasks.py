@@ -34,6 +34,7 @@ __all__ = [
     "make_task",
     "save_prompt_config",
     "sentiment_splits",
+    "text_rows",
     "text_stream",
 ]
 
@@ -241,6 +242,35 @@ def text_stream(lm: LoadedModel, texts: list[str] | pd.Series, n_tokens: int, se
         if len(ids) >= n_tokens:
             return torch.tensor(ids[:n_tokens], dtype=torch.long)
     raise ValueError(f"The texts hold only {len(ids)} tokens; asked for n_tokens={n_tokens}.")
+
+
+def text_rows(lm: LoadedModel, texts: list[str] | pd.Series, n_rows: int, seq_len: int,
+              rows_per_text: int = 1) -> tuple[torch.Tensor, np.ndarray]:
+    """Equal-length token rows cut from the start of each text, at most ``rows_per_text`` per text.
+
+    Each row is ``seq_len`` consecutive tokens of one text (no padding, no text boundary inside a
+    row), so rows from different texts come from different articles. Texts too short for a row are
+    skipped.
+
+    Returns:
+        ``(ids, source)``: ``(n_rows, seq_len)`` token ids and the position in ``texts`` of each row's text.
+
+    Raises:
+        ValueError: the texts do not give ``n_rows`` rows.
+    """
+    if n_rows < 1 or seq_len < 2 or rows_per_text < 1:
+        raise ValueError(f"n_rows={n_rows} (>= 1), seq_len={seq_len} (>= 2), rows_per_text={rows_per_text} "
+                         "(>= 1) out of range.")
+    rows, source = [], []
+    for t, text in enumerate(list(texts)):
+        ids = lm.tokenizer(text, add_special_tokens=True)["input_ids"]
+        for r in range(min(rows_per_text, len(ids) // seq_len)):
+            rows.append(ids[r * seq_len:(r + 1) * seq_len])
+            source.append(t)
+            if len(rows) == n_rows:
+                return torch.tensor(rows, dtype=torch.long), np.array(source)
+    raise ValueError(f"The {len(texts)} texts give only {len(rows)} rows of {seq_len} tokens "
+                     f"(rows_per_text={rows_per_text}); asked for n_rows={n_rows}.")
 
 
 def compare_generation(

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import display
 
-__all__ = ["head_view", "pattern_explorer", "sweep_explorer"]
+__all__ = ["head_view", "neuron_explorer", "pattern_explorer", "sweep_explorer"]
 
 
 def sweep_explorer(heads: pd.DataFrame, metrics: Sequence[str] = ("logit_diff_drop", "accuracy_drop",
@@ -130,3 +130,37 @@ def head_view(patterns: object, tokens: Sequence[str], layers: Sequence[int], la
         raise ValueError(f"layers {bad or layers} invalid; choose from 0..{pats.shape[0] - 1}.")
     attention = tuple(pats[i][None] for i in range(pats.shape[0]))  # bertviz: per layer (1, H, s, s)
     _head_view(attention, list(tokens), include_layers=layers, layer=layers[0] if layer is None else layer)
+
+
+def neuron_explorer(lm, stats, ids, layer: int = 0, neuron: int = 0, n_examples: int = 6,
+                    before: int = 12, after: int = 3) -> W.Widget:
+    """Pick a layer and a neuron: its top-activating snippets (shaded by activation) and the tokens its
+    output weights promote and suppress.
+
+    Args:
+        lm: the model; stats: :class:`headlab.neurons.NeuronStats`; ids: the rows the stats ran on.
+        layer, neuron: the initial choice (shown in the static book).
+        n_examples: examples shown (at most ``stats.k``).
+    """
+    from headlab import neurons, plots
+
+    pick_layer = W.Dropdown(options=list(stats.layers), value=layer, description="layer")
+    pick_neuron = W.BoundedIntText(value=neuron, min=0, max=stats.d_mlp - 1, description="neuron")
+    out = W.Output()
+
+    def draw(*_: object) -> None:
+        ex = neurons.top_examples(lm, stats, ids, pick_layer.value, pick_neuron.value, before, after).head(n_examples)
+        snip = neurons.snippet_activations(lm, ids, ex, pick_layer.value, pick_neuron.value, before, after)
+        promo = neurons.promoted_tokens(lm, pick_layer.value, pick_neuron.value, k=8)
+        table = promo.pivot(index="rank", columns="direction", values="token")
+        with out:
+            out.clear_output(wait=True)
+            display(W.HTML(plots.neuron_snippets_html(
+                snip, ex, f"L{pick_layer.value} N{pick_neuron.value}: top activations (mean |act| "
+                f"{float(stats.mean_abs[stats.slot(pick_layer.value), pick_neuron.value]):.3f})")))
+            display(table)
+
+    for w in (pick_layer, pick_neuron):
+        w.observe(draw, "value")
+    draw()
+    return W.VBox([W.HBox([pick_layer, pick_neuron]), out])
