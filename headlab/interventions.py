@@ -38,6 +38,7 @@ __all__ = [
     "flip_weight_bits",
     "head_noise",
     "hooks",
+    "largest_weight_entries",
     "magnitude_mask",
     "mean_weights",
     "noise_heads",
@@ -389,9 +390,24 @@ def magnitude_mask(w: Float[Tensor, "out in"], sparsity: float) -> Bool[Tensor, 
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity={sparsity} must be in [0, 1].")
     k = round(sparsity * w.numel())
-    mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
-    mask[torch.argsort(w.abs().flatten(), stable=True)[:k]] = True
-    return mask.view_as(w)
+    return _smallest_k(w.abs().reshape(1, -1), k).view_as(w)
+
+
+def _smallest_k(score: Float[Tensor, "r n"], k: int) -> Bool[Tensor, "r n"]:
+    """True at the ``k`` smallest entries of each row; ties at the threshold go to the lowest positions.
+
+    Linear time (``kthvalue``, no sort): dequantized GGUF weights hold many exactly equal values, so
+    the tie rule is what makes the count exact.
+    """
+    if k <= 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    if k >= score.shape[1]:
+        return torch.ones_like(score, dtype=torch.bool)
+    thr = score.kthvalue(k, dim=1, keepdim=True).values  # (r, 1): the k-th smallest value of each row
+    below = score < thr
+    ties = score == thr
+    need = k - below.sum(1, keepdim=True)  # (r, 1) tied entries still to take
+    return below | (ties & (ties.cumsum(1) <= need))
 
 
 def wanda_mask(w: Float[Tensor, "out in"], input_norm: Float[Tensor, " in"], sparsity: float) -> Bool[Tensor, "out in"]:
@@ -403,10 +419,7 @@ def wanda_mask(w: Float[Tensor, "out in"], input_norm: Float[Tensor, " in"], spa
     if input_norm.shape != (w.shape[1],):
         raise ValueError(f"input_norm has shape {tuple(input_norm.shape)}; the weight has {w.shape[1]} inputs.")
     score = w.abs() * input_norm.to(w.device, w.dtype)[None, :]  # (out, in)
-    k = round(sparsity * w.shape[1])
-    mask = torch.zeros_like(w, dtype=torch.bool)
-    mask.scatter_(1, torch.argsort(score, dim=1, stable=True)[:, :k], True)
-    return mask
+    return _smallest_k(score, round(sparsity * w.shape[1]))
 
 
 def prune_magnitude(lm: LoadedModel, names: Sequence[str], sparsity: float):
@@ -568,6 +581,22 @@ def random_weight_entries(lm: LoadedModel, n: int, seed: int, names: Sequence[st
         flat = int(torch.randint(rows * cols, (1,), generator=gen))
         out.append((names[m], flat // cols, flat % cols))
     return out
+
+
+def largest_weight_entries(lm: LoadedModel, n: int, names: Sequence[str] | None = None,
+                           exclude: Sequence[tuple[str, int, int]] = ()) -> list[tuple[str, int, int]]:
+    """The ``n`` weights of largest ``|w|`` over the named matrices (default: all layer matrices),
+    leaving out ``exclude``; ``[(name, row, col), ...]`` in ``(out, in)`` coordinates, largest first."""
+    names = weight_names(lm) if names is None else _check_names(lm, names)
+    skip = set(exclude)
+    cands = []
+    for name in names:
+        w = weight_module(lm, name).weight.detach()
+        w = w.T if lm.adapter.conv1d and parse_weight_name(lm, name)[0] is not None else w  # (out, in)
+        vals, idx = w.abs().flatten().topk(min(n + len(skip), w.numel()))
+        cands += [(float(v), name, int(i) // w.shape[1], int(i) % w.shape[1]) for v, i in zip(vals, idx)]
+    cands.sort(key=lambda c: -c[0])
+    return [(name, r, c) for _, name, r, c in cands if (name, r, c) not in skip][:n]
 
 
 # Super weights ------------------------------------------------------------------------------------

@@ -427,3 +427,23 @@ def test_real_gguf_model_weight_edits_restore(real_lm):
             raise RuntimeError("interrupted")
     assert iv.state_checksum(real_lm) == checksum
     assert torch.equal(_logits(real_lm, ids), clean)
+
+
+def test_largest_weight_entries(tiny_factory):
+    lm = tiny_factory("gpt2")
+    names = ["L0.mlp.down", "L1.mlp.down"]
+    top = iv.largest_weight_entries(lm, 3, names)
+    mags = []
+    for name in names:
+        w = weight_module(lm, name).weight.detach().T  # (out, in)
+        mags += [(abs(float(w[r, c])), (name, r, c)) for r in range(w.shape[0]) for c in range(w.shape[1])]
+    assert top == [e for _, e in sorted(mags, reverse=True)[:3]]
+    assert iv.largest_weight_entries(lm, 2, names, exclude=top[:1]) == top[1:3]
+
+
+def test_masks_count_ties_exactly():
+    w = torch.tensor([[0.5, -0.1, 0.1, 0.1, 0.3, -0.1], [0.2, 0.2, 0.2, 0.2, 0.2, 0.2]])  # many equal |w|
+    m = iv.magnitude_mask(w, 0.5)
+    assert int(m.sum()) == 6 and m[1].sum() == 2 and m[0, [1, 2, 3, 5]].all()
+    wm = iv.wanda_mask(w, torch.ones(6), 0.5)
+    assert wm.sum(1).tolist() == [3, 3] and wm[1].tolist() == [True, True, True, False, False, False]
