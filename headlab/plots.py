@@ -212,20 +212,26 @@ def ablation_curves(summary: pd.DataFrame, x: str, ylabel: str, hue: str = "head
 
 
 def layer_module_heatmap(frame: pd.DataFrame, value: str, title: str = "", center: float | None = 0.0,
-                         cmap: str = "RdBu_r", log: bool = False) -> Figure:
+                         cmap: str = "RdBu_r", log: bool = False, annot: str | None = None,
+                         robust: bool = False) -> Figure:
     """Layer x weight-matrix heatmap of one column of a frame with ``layer`` and ``matrix`` columns.
 
     Columns keep the order in which matrices first appear (forward order). ``log`` colours by
-    ``log10`` of the value (for ratios spanning orders of magnitude).
+    ``log10`` of the value (for ratios spanning orders of magnitude); ``annot`` names a column printed
+    in each cell (3 significant digits); ``robust`` sets the colour range from the 2nd-98th percentiles
+    so that one extreme cell does not wash out the rest.
     """
     from matplotlib.colors import LogNorm
 
     order = list(dict.fromkeys(frame["matrix"]))
     grid = frame.pivot_table(index="layer", columns="matrix", values=value, aggfunc="mean")[order]
-    fig, ax = plt.subplots(figsize=(0.75 * grid.shape[1] + 3.0, 0.24 * grid.shape[0] + 1.6))
+    fig, ax = plt.subplots(figsize=(0.9 * grid.shape[1] + 3.0, 0.26 * grid.shape[0] + 1.6))
     finite = grid.to_numpy()[np.isfinite(grid.to_numpy())]
     norm = LogNorm(vmin=max(finite.min(), 1e-6), vmax=finite.max()) if log and len(finite) else None
-    sns.heatmap(grid, ax=ax, cmap=cmap, center=None if log else center, norm=norm,
+    labels = (frame.pivot_table(index="layer", columns="matrix", values=annot, aggfunc="mean")[order]
+              .map(lambda v: f"{v:.3g}") if annot else False)
+    sns.heatmap(grid, ax=ax, cmap=cmap, center=None if log else center, norm=norm, robust=robust,
+                annot=labels, fmt="", annot_kws={"fontsize": 6},
                 cbar_kws={"label": value + (" (log scale)" if log else "")})
     ax.set_title(title or value)
     ax.set_xlabel("weight matrix")

@@ -65,7 +65,7 @@ calib_tokens: int = 1024  # calibration tokens (other articles) for Wanda and th
 sparsities: list = [0.1, 0.3, 0.5, 0.7]  # pruning levels (share of weights / of heads removed)
 head_ranking: str = "results/noise/ranking.parquet"  # the noise chapter's head ranking
 head_random_seeds: list = [0, 1]  # random head orders
-noise_levels: list = [0.1, 0.2, 0.4]  # weight noise std in units of each matrix's std
+noise_levels: list = [0.03, 0.1, 0.3]  # weight noise std in units of each matrix's std
 noise_seeds: list = [0, 1]  # noise draws per level
 bit_formats: list = ["bfloat16"]  # 16-bit formats the flipped weight is represented in ("float16" too)
 bits: list = ["sign", "exponent_msb", "exponent_lsb", "mantissa_msb", "mantissa_lsb"]  # bit positions
@@ -155,8 +155,31 @@ print(f"{len(points)} ablations x {heat_windows.n_scored} tokens in {timings['ab
 
 # %%
 for mode in ablation_modes:
-    fig = plots.layer_module_heatmap(ablation[ablation["mode"] == mode], "log10_ppl_ratio",
-                                     title=f"{mode}-ablating one matrix: log10(perplexity / dense)")
+    fig = plots.layer_module_heatmap(ablation[ablation["mode"] == mode], "log10_ppl_ratio", annot="ppl_ratio",
+                                     robust=True, title=f"{mode}-ablating one matrix: perplexity / dense "
+                                     "(colour: log10, range clipped to the 2nd-98th percentile)")
+
+# %% [markdown]
+# In a block without biases some zero ablations are the same edit in disguise: $W_Q = 0$ and
+# $W_K = 0$ both make every attention score 0 (uniform attention); $W_V = 0$ and $W_O = 0$ both make
+# the attention output 0; gate, up or down $= 0$ all make the MLP output 0. Where the model has
+# biases or the mode is `mean`, the matrices differ. The check below compares the groups on this run.
+
+# %%
+def group_spread(frame: pd.DataFrame, groups: list) -> pd.DataFrame:
+    """Largest difference of the NLL change within each group of matrices, per mode (over layers)."""
+    rows = []
+    for mode, g in frame.groupby("mode"):
+        wide = g.pivot_table(index="layer", columns="matrix", values="nll_change")
+        for grp in groups:
+            if set(grp) <= set(wide.columns):
+                rows.append({"mode": mode, "matrices": " = ".join(grp),
+                             "max_abs_difference_nats": float((wide[grp].max(1) - wide[grp].min(1)).max())})
+    return pd.DataFrame(rows)
+
+
+spread = group_spread(ablation, [["attn.q", "attn.k"], ["attn.v", "attn.o"], ["mlp.gate", "mlp.up", "mlp.down"]])
+spread
 
 # %%
 ablation.sort_values("nll_change", ascending=False).head(10).round(3)
@@ -350,6 +373,9 @@ lines = [
     f"Dense perplexity {dense_ppl} on {len(dense_nll):,} Wikipedia tokens (windows of {ppl_context}).",
     f"Most sensitive single matrices ({ablation_modes[0]} ablation, {heat_windows.n_scored} tokens): {mod_txt}; "
     f"the median matrix multiplies perplexity by {med:.3f}.",
+    "Zero ablation, matrices that are the same edit in a bias-free block (largest difference of the NLL "
+    "change over layers): " + "; ".join(f"{r.matrices}: {r.max_abs_difference_nats:.2g} nats"
+                                        for r in spread[spread["mode"] == "zero"].itertuples()) + ".",
     f"50% sparsity: magnitude {pr[('magnitude', 0.5)]:.2f} vs Wanda {pr[('wanda', 0.5)]:.2f} perplexity; "
     f"70%: magnitude {pr[('magnitude', 0.7)]:.1f} vs Wanda {pr[('wanda', 0.7)]:.1f}."
     if ("magnitude", 0.5) in pr.index and ("magnitude", 0.7) in pr.index else "50%/70% sparsity not in the grid.",
