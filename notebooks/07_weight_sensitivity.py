@@ -57,7 +57,7 @@ model: str = "smollm2-135m"  # embedded name, .gguf path, local directory or hub
 device: str = "auto"  # "auto", "cpu" or "cuda"
 dtype: str = "float32"  # weights stay float32 by default so that bit flips act on exact values
 ppl_tokens: int = 2048  # Wikipedia tokens scored for pruning, noise and super-weight settings
-ppl_context: int = 256  # window length (tokens); windows do not overlap (stride = context)
+ppl_context: int = 256  # window length in tokens; windows follow each other (stride equals context)
 heatmap_tokens: int = 512  # tokens for the layer x matrix ablation grid (the first windows)
 ablation_modes: list = ["zero"]  # "zero" and/or "mean" (every entry set to the matrix's mean)
 ablation_layers: list = []  # layers of the ablation grid (empty list: all layers)
@@ -257,19 +257,20 @@ display(Markdown(f"Prompt: {config.format}, {config.k} shots, threshold {config.
                     f"(**`{prompt_config}` not found**: default prompt, threshold calibrated on {n_prompts} dev prompts).")))
 
 # %%
-half_sparsity = 0.5
-t0 = time.time()
-sentiment = []
-for label, point in [("dense", {"kind": "dense"}), ("magnitude 50%", {"kind": "magnitude", "sparsity": half_sparsity}),
-                     ("Wanda 50%", {"kind": "wanda", "sparsity": half_sparsity})]:
-    ctx = sweep.weight_setting(lm, point, wanda_norms=wanda_norms)[0]
-    with ctx:
+def sentiment_under(label: str, point: dict) -> pd.DataFrame:
+    """Accuracy, ROC-AUC, ... of the task prompts with one weight setting applied."""
+    with sweep.weight_setting(lm, point, wanda_norms=wanda_norms)[0]:
         lp = task.logprobs(lm)
     rep = metrics.classification_report(task.labels, lp.numpy(), config.threshold, n_boot=n_boot)
-    sentiment.append(rep.assign(setting=label))
-sentiment = pd.concat(sentiment, ignore_index=True)
+    return rep.assign(setting=label)
+
+
+t0 = time.time()
+sentiment = pd.concat([sentiment_under("dense", {"kind": "dense"}),
+                       sentiment_under("magnitude 50%", {"kind": "magnitude", "sparsity": 0.5}),
+                       sentiment_under("Wanda 50%", {"kind": "wanda", "sparsity": 0.5})], ignore_index=True)
 timings["sentiment"] = time.time() - t0
-sentiment.pivot_table(index="metric", columns="setting", values=["value", "ci_low", "ci_high"]).round(3)
+sentiment.pivot_table(index="setting", columns="metric", values="value", sort=False).round(3)
 
 # %% [markdown]
 # ## 3. Gaussian noise on every weight matrix
@@ -336,22 +337,35 @@ cands[["layer", "row", "col", "weight", "contribution", "out_value", "in_max", "
 
 # %%
 cand_entries = [(f"L{int(r.layer)}.mlp.down", int(r.row), int(r.col)) for r in cands.itertuples()]
-points, labels = [], []
-for e in cand_entries:
+zero = []
+for e in cand_entries:  # each candidate, then its control: the largest other weight of the same matrix
     ctrl = iv.largest_weight_entries(lm, 1, [e[0]], exclude=cand_entries)
-    points += [{"kind": "zero_entries", "entries": sweep.entries_text([e])},
-               {"kind": "zero_entries", "entries": sweep.entries_text(ctrl)}]
-    labels += [f"candidate {e[0]}[{e[1]}, {e[2]}]", f"largest |w| of {e[0]}: [{ctrl[0][1]}, {ctrl[0][2]}]"]
+    zero += [(f"candidate {e[0]}[{e[1]}, {e[2]}]", [e]),
+             (f"largest |w| of {e[0]}: [{ctrl[0][1]}, {ctrl[0][2]}]", ctrl)]
 top_all = iv.largest_weight_entries(lm, len(cand_entries), names, exclude=cand_entries)
-points += [{"kind": "zero_entries", "entries": sweep.entries_text(cand_entries)},
-           {"kind": "zero_entries", "entries": sweep.entries_text(top_all)}]
-labels += [f"all {len(cand_entries)} candidates", f"{len(top_all)} largest |w| of all blocks"]
+zero += [(f"all {len(cand_entries)} candidates", cand_entries), (f"{len(top_all)} largest |w| of all blocks", top_all)]
+points = [{"kind": "zero_entries", "setting": label, "entries": sweep.entries_text(es)} for label, es in zero]
 t0 = time.time()
 sw_tokens, _ = sweep.weight_sweep(lm, windows, points, shards / "super", progress=False)
 timings["super"] = time.time() - t0
-superw = sweep.nll_summary(sw_tokens, ["entries"], dense_nll, block_tokens, n_boot)
-superw.insert(0, "setting", superw["entries"].map(dict(zip([p["entries"] for p in points], labels))))
+superw = sweep.nll_summary(sw_tokens, ["setting", "entries"], dense_nll, block_tokens, n_boot)
 superw[["setting", "entries", "perplexity", "ppl_low", "ppl_high", "ppl_ratio"]].round(3)
+
+# %% [markdown]
+# Does removing the top candidate remove its activation spike, and what does it do to the sentiment
+# task?
+
+# %%
+top_entry = sweep.entries_text(cand_entries[:1])
+with sweep.weight_setting(lm, {"kind": "zero_entries", "entries": top_entry})[0]:
+    spikes_without = pd.DataFrame(iv.down_proj_spikes(lm, calib_rows))
+spike_drop = spikes[["layer", "out_max"]].merge(spikes_without[["layer", "out_max"]], on="layer",
+                                                suffixes=("", "_zeroed"))
+sentiment = pd.concat([sentiment, sentiment_under(f"zeroed {top_entry}",
+                                                  {"kind": "zero_entries", "entries": top_entry})],
+                      ignore_index=True)
+display(spike_drop.set_index("layer").T.round(1))
+sentiment.pivot_table(index="setting", columns="metric", values="value", sort=False).round(3)
 
 # %% [markdown]
 # ## What we saw
@@ -368,6 +382,7 @@ sent_txt = "; ".join(f"{s}: accuracy {s_at[(s, 'accuracy')]:.2f}, ROC-AUC {s_at[
 bits_txt = "; ".join(f"{r.fmt} {r.bit}: {r.broken}/{r.trials} = {r.p_break:.2f} [{r.low:.2f}, {r.high:.2f}]"
                      for r in breaks.itertuples())
 c0, s0, k0 = cands.iloc[0], superw.iloc[0], superw.iloc[1]
+s_at_sw = sentiment[sentiment["setting"] == f"zeroed {top_entry}"].set_index("metric")["value"]
 g_all, g_top = superw.iloc[-2], superw.iloc[-1]
 lines = [
     f"Dense perplexity {dense_ppl} on {len(dense_nll):,} Wikipedia tokens (windows of {ppl_context}).",
@@ -390,7 +405,10 @@ lines = [
     f"{c0.token_text!r} (position {int(c0.position)}), driven by input channel {int(c0.col)} "
     f"(|input| {c0.in_max:.1f} max in that layer) through W_down[{int(c0.row)}, {int(c0.col)}] = {c0.weight:.3f}.",
     f"Zeroing that one weight: perplexity {s0.perplexity:.2f} [{s0.ppl_low:.2f}, {s0.ppl_high:.2f}] "
-    f"(x{s0.ppl_ratio:.2f}); zeroing the largest-magnitude weight of the same matrix instead: {k0.perplexity:.2f} "
+    f"(x{s0.ppl_ratio:.2f}); the largest output of layer {int(c0.layer)}'s down projection falls from "
+    f"{c0.out_max:.1f} to {spike_drop.set_index('layer').loc[int(c0.layer), 'out_max_zeroed']:.1f}; sentiment "
+    f"accuracy {s_at_sw['accuracy']:.2f}, ROC-AUC {s_at_sw['roc_auc']:.2f}. Zeroing the largest-magnitude "
+    f"weight of the same matrix instead: {k0.perplexity:.2f} "
     f"(x{k0.ppl_ratio:.2f}). All {len(cand_entries)} candidates: x{g_all.ppl_ratio:.2f}; the {len(top_all)} "
     f"largest-magnitude weights of all blocks: x{g_top.ppl_ratio:.2f}.",
     "Weights restored bit-exactly after every edit (state-dict SHA-256 unchanged).",
