@@ -613,7 +613,8 @@ def text_windows(lm: LoadedModel, ids: Int[Tensor, " N"], context: int = 512, st
     """Cut ``ids`` into :func:`token_nll`'s windows and (``keep_hidden``) run the clean model once,
     keeping the input of every block, so that :func:`windows_nll` can start at any layer."""
     if context < 2 or not 0 < stride <= context:
-        raise ValueError(f"need context >= 2 and 0 < stride <= context; got context={context}, stride={stride}.")
+        raise ValueError(f"need context >= 2 and 0 < stride <= context; "
+                         f"got context={context}, stride={stride}.")
     if len(ids) < 2:
         raise ValueError("Need at least 2 tokens to score.")
     spans = _nll_spans(len(ids), context, stride)

@@ -342,6 +342,12 @@ def edit_weights(lm: LoadedModel, fns: Mapping[str, WeightFn], allow_shared: boo
                 param.data.copy_(original)
 
 
+def _out_in(lm: LoadedModel, name: str) -> Tensor:
+    """The named weight as ``(out, in)`` (a view; GPT-2's ``Conv1D`` layer weights are stored transposed)."""
+    w = weight_module(lm, name).weight
+    return w.T if lm.adapter.conv1d and parse_weight_name(lm, name)[0] is not None else w
+
+
 def _check_names(lm: LoadedModel, names: Sequence[str]) -> list[str]:
     names = list(names)
     if not names:
@@ -374,8 +380,7 @@ def zero_weight_entries(lm: LoadedModel, entries: Mapping[str, Sequence[tuple[in
         return fn
 
     for name, cells in entries.items():
-        shape = tuple(weight_module(lm, name).weight.shape)
-        shape = shape[::-1] if lm.adapter.conv1d and parse_weight_name(lm, name)[0] is not None else shape
+        shape = tuple(_out_in(lm, name).shape)
         bad = [(r, c) for r, c in cells if not (0 <= r < shape[0] and 0 <= c < shape[1])]
         if bad:
             raise ValueError(f"entries {bad} outside {name!r} of shape {shape} (out, in).")
@@ -410,14 +415,16 @@ def _smallest_k(score: Float[Tensor, "r n"], k: int) -> Bool[Tensor, "r n"]:
     return below | (ties & (ties.cumsum(1) <= need))
 
 
-def wanda_mask(w: Float[Tensor, "out in"], input_norm: Float[Tensor, " in"], sparsity: float) -> Bool[Tensor, "out in"]:
+def wanda_mask(w: Float[Tensor, "out in"], input_norm: Float[Tensor, " in"],
+               sparsity: float) -> Bool[Tensor, "out in"]:
     """Wanda (Sun et al. 2023): in every output row, True at the ``round(sparsity * in)`` entries of
     smallest ``|W_ij| * ||x_j||_2``, where ``||x_j||_2`` is the norm of input feature ``j`` over
     calibration tokens (:func:`wanda_input_norms`)."""
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity={sparsity} must be in [0, 1].")
     if input_norm.shape != (w.shape[1],):
-        raise ValueError(f"input_norm has shape {tuple(input_norm.shape)}; the weight has {w.shape[1]} inputs.")
+        raise ValueError(f"input_norm has shape {tuple(input_norm.shape)}; "
+                         f"the weight has {w.shape[1]} inputs.")
     score = w.abs() * input_norm.to(w.device, w.dtype)[None, :]  # (out, in)
     return _smallest_k(score, round(sparsity * w.shape[1]))
 
@@ -568,10 +575,7 @@ def random_weight_entries(lm: LoadedModel, n: int, seed: int, names: Sequence[st
     generator keyed by ``(seed, key)`` only. Returns ``[(name, row, col), ...]`` in ``(out, in)`` coordinates.
     """
     names = weight_names(lm) if names is None else _check_names(lm, names)
-    shapes = []
-    for name in names:
-        shape = tuple(weight_module(lm, name).weight.shape)
-        shapes.append(shape[::-1] if lm.adapter.conv1d and parse_weight_name(lm, name)[0] is not None else shape)
+    shapes = [tuple(_out_in(lm, name).shape) for name in names]
     sizes = torch.tensor([r * c for r, c in shapes], dtype=torch.float64)
     gen = torch.Generator().manual_seed(_seed_for(seed, "weight-entries", key))
     mats = torch.multinomial(sizes / sizes.sum(), n, replacement=True, generator=gen)
@@ -591,8 +595,7 @@ def largest_weight_entries(lm: LoadedModel, n: int, names: Sequence[str] | None 
     skip = set(exclude)
     cands = []
     for name in names:
-        w = weight_module(lm, name).weight.detach()
-        w = w.T if lm.adapter.conv1d and parse_weight_name(lm, name)[0] is not None else w  # (out, in)
+        w = _out_in(lm, name).detach()
         vals, idx = w.abs().flatten().topk(min(n + len(skip), w.numel()))
         cands += [(float(v), name, int(i) // w.shape[1], int(i) % w.shape[1]) for v, i in zip(vals, idx)]
     cands.sort(key=lambda c: -c[0])
@@ -621,8 +624,7 @@ def down_proj_spikes(lm: LoadedModel, ids: Int[Tensor, "n s"], batch_size: int =
             # (tokens, d_mlp), (tokens, d_model); some models (OPT) flatten batch and sequence already
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
             y = output.detach().float().reshape(-1, output.shape[-1])
-            w = weight_module(lm, name).weight.float()
-            w = w.T if lm.adapter.conv1d else w  # (out, in)
+            w = _out_in(lm, name).float()
             t, r = divmod(int(y.abs().reshape(-1).argmax()), y.shape[1])
             contrib = x[t] * w[r]  # (d_mlp,): each input channel's share of output r at token t
             c = int(contrib.abs().argmax())

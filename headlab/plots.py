@@ -11,8 +11,8 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 __all__ = ["ablation_curves", "attention_patterns", "compare_scatter", "confusion_heatmap",
-           "config_comparison", "effect_vs_level", "head_heatmap", "layer_module_heatmap", "layer_spikes", "logit_diff_hist", "position_loss",
-           "probability_bars", "ranked_effects"]
+           "config_comparison", "effect_vs_level", "head_heatmap", "layer_module_heatmap", "layer_spikes",
+           "logit_diff_hist", "position_loss", "probability_bars", "ranked_effects"]
 
 
 def confusion_heatmap(cm: np.ndarray, labels: Sequence[str], title: str = "") -> Figure:
@@ -265,7 +265,8 @@ def probability_bars(frame: pd.DataFrame, x: str, hue: str | None = None, value:
     return fig
 
 
-def layer_spikes(frame: pd.DataFrame, columns: Sequence[str] = ("in_max", "out_max"), title: str = "") -> Figure:
+def layer_spikes(frame: pd.DataFrame, columns: Sequence[str] = ("in_max", "out_max"),
+                 title: str = "") -> Figure:
     """Largest activation per layer (one line per column, log scale), e.g. the MLP down projection's
     input and output from :func:`headlab.interventions.down_proj_spikes`."""
     fig, ax = plt.subplots(figsize=(6.5, 3.2))

@@ -24,8 +24,8 @@ import pandas as pd
 __all__ = ["ABLATION_MODES", "HEAD_TYPES", "LAYER_RANGES", "MODES", "ShardStore", "ablation_heads",
            "ablation_summary", "config_hash", "head_edits", "head_sweep", "induction_ablation_sweep", "induction_vs_random",
            "layer_range", "rank_heads", "run_grid", "seed_agreement",
-           "WEIGHT_KINDS", "break_probability", "entries_text", "head_prune_order", "nll_summary", "parse_entries",
-           "weight_setting", "weight_sweep"]
+           "WEIGHT_KINDS", "break_probability", "entries_text", "head_prune_order", "nll_summary",
+           "parse_entries", "weight_setting", "weight_sweep"]
 
 
 def config_hash(config: dict[str, Any], length: int = 12) -> str:
@@ -625,7 +625,7 @@ def weight_setting(lm: Any, point: dict[str, Any], *, wanda_norms: dict | None =
     import torch
 
     from headlab import interventions as iv
-    from headlab.models import parse_weight_name, weight_module, weight_names
+    from headlab.models import parse_weight_name, weight_names
 
     kind = point.get("kind")
     if kind not in WEIGHT_KINDS:
@@ -646,7 +646,8 @@ def weight_setting(lm: Any, point: dict[str, Any], *, wanda_norms: dict | None =
             raise ValueError("kind='wanda' needs wanda_norms (headlab.interventions.wanda_input_norms).")
         return iv.prune_wanda(lm, wanda_norms, float(point["sparsity"])), 0, {}
     if kind == "heads":
-        order = head_prune_order(lm.n_layers, lm.n_heads, point["order"], head_ranking, int(point.get("seed", 0)))
+        order = head_prune_order(lm.n_layers, lm.n_heads, point["order"], head_ranking,
+                                 int(point.get("seed", 0)))
         k = round(float(point["fraction"]) * len(order))
         heads = _heads_dict(order[:k])
         return iv.prune_heads(lm, heads), min(heads, default=0), {"n_heads": k}
@@ -655,9 +656,7 @@ def weight_setting(lm: Any, point: dict[str, Any], *, wanda_norms: dict | None =
     if kind == "bitflip":
         # The same random weight for every bit and format of one trial (a paired comparison).
         name, r, c = iv.random_weight_entries(lm, 1, int(point["seed"]), key=int(point["trial"]))[0]
-        w = weight_module(lm, name).weight
-        w = w.T if lm.adapter.conv1d else w
-        before = w[r, c].detach().float().reshape(1)
+        before = iv._out_in(lm, name)[r, c].detach().float().reshape(1)
         after = iv.flip_bit(before, point["bit"], point["fmt"])
         ctx = iv.flip_weight_bits(lm, {name: [(r, c)]}, point["bit"], point["fmt"])
         info = {"weight": name, "row": r, "col": c, "value": float(before), "flipped": float(after),
@@ -669,7 +668,8 @@ def weight_setting(lm: Any, point: dict[str, Any], *, wanda_norms: dict | None =
 
 def weight_sweep(lm: Any, windows: Any, points: Iterable[dict[str, Any]], out_dir: str | Path,
                  base: dict[str, Any] | None = None, *, wanda_norms: dict | None = None,
-                 head_ranking: pd.DataFrame | None = None, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+                 head_ranking: pd.DataFrame | None = None,
+                 progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-token NLL of ``windows`` under the weight edit of each grid point; one resumable shard per point.
 
     Each edit is applied inside its context manager (weights restored bit-exactly after every point)
