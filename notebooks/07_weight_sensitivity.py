@@ -174,7 +174,7 @@ def group_spread(frame: pd.DataFrame, groups: list) -> pd.DataFrame:
         for grp in groups:
             if set(grp) <= set(wide.columns):
                 rows.append({"mode": mode, "matrices": " = ".join(grp),
-                             "max_abs_difference_nats": float((wide[grp].max(1) - wide[grp].min(1)).max())})
+                             "max_abs_difference_nats": float((wide[grp].max(axis=1) - wide[grp].min(axis=1)).max())})
     return pd.DataFrame(rows)
 
 
@@ -364,7 +364,7 @@ spike_drop = spikes[["layer", "out_max"]].merge(spikes_without[["layer", "out_ma
 sentiment = pd.concat([sentiment, sentiment_under(f"zeroed {top_entry}",
                                                   {"kind": "zero_entries", "entries": top_entry})],
                       ignore_index=True)
-display(spike_drop.set_index("layer").T.round(1))
+display(spike_drop[spike_drop["layer"].isin(cands["layer"])].set_index("layer").round(1))
 sentiment.pivot_table(index="setting", columns="metric", values="value", sort=False).round(3)
 
 # %% [markdown]
@@ -382,6 +382,8 @@ sent_txt = "; ".join(f"{s}: accuracy {s_at[(s, 'accuracy')]:.2f}, ROC-AUC {s_at[
 bits_txt = "; ".join(f"{r.fmt} {r.bit}: {r.broken}/{r.trials} = {r.p_break:.2f} [{r.low:.2f}, {r.high:.2f}]"
                      for r in breaks.itertuples())
 c0, s0, k0 = cands.iloc[0], superw.iloc[0], superw.iloc[1]
+zero_abl = ablation[ablation["mode"] == "zero"].set_index(["layer", "matrix"])["ppl_ratio"]
+mlp_whole = zero_abl.get((int(c0.layer), "mlp.down"), float("nan"))
 s_at_sw = sentiment[sentiment["setting"] == f"zeroed {top_entry}"].set_index("metric")["value"]
 g_all, g_top = superw.iloc[-2], superw.iloc[-1]
 lines = [
@@ -410,7 +412,8 @@ lines = [
     f"accuracy {s_at_sw['accuracy']:.2f}, ROC-AUC {s_at_sw['roc_auc']:.2f}. Zeroing the largest-magnitude "
     f"weight of the same matrix instead: {k0.perplexity:.2f} "
     f"(x{k0.ppl_ratio:.2f}). All {len(cand_entries)} candidates: x{g_all.ppl_ratio:.2f}; the {len(top_all)} "
-    f"largest-magnitude weights of all blocks: x{g_top.ppl_ratio:.2f}.",
+    f"largest-magnitude weights of all blocks: x{g_top.ppl_ratio:.2f}. For comparison, zeroing the whole "
+    f"MLP of layer {int(c0.layer)} (its down projection, {heat_windows.n_scored} tokens): x{mlp_whole:.2f}.",
     "Weights restored bit-exactly after every edit (state-dict SHA-256 unchanged).",
 ]
 display(Markdown("\n".join(f"- {line}" for line in lines)))
