@@ -49,6 +49,7 @@ __all__ = [
     "text_entropy",
     "text_pattern_stats",
     "head_output_means",
+    "head_write_norms",
     "induction_score",
     "induction_scores",
     "ordinary_token_ids",
@@ -309,6 +310,30 @@ def head_output_means(lm: LoadedModel, ids: Int[Tensor, "n s"],
             sums[layer] += z[layer].reshape(-1, H, dh).double().sum(0).cpu()  # (b*s, H, dh) summed
     mean = (sums / ids.numel()).float()
     return {layer: mean[layer] for layer in range(lm.n_layers)}
+
+
+@torch.inference_mode()
+def head_write_norms(lm: LoadedModel, ids: Int[Tensor, "n s"], batch_size: int = 4) -> Float[Tensor, "L H"]:
+    """Mean norm of what each head writes into the residual stream, ``||W_O[:, h] z_h||_2``, over all
+    positions of all rows of ``ids`` (a cheap, task-free importance score for heads).
+
+    Returns:
+        ``(n_layers, n_heads)`` float32 on the CPU.
+    """
+    from headlab.interventions import capture
+
+    H, dh = lm.n_heads, lm.head_dim
+    sums = torch.zeros(lm.n_layers, H, dtype=torch.float64)
+    for s in range(0, len(ids), batch_size):
+        with capture(lm) as z:
+            lm.model(input_ids=ids[s:s + batch_size].to(lm.device))
+        for layer in range(lm.n_layers):
+            w = lm.adapter.weight_in_out(lm.layer_module(layer, "attn_out")).float()  # (d_model, H * dh)
+            zl = z[layer].float().reshape(-1, H, dh)  # (b*s, H, dh)
+            wh = w.reshape(w.shape[0], H, dh)  # (d_model, H, dh)
+            out = torch.einsum("thd,mhd->thm", zl, wh)  # (b*s, H, d_model): head h's write
+            sums[layer] += out.norm(dim=-1).double().sum(0).cpu()
+    return (sums / ids.numel()).float()
 
 
 @torch.inference_mode()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 
@@ -33,6 +33,7 @@ from headlab.models import LoadedModel
 __all__ = [
     "CleanRun",
     "EncodedPrompts",
+    "TextWindows",
     "clean_run",
     "decode_residual",
     "direction_logits",
@@ -46,7 +47,9 @@ __all__ = [
     "perplexity",
     "prefix_kv",
     "sweep_heads",
+    "text_windows",
     "token_nll",
+    "windows_nll",
 ]
 
 
@@ -270,6 +273,22 @@ def generate_greedy(lm: LoadedModel, enc: EncodedPrompts, max_new_tokens: int = 
 # --------------------------------------------------------------------------------------------------
 # Perplexity
 # --------------------------------------------------------------------------------------------------
+def _nll_spans(n: int, context: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """Windows of :func:`token_nll`: ``(window index, start, end, first scored position)``."""
+    spans = []
+    start, scored_upto = 0, 1  # token 0 has no prediction
+    while True:
+        end = min(start + context, n)
+        spans.append((len(spans), start, end, max(scored_upto, start + 1)))
+        scored_upto = end
+        if end >= n:
+            break
+        # Next window: ``stride`` further, but starting early enough that the first unscored token is
+        # predicted inside it (matters for stride == context) and, at the end, a full window.
+        start = min(start + stride, scored_upto - 1, n - context)
+    return spans
+
+
 @torch.inference_mode()
 def token_nll(
     lm: LoadedModel,
@@ -305,17 +324,7 @@ def token_nll(
     if n < 2:
         raise ValueError("Need at least 2 tokens to score.")
     nll, win = [], []
-    spans = []  # (window index, start, end, first scored position)
-    start, scored_upto = 0, 1  # token 0 has no prediction
-    while True:
-        end = min(start + context, n)
-        spans.append((len(spans), start, end, max(scored_upto, start + 1)))
-        scored_upto = end
-        if end >= n:
-            break
-        # Next window: ``stride`` further, but starting early enough that the first unscored token is
-        # predicted inside it (matters for stride == context) and, at the end, a full window.
-        start = min(start + stride, scored_upto - 1, n - context)
+    spans = _nll_spans(n, context, stride)
     for rows in _batches(len(spans), batch_size):
         chunk = [spans[r] for r in rows]
         width = max(e - s for _, s, e, _ in chunk)
@@ -851,3 +860,98 @@ def lens_label_scores(
             logprobs[layer, rows] = (lab - torch.logsumexp(logits, -1, keepdim=True)).cpu()
             ranks[layer, rows] = (logits[:, None, :] > lab[:, :, None]).sum(-1).cpu()
     return logprobs, ranks
+
+
+# Perplexity under many weight edits: the clean pass is kept, an edit in layer l recomputes from l on
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class TextWindows:
+    """A token stream cut into the windows of :func:`token_nll`, with each block's clean input.
+
+    Attributes:
+        ids: ``(W, C)`` window token ids, right-padded with 0 where a window is shorter.
+        mask: ``(W, C)`` 1 at real tokens.
+        first: ``(W,)`` first scored position of each window, relative to the window start.
+        hidden: ``(L, W, C, d_model)`` input of every block in the clean model (None if not kept).
+        batch_size: windows per forward pass the hidden states were computed with (reused, so that a
+            recomputation from layer 0 is bit-identical to the clean pass).
+    """
+
+    ids: Int[Tensor, "W C"]
+    mask: Int[Tensor, "W C"]
+    first: Int[Tensor, " W"]
+    hidden: Float[Tensor, "L W C d"] | None
+    batch_size: int
+
+    @property
+    def n_scored(self) -> int:
+        return int(sum(int(m.sum()) - int(f) for m, f in zip(self.mask, self.first)))
+
+    def head(self, n_windows: int) -> TextWindows:
+        """The first ``n_windows`` windows (a smaller token budget scored in exactly the same way)."""
+        if not 1 <= n_windows <= len(self.ids):
+            raise ValueError(f"n_windows={n_windows} must be in 1..{len(self.ids)}.")
+        hid = None if self.hidden is None else self.hidden[:, :n_windows]
+        return TextWindows(self.ids[:n_windows], self.mask[:n_windows], self.first[:n_windows], hid,
+                           self.batch_size)
+
+
+@torch.inference_mode()
+def text_windows(lm: LoadedModel, ids: Int[Tensor, " N"], context: int = 512, stride: int = 256,
+                 batch_size: int = 8, keep_hidden: bool = True) -> TextWindows:
+    """Cut ``ids`` into :func:`token_nll`'s windows and (``keep_hidden``) run the clean model once,
+    keeping the input of every block, so that :func:`windows_nll` can start at any layer."""
+    if context < 2 or not 0 < stride <= context:
+        raise ValueError(f"need context >= 2 and 0 < stride <= context; "
+                         f"got context={context}, stride={stride}.")
+    if len(ids) < 2:
+        raise ValueError("Need at least 2 tokens to score.")
+    spans = _nll_spans(len(ids), context, stride)
+    width = max(e - s for _, s, e, _ in spans)
+    x = torch.stack([torch.nn.functional.pad(ids[s:e], (0, width - (e - s))) for _, s, e, _ in spans])
+    mask = torch.stack([(torch.arange(width) < e - s).long() for _, s, e, _ in spans])
+    first = torch.tensor([f - s for _, s, _, f in spans])
+    hidden = None
+    if keep_hidden:
+        hidden = torch.empty(lm.n_layers, len(spans), width, lm.d_model, dtype=lm.dtype, device=lm.device)
+        for rows in _batches(len(spans), batch_size):
+            out = lm.model(input_ids=x[rows].to(lm.device), attention_mask=mask[rows].to(lm.device),
+                           output_hidden_states=True, logits_to_keep=1)
+            for layer in range(lm.n_layers):
+                hidden[layer, rows.start:rows.stop] = out.hidden_states[layer]
+    return TextWindows(x, mask, first, hidden, batch_size)
+
+
+@torch.inference_mode()
+def windows_nll(lm: LoadedModel, windows: TextWindows, from_layer: int = 0,
+                batch_size: int | None = None) -> tuple[Float[Tensor, " M"], Int[Tensor, " M"]]:
+    """Per-token NLL of the windows, as :func:`token_nll` gives it, computing blocks ``from_layer`` on.
+
+    Blocks before ``from_layer`` are not run: their output is the clean input of block ``from_layer``
+    kept by :func:`text_windows`. Use it under an edit that changes nothing before ``from_layer``
+    (a weight edit in layer ``from_layer`` or later); the result then equals a full forward.
+
+    Returns:
+        ``(nll, window)`` like :func:`token_nll`.
+    """
+    if not 0 <= from_layer < lm.n_layers:
+        raise ValueError(f"from_layer={from_layer} out of range 0..{lm.n_layers - 1}.")
+    if from_layer > 0 and windows.hidden is None:
+        raise ValueError("from_layer > 0 needs the clean hidden states: text_windows(..., keep_hidden=True).")
+    batch_size = batch_size or windows.batch_size
+    nll, win = [], []
+    for rows in _batches(len(windows.ids), batch_size):
+        x = windows.ids[rows].to(lm.device)
+        mask = windows.mask[rows]
+        ctx = (_skip_layers_before(lm, from_layer, windows.hidden[from_layer, rows.start:rows.stop])
+               if from_layer > 0 else nullcontext())
+        with ctx:
+            logits = lm.model(input_ids=x, attention_mask=mask.to(lm.device)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        tok_nll = -logp.gather(-1, x[:, 1:, None])[..., 0].cpu()  # (b, width-1): nll of token t+1
+        for j, w in enumerate(rows):
+            first, length = int(windows.first[w]), int(mask[j].sum())
+            sel = tok_nll[j, first - 1:length - 1]
+            nll.append(sel)
+            win.append(torch.full((len(sel),), w, dtype=torch.long))
+    return torch.cat(nll), torch.cat(win)

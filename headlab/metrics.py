@@ -34,6 +34,7 @@ __all__ = [
     "rank_agreement",
     "residualize",
     "roc_auc",
+    "wilson_interval",
 ]
 
 
@@ -434,3 +435,24 @@ def first_sustained_layer(frame: pd.DataFrame, column: str, above: float) -> int
     while i > 0 and ok[i - 1]:
         i -= 1
     return int(f["layer"].iloc[i])
+
+
+def wilson_interval(successes: int, trials: int, level: float = 0.95) -> CI:
+    """Wilson score interval of a binomial proportion (sound at 0 and ``trials`` successes too).
+
+    Returns:
+        :class:`CI` with the observed proportion and the interval; NaNs for ``trials == 0``.
+    """
+    from scipy import stats
+
+    if trials < 0 or not 0 <= successes <= max(trials, 0):
+        raise ValueError(f"need 0 <= successes <= trials; got successes={successes}, trials={trials}.")
+    if not 0 < level < 1:
+        raise ValueError(f"level={level} must be in (0, 1).")
+    if trials == 0:
+        return CI(math.nan, math.nan, math.nan, level)
+    z = float(stats.norm.ppf(1 - (1 - level) / 2))
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z / (1 + z * z / trials) * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials))
+    return CI(p, max(0.0, centre - half), min(1.0, centre + half), level)

@@ -36,11 +36,15 @@ __all__ = [
     "EMBEDDED_MODELS",
     "Adapter",
     "LoadedModel",
+    "MODEL_WEIGHTS",
     "cache_dir",
     "default_device",
     "get_module",
     "load_model",
+    "parse_weight_name",
     "resolve_adapter",
+    "weight_module",
+    "weight_names",
 ]
 
 
@@ -71,6 +75,10 @@ class Adapter:
         post_final: modules applied after ``final_norm`` and before ``unembed`` when present (OPT's
             ``project_out``).
         logit_softcap_attr: config attribute with a final logit soft-cap (Gemma 2), if any.
+        weights: ``(canonical name, path relative to one layer)`` of every weight matrix of a block,
+            in forward order. Canonical names are shared across architectures: ``attn.q``, ``attn.k``,
+            ``attn.v`` (or ``attn.qkv`` where the projections are fused), ``attn.o``, ``mlp.gate``,
+            ``mlp.up``, ``mlp.down``. Weight edits (:func:`headlab.interventions.edit_weights`) use them.
     """
 
     name: str
@@ -85,6 +93,7 @@ class Adapter:
     conv1d: bool = False
     post_final: tuple[str, ...] = ()
     logit_softcap_attr: str | None = None
+    weights: tuple[tuple[str, str], ...] = ()
 
     def weight_in_out(self, module: nn.Module) -> torch.Tensor:
         """Return ``module``'s weight as ``(out_features, in_features)`` whatever its storage layout."""
@@ -101,6 +110,9 @@ _LLAMA_LIKE = dict(
     final_norm="model.norm",
     unembed="lm_head",
     embed="model.embed_tokens",
+    weights=(("attn.q", "self_attn.q_proj"), ("attn.k", "self_attn.k_proj"), ("attn.v", "self_attn.v_proj"),
+             ("attn.o", "self_attn.o_proj"), ("mlp.gate", "mlp.gate_proj"), ("mlp.up", "mlp.up_proj"),
+             ("mlp.down", "mlp.down_proj")),
 )
 
 #: ``config.model_type`` -> Adapter. Add a row here to support a new architecture.
@@ -122,6 +134,8 @@ ADAPTERS: dict[str, Adapter] = {
         unembed="lm_head",
         embed="transformer.wte",
         conv1d=True,
+        weights=(("attn.qkv", "attn.c_attn"), ("attn.o", "attn.c_proj"), ("mlp.up", "mlp.c_fc"),
+                 ("mlp.down", "mlp.c_proj")),
     ),
     "gpt_neox": Adapter(
         "GPT-NeoX / Pythia",
@@ -133,6 +147,8 @@ ADAPTERS: dict[str, Adapter] = {
         final_norm="gpt_neox.final_layer_norm",
         unembed="lm_head",
         embed="gpt_neox.embed_in",
+        weights=(("attn.qkv", "attention.query_key_value"), ("attn.o", "attention.dense"),
+                 ("mlp.up", "mlp.dense_h_to_4h"), ("mlp.down", "mlp.dense_4h_to_h")),
     ),
     "opt": Adapter(
         "OPT",
@@ -145,6 +161,8 @@ ADAPTERS: dict[str, Adapter] = {
         unembed="lm_head",
         embed="model.decoder.embed_tokens",
         post_final=("model.decoder.project_out",),
+        weights=(("attn.q", "self_attn.q_proj"), ("attn.k", "self_attn.k_proj"), ("attn.v", "self_attn.v_proj"),
+                 ("attn.o", "self_attn.out_proj"), ("mlp.up", "fc1"), ("mlp.down", "fc2")),
     ),
 }
 
@@ -500,3 +518,51 @@ def wrap_model(model: nn.Module, tokenizer: Any, spec: str = "in-memory") -> Loa
     model.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=resolve_adapter(model.config.model_type),
                        spec=spec, source=spec, fingerprint="")
+
+
+# --------------------------------------------------------------------------------------------------
+# Weight matrices by canonical name
+# --------------------------------------------------------------------------------------------------
+#: Model-level weight names accepted by :func:`weight_module` besides the per-layer ``L{layer}.{name}``.
+MODEL_WEIGHTS = ("embed", "unembed")
+
+
+def weight_names(lm: LoadedModel, layers: range | list[int] | None = None) -> list[str]:
+    """Full names ``L{layer}.{canonical}`` of the weight matrices of the given blocks (default: all).
+
+    Canonical names come from :attr:`Adapter.weights`, e.g. ``L5.attn.q`` or ``L12.mlp.down``; the
+    order is layer by layer, in forward order within a layer. The token embedding and the unembedding
+    are not included (they are often one tied tensor; name them explicitly with ``"embed"`` /
+    ``"unembed"``).
+    """
+    if not lm.adapter.weights:
+        raise ValueError(f"The adapter of {lm.adapter.name} lists no weight matrices (Adapter.weights).")
+    layers = range(lm.n_layers) if layers is None else layers
+    return [f"L{layer}.{canon}" for layer in layers for canon, _ in lm.adapter.weights]
+
+
+def parse_weight_name(lm: LoadedModel, name: str) -> tuple[int | None, str]:
+    """Split ``"L5.mlp.down"`` into ``(5, "mlp.down")``; ``"embed"``/``"unembed"`` give ``(None, name)``.
+
+    Raises:
+        ValueError: naming the bad name and the allowed forms.
+    """
+    canon = [c for c, _ in lm.adapter.weights]
+    if name in MODEL_WEIGHTS:
+        return None, name
+    head, _, rest = name.partition(".")
+    if head[:1] == "L" and head[1:].isdigit() and rest in canon:
+        layer = int(head[1:])
+        if not 0 <= layer < lm.n_layers:
+            raise ValueError(f"weight {name!r}: layer {layer} out of range 0..{lm.n_layers - 1}.")
+        return layer, rest
+    raise ValueError(f"Unknown weight name {name!r}. Use 'L<layer>.<matrix>' with <matrix> one of {canon} "
+                     f"for {lm.adapter.name}, or one of {list(MODEL_WEIGHTS)}.")
+
+
+def weight_module(lm: LoadedModel, name: str) -> nn.Module:
+    """The module whose ``.weight`` is the named matrix (see :func:`weight_names`)."""
+    layer, canon = parse_weight_name(lm, name)
+    if layer is None:
+        return lm.module(canon)
+    return get_module(lm.layers[layer], dict(lm.adapter.weights)[canon])

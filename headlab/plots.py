@@ -11,8 +11,9 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 __all__ = ["ablation_curves", "attention_patterns", "compare_scatter", "confusion_heatmap",
-           "config_comparison", "effect_vs_level", "head_heatmap", "lens_readout", "logit_diff_hist",
-           "neuron_profile", "neuron_snippets_html", "position_loss", "ranked_effects", "token_pattern"]
+           "config_comparison", "effect_vs_level", "head_heatmap", "layer_module_heatmap", "layer_spikes",
+           "lens_readout", "logit_diff_hist", "neuron_profile", "neuron_snippets_html", "position_loss",
+           "probability_bars", "ranked_effects", "token_pattern"]
 
 
 def confusion_heatmap(cm: np.ndarray, labels: Sequence[str], title: str = "") -> Figure:
@@ -311,3 +312,73 @@ def neuron_snippets_html(snippets: pd.DataFrame, examples: pd.DataFrame, title: 
                      f'<span style="display:inline-block;width:5.5em;color:#555">{ex.activation:8.2f}</span>'
                      f'{"".join(spans)}</div>')
     return "\n".join(lines)
+
+
+def layer_module_heatmap(frame: pd.DataFrame, value: str, title: str = "", center: float | None = 0.0,
+                         cmap: str = "RdBu_r", log: bool = False, annot: str | None = None,
+                         robust: bool = False) -> Figure:
+    """Layer x weight-matrix heatmap of one column of a frame with ``layer`` and ``matrix`` columns.
+
+    Columns keep the order in which matrices first appear (forward order). ``log`` colours by
+    ``log10`` of the value (for ratios spanning orders of magnitude); ``annot`` names a column printed
+    in each cell (3 significant digits); ``robust`` sets the colour range from the 2nd-98th percentiles
+    so that one extreme cell does not wash out the rest.
+    """
+    from matplotlib.colors import LogNorm
+
+    order = list(dict.fromkeys(frame["matrix"]))
+    grid = frame.pivot_table(index="layer", columns="matrix", values=value, aggfunc="mean")[order]
+    fig, ax = plt.subplots(figsize=(0.9 * grid.shape[1] + 3.0, 0.26 * grid.shape[0] + 1.6))
+    finite = grid.to_numpy()[np.isfinite(grid.to_numpy())]
+    norm = LogNorm(vmin=max(finite.min(), 1e-6), vmax=finite.max()) if log and len(finite) else None
+    labels = (frame.pivot_table(index="layer", columns="matrix", values=annot, aggfunc="mean")[order]
+              .map(lambda v: f"{v:.3g}") if annot else False)
+    sns.heatmap(grid, ax=ax, cmap=cmap, center=None if log else center, norm=norm, robust=robust,
+                annot=labels, fmt="", annot_kws={"fontsize": 6},
+                cbar_kws={"label": value + (" (log scale)" if log else "")})
+    ax.set_title(title or value)
+    ax.set_xlabel("weight matrix")
+    ax.set_ylabel("layer")
+    fig.tight_layout()
+    return fig
+
+
+def probability_bars(frame: pd.DataFrame, x: str, hue: str | None = None, value: str = "p_break",
+                     title: str = "", ylabel: str = "P(model breaks)") -> Figure:
+    """Bars of a probability per ``x`` (one colour per ``hue``) with ``low``/``high`` interval whiskers."""
+    xs = list(dict.fromkeys(frame[x]))
+    hues = list(dict.fromkeys(frame[hue])) if hue else [None]
+    colors = sns.color_palette(n_colors=len(hues))
+    width = 0.8 / len(hues)
+    fig, ax = plt.subplots(figsize=(1.1 * len(xs) * max(1, len(hues) / 1.5) + 2, 3.4))
+    for j, (h, color) in enumerate(zip(hues, colors)):
+        sub = frame if h is None else frame[frame[hue] == h]
+        sub = sub.set_index(x).reindex(xs)
+        pos = np.arange(len(xs)) + (j - (len(hues) - 1) / 2) * width
+        err = np.vstack([sub[value] - sub["low"], sub["high"] - sub[value]])
+        ax.bar(pos, sub[value], width=width, color=color, label=None if h is None else str(h),
+               yerr=err, capsize=3, ecolor="#333333")
+    ax.set_xticks(np.arange(len(xs)), [str(v) for v in xs])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if hue:
+        ax.legend(title=hue, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def layer_spikes(frame: pd.DataFrame, columns: Sequence[str] = ("in_max", "out_max"),
+                 title: str = "") -> Figure:
+    """Largest activation per layer (one line per column, log scale), e.g. the MLP down projection's
+    input and output from :func:`headlab.interventions.down_proj_spikes`."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    for col in columns:
+        ax.plot(frame["layer"], frame[col], "o-", ms=3, label=col)
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("max |activation|")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
