@@ -498,6 +498,10 @@ def test_neuron_views(tiny_factory, tokenizer):
 @pytest.mark.slow
 def test_real_model_lens_and_streaming_stats(real_lm):
     ids = torch.tensor([real_lm.tokenizer("The capital of France is Paris. The capital of Italy is")["input_ids"]])
+    # real_lm is shared by the session: count the hooks it has now (transformers' own recorders
+    # may already be installed by earlier tests) and check that ours are gone at the end
+    real_lm.model(input_ids=ids, output_hidden_states=True)
+    _BASELINE_HOOKS[id(real_lm.model)] = _hook_count(real_lm)
     lens = engine.lens_logits(real_lm, ids, positions=[ids.shape[1] - 1])[:, 0, 0]  # (L, V)
     logits = real_lm.model(input_ids=ids).logits[0, -1].float()
     torch.testing.assert_close(lens[-1], logits, rtol=1e-4, atol=1e-4)
