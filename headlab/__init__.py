@@ -9,6 +9,7 @@ Modules (one place for each thing):
 * :mod:`headlab.neurons` -- FFN neurons: streaming activation statistics, top snippets, promoted tokens
 * :mod:`headlab.attention` -- attention patterns, induction scores, repeated random tokens, ablated losses
 * :mod:`headlab.tasks` -- the few-shot sentiment task and prompt selection
+* :mod:`headlab.atlas` -- the head atlas: every per-head measure the chapters saved, joined per model
 * :mod:`headlab.metrics` -- accuracy, F1, ROC-AUC, bootstrap CIs, chance checks, per-layer readouts
 * :mod:`headlab.plots` -- figures from tidy frames
 * :mod:`headlab.records` -- results saved with their parameters, model fingerprint and versions

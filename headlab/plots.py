@@ -10,7 +10,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-__all__ = ["ablation_curves", "attention_patterns", "compare_scatter", "confusion_heatmap",
+__all__ = ["correlation_heatmap", "ablation_curves", "attention_patterns", "compare_scatter", "confusion_heatmap",
            "config_comparison", "effect_vs_level", "head_heatmap", "layer_module_heatmap", "layer_spikes",
            "lens_readout", "logit_diff_hist", "neuron_profile", "neuron_snippets_html", "position_loss",
            "probability_bars", "ranked_effects", "token_pattern"]
@@ -380,5 +380,18 @@ def layer_spikes(frame: pd.DataFrame, columns: Sequence[str] = ("in_max", "out_m
     ax.set_ylabel("max |activation|")
     ax.set_title(title)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def correlation_heatmap(rho: pd.DataFrame, n: pd.DataFrame, title: str = "") -> Figure:
+    """Square heatmap of a correlation matrix; each cell shows ρ and the number of heads behind it."""
+    labels = np.array([[f"{r:.2f}\nn={int(k)}" if np.isfinite(r) else f"–\nn={int(k)}"
+                        for r, k in zip(rr, kk)] for rr, kk in zip(rho.to_numpy(), n.to_numpy())])
+    size = 0.9 * len(rho) + 2
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    sns.heatmap(rho, ax=ax, cmap="RdBu_r", center=0, vmin=-1, vmax=1, annot=labels, fmt="",
+                annot_kws={"fontsize": 7}, cbar_kws={"label": "Spearman ρ"})
+    ax.set_title(title)
     fig.tight_layout()
     return fig

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import display
 
-__all__ = ["head_view", "neuron_explorer", "pattern_explorer", "sweep_explorer"]
+__all__ = ["head_atlas", "head_view", "neuron_explorer", "pattern_explorer", "sweep_explorer"]
 
 
 def sweep_explorer(heads: pd.DataFrame, metrics: Sequence[str] = ("logit_diff_drop", "accuracy_drop",
@@ -164,3 +164,49 @@ def neuron_explorer(lm, stats, ids, layer: int = 0, neuron: int = 0, n_examples:
         w.observe(draw, "value")
     draw()
     return W.VBox([W.HBox([pick_layer, pick_neuron]), out])
+
+
+def head_atlas(table: pd.DataFrame, patterns: object, tokens: Sequence[str], layer: int = 0,
+               head: int = 0) -> W.Widget:
+    """Pick a head: all its atlas scores (value, rank, percentile) and its attention pattern on one text.
+
+    Args:
+        table: the atlas table (:func:`headlab.atlas.load_atlas`), one row per ``(layer, head)``.
+        patterns: ``(n_layers, n_heads, s, s)`` attention probabilities of one short text, computed once;
+            the callbacks only slice it.
+        tokens: the text's ``s`` token strings.
+    """
+    import torch
+
+    from headlab.atlas import head_profile
+
+    pats = torch.as_tensor(patterns, dtype=torch.float32)
+    if pats.dim() != 4 or pats.shape[-1] != len(tokens) or pats.shape[-2] != len(tokens):
+        raise ValueError(f"patterns of shape {tuple(pats.shape)} do not fit (layers, heads, s, s) with "
+                         f"s = {len(tokens)} tokens.")
+    n_layers, n_heads = pats.shape[:2]
+    lw = W.BoundedIntText(value=layer, min=0, max=n_layers - 1, description="layer")
+    hw = W.BoundedIntText(value=head, min=0, max=n_heads - 1, description="head")
+    out = W.Output()
+
+    def draw(*_):
+        out.clear_output(wait=True)
+        with out:
+            L, H = int(lw.value), int(hw.value)
+            inside = ((table["layer"] == L) & (table["head"] == H)).any() if len(table) else False
+            if inside:
+                display(head_profile(table, L, H).round(4))
+            else:
+                display(f"L{L}H{H} has no scores in the atlas.")
+            fig, ax = plt.subplots(figsize=(4.5, 4))
+            ax.imshow(pats[L, H].numpy(), cmap="viridis", vmin=0, vmax=1)
+            ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=7)
+            ax.set_yticks(range(len(tokens)), tokens, fontsize=7)
+            ax.set_title(f"L{L}H{H} attention (query rows, key columns)")
+            fig.tight_layout()
+            plt.show()
+
+    lw.observe(draw, "value")
+    hw.observe(draw, "value")
+    draw()
+    return W.VBox([W.HBox([lw, hw]), out])

@@ -1,0 +1,189 @@
+"""The head atlas: every per-head measure the chapters saved, joined into one table per model.
+
+Each chapter saves tidy tables (``headlab.records.save_frames``) into ``<results_root>/<chapter>/``
+with a ``config.json`` naming the model. :data:`MEASURES` lists which column of which table is a
+per-head measure; :func:`load_atlas` reads whatever exists, checks that every table comes from the
+same model (fingerprint), and pivots the measures into one row per ``(layer, head)``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from headlab import records
+
+__all__ = ["MEASURES", "Atlas", "Measure", "head_profile", "load_atlas", "save_atlas", "spearman_pairs"]
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One per-head measure: ``column`` of ``<results_root>/<folder>/<table>.parquet``."""
+
+    name: str
+    folder: str
+    table: str
+    column: str
+    chapter: str
+    description: str
+
+
+#: Per-head measures the chapters produce (name, results folder, table, column, producing notebook).
+MEASURES: tuple[Measure, ...] = (
+    Measure("noise_effect", "noise", "ranking", "effect", "02_noise_perturbation",
+            "logit-difference drop when noise is added to the head's output (mean over seeds)"),
+    Measure("zero_ablation", "noise", "noise_vs_ablation", "zero_ablation", "02_noise_perturbation",
+            "logit-difference drop when the head's output is zeroed"),
+    Measure("induction_score", "induction", "scores", "induction_score", "03_induction",
+            "attention to the token after the previous occurrence on repeated random tokens"),
+    Measure("previous_token_score", "induction", "scores", "previous_token_score", "03_induction",
+            "attention to the previous token on repeated random tokens"),
+    Measure("entropy", "entropy", "entropy", "entropy", "04_entropy", "mean attention entropy (nats)"),
+    Measure("first_token_mass", "entropy", "entropy", "first_token", "04_entropy",
+            "mean attention on the first token (attention sink)"),
+    Measure("sentiment_r", "entropy", "sentiment_heads", "r", "04_entropy",
+            "correlation of the head's attention to sentiment words with the review label"),
+    Measure("instruction_effect", "entropy", "instruction_heads", "effect_size", "04_entropy",
+            "effect size of attention to instruction tokens, instruction vs plain prompts"),
+    Measure("gender_effect", "gender_bias", "ranked_heads", "effect_size", "05_gender_bias",
+            "effect size of the head's gendered attention differential"),
+)
+
+
+@dataclass
+class Atlas:
+    """The joined table and what went into it.
+
+    Attributes:
+        table: one row per ``(layer, head)``, one column per measure found (NaN where a table lacks a head).
+        long: the same numbers as ``(layer, head, measure, value)`` rows.
+        missing: one row per measure not found (``measure``, ``chapter``, ``path``, ``reason``).
+        model: the ``config.json`` model description shared by all the tables (``None`` if none had one).
+        sources: measure -> the Parquet file it came from.
+    """
+
+    table: pd.DataFrame
+    long: pd.DataFrame
+    missing: pd.DataFrame
+    model: dict[str, Any] | None
+    sources: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def measures(self) -> list[str]:
+        return [c for c in self.table.columns if c not in ("layer", "head")]
+
+
+def _model_of(folder: Path) -> dict[str, Any] | None:
+    path = folder / "config.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text()).get("model")
+
+
+def load_atlas(results_root: str | Path, measures: tuple[Measure, ...] = MEASURES,
+               model: str | None = None) -> Atlas:
+    """Join every per-head measure found under ``results_root`` into one table for one model.
+
+    Args:
+        results_root: the folder holding the chapters' results folders (``results`` by default in the book).
+        measures: which columns to collect (default :data:`MEASURES`).
+        model: if given, the model spec or fingerprint the tables must come from.
+
+    Returns:
+        An :class:`Atlas`. Measures whose table does not exist are listed in ``missing``, not raised.
+
+    Raises:
+        FileNotFoundError: ``results_root`` is not a folder.
+        ValueError: tables from different models (fingerprints differ), a table from another model than
+            ``model``, a table without ``layer``/``head``/the measure column, or a head listed twice.
+    """
+    root = Path(results_root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"results_root={str(root)!r} is not a folder; run the chapters first.")
+    frames, missing, sources = [], [], {}
+    seen_model: dict[str, Any] | None = None
+    seen_from = ""
+    for m in measures:
+        path = root / m.folder / f"{m.table}.parquet"
+        if not path.exists():
+            missing.append({"measure": m.name, "chapter": m.chapter, "path": str(path), "reason": "no table"})
+            continue
+        desc = _model_of(path.parent)
+        if desc is not None:
+            if model is not None and model not in (desc.get("spec"), desc.get("fingerprint")):
+                raise ValueError(f"{path} comes from model {desc.get('spec')!r} (fingerprint "
+                                 f"{desc.get('fingerprint')!r}), not from model={model!r}.")
+            if seen_model is None:
+                seen_model, seen_from = desc, str(path.parent)
+            elif desc.get("fingerprint") != seen_model.get("fingerprint"):
+                raise ValueError(
+                    f"refusing to join tables of different models: {seen_from} has {seen_model.get('spec')!r} "
+                    f"(fingerprint {seen_model.get('fingerprint')!r}), {path.parent} has {desc.get('spec')!r} "
+                    f"(fingerprint {desc.get('fingerprint')!r}). Point results_root at one model's results.")
+        frame = pd.read_parquet(path)
+        need = {"layer", "head", m.column} - set(frame.columns)
+        if need:
+            raise ValueError(f"{path} lacks columns {sorted(need)} needed for measure {m.name!r}; "
+                             f"it has {list(frame.columns)}.")
+        dup = frame.duplicated(["layer", "head"])
+        if dup.any():
+            first = frame.loc[dup, ["layer", "head"]].iloc[0]
+            raise ValueError(f"{path}: head L{first['layer']}H{first['head']} appears more than once "
+                             f"({int(dup.sum())} duplicate rows); measure {m.name!r} needs one row per head.")
+        frames.append(pd.DataFrame({"layer": frame["layer"].astype(int), "head": frame["head"].astype(int),
+                                    "measure": m.name, "value": frame[m.column].astype(float)}))
+        sources[m.name] = str(path)
+    long = (pd.concat(frames, ignore_index=True) if frames
+            else pd.DataFrame(columns=["layer", "head", "measure", "value"]))
+    order = [m.name for m in measures if m.name in sources]
+    if frames:
+        table = long.pivot(index=["layer", "head"], columns="measure", values="value")[order]
+        table = table.reset_index().sort_values(["layer", "head"], ignore_index=True)
+        table.columns.name = None
+    else:
+        table = pd.DataFrame(columns=["layer", "head"])
+    return Atlas(table, long, pd.DataFrame(missing, columns=["measure", "chapter", "path", "reason"]),
+                 seen_model, sources)
+
+
+def save_atlas(atlas: Atlas, results_dir: str | Path, params: dict[str, Any]) -> None:
+    """Save ``head_atlas``, ``head_atlas_long`` and ``missing_measures`` with a config naming the sources."""
+    records.write_config(results_dir, params, None, model=atlas.model, sources=atlas.sources)
+    records.save_frames(results_dir, head_atlas=atlas.table, head_atlas_long=atlas.long,
+                        missing_measures=atlas.missing)
+
+
+def spearman_pairs(table: pd.DataFrame, measures: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Spearman correlation between every pair of measure columns and the number of heads in each pair.
+
+    Returns:
+        ``(rho, n)``: two square frames indexed by measure (pairwise complete observations).
+    """
+    measures = measures or [c for c in table.columns if c not in ("layer", "head")]
+    values = table[measures].astype(float)
+    rho = values.corr(method="spearman")
+    present = values.notna().astype(int)
+    n = present.T @ present
+    return rho, n
+
+
+def head_profile(table: pd.DataFrame, layer: int, head: int) -> pd.DataFrame:
+    """One head's value, rank (1 = largest) and percentile for every measure in the atlas ``table``."""
+    hit = table[(table["layer"] == layer) & (table["head"] == head)]
+    if hit.empty:
+        raise ValueError(f"head L{layer}H{head} is not in the atlas (layers 0..{table['layer'].max()}, "
+                         f"heads 0..{table['head'].max()}).")
+    rows = []
+    for name in (c for c in table.columns if c not in ("layer", "head")):
+        col = table[name].astype(float)
+        value = float(hit[name].iloc[0])
+        rows.append({"measure": name, "value": value,
+                     "rank": int(col.rank(ascending=False, method="min")[hit.index[0]]) if pd.notna(value) else None,
+                     "of": int(col.notna().sum()),
+                     "percentile": float(100 * (col < value).sum() / max(col.notna().sum() - 1, 1))
+                     if pd.notna(value) else float("nan")})
+    return pd.DataFrame(rows)
