@@ -114,7 +114,7 @@ def label_token_ids(lm: LoadedModel, words: Sequence[str], leading_space: bool =
 def prefix_kv(lm: LoadedModel, prefix: Int[Tensor, " P"]) -> list[tuple[Tensor, Tensor]]:
     """Run the prefix once and return each layer's ``(keys, values)``, shape ``(1, n_kv, P, d_head)``."""
     out = lm.model(prefix[None].to(lm.device), use_cache=True)
-    return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    return [(layer.keys, layer.values) for layer in lm.cache_of(out).layers]
 
 
 def _cache_for_batch(lm: LoadedModel, kv: list[tuple[Tensor, Tensor]], batch: int) -> DynamicCache:
@@ -203,7 +203,7 @@ def forward_last(
     b = ids.shape[0]
     kwargs = {}
     if kv is not None:
-        kwargs["past_key_values"] = _cache_for_batch(lm, kv, b)
+        kwargs.update(lm.with_cache(_cache_for_batch(lm, kv, b)))
         mask = torch.cat([torch.ones(b, offset, dtype=torch.long), mask], dim=1)
     out = lm.model(
         input_ids=ids.to(dev),
@@ -260,11 +260,11 @@ def generate_greedy(lm: LoadedModel, enc: EncodedPrompts, max_new_tokens: int = 
         new: list[int] = []
         for _ in range(max_new_tokens):
             positions = (pos + torch.arange(ids.shape[1], device=lm.device))[None]
-            out = lm.model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True)
+            out = lm.model(input_ids=ids, position_ids=positions, use_cache=True, **lm.with_cache(cache))
             nxt = int(out.logits[0, -1].argmax())
             new.append(nxt)
             pos += ids.shape[1]
-            cache = out.past_key_values
+            cache = lm.cache_of(out)
             ids = torch.tensor([[nxt]], device=lm.device)
         texts.append(lm.tokenizer.decode(new, skip_special_tokens=True))
     return texts
@@ -392,7 +392,7 @@ def clean_run(lm: LoadedModel, enc: EncodedPrompts, label_ids: Sequence[int], ba
     dev = lm.device
     with capture(lm) as z_pre:
         out = lm.model(enc.prefix[None].to(dev), use_cache=True, output_hidden_states=True)
-    kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    kv = [(layer.keys, layer.values) for layer in lm.cache_of(out).layers]
     prefix_hidden = torch.stack([h[0] for h in out.hidden_states[:L]])  # (L, P, d)
     # running sums for per-head statistics over prefix + real query positions
     zs = {l: z_pre[l][0].reshape(-1, H, dh).float() for l in range(L)}  # (P, H, dh)
@@ -413,7 +413,7 @@ def clean_run(lm: LoadedModel, enc: EncodedPrompts, label_ids: Sequence[int], ba
         full_mask = torch.cat([torch.ones(len(rows), len(enc.prefix), dtype=torch.long), mask], 1)
         with capture(lm) as z:
             o = lm.model(input_ids=ids.to(dev), attention_mask=full_mask.to(dev), position_ids=pos.to(dev),
-                         past_key_values=_cache_for_batch(lm, kv, len(rows)), use_cache=True,
+                         use_cache=True, **lm.with_cache(_cache_for_batch(lm, kv, len(rows))),
                          output_hidden_states=True, logits_to_keep=1)
         logprobs[rows] = torch.log_softmax(o.logits[:, -1].float(), -1)[:, idx].cpu()
         sel = torch.tensor(rows, device=dev)
@@ -694,7 +694,7 @@ def sweep_heads(
             with _skip_layers_before(lm, layer, hidden), edit_heads(lm, {layer: fn}):
                 pos = torch.arange(P)[None].expand(g, -1)
                 lm.model(input_ids=enc.prefix[None].expand(g, -1).to(dev), position_ids=pos.to(dev),
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         use_cache=True, logits_to_keep=1, **lm.with_cache(cache))
             edited_kv = [(cache.layers[j].keys, cache.layers[j].values) for j in range(L)]
             # 2) (edit, prompt) rows in batches
             # Rows sorted by query length: a batch then holds one prompt under many edits (or prompts
@@ -719,7 +719,7 @@ def sweep_heads(
                         kwargs = {"attention_mask": mask, "use_cache": False}
                     else:
                         kwargs = {"attention_mask": torch.cat([torch.ones(b, P, dtype=torch.long), mask], 1),
-                                  "past_key_values": _edited_cache(lm, clean, edited_kv, layer, r_edit), "use_cache": True}
+                                  **lm.with_cache(_edited_cache(lm, clean, edited_kv, layer, r_edit)), "use_cache": True}
                     kwargs["attention_mask"] = kwargs["attention_mask"].to(dev)
                     o = lm.model(input_ids=ids.to(dev), position_ids=pos.to(dev), logits_to_keep=1, **kwargs)
                 lp = torch.log_softmax(o.logits[:, -1].float(), -1)[:, idx].cpu()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 from dataclasses import dataclass, field
@@ -274,6 +275,22 @@ class LoadedModel:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    # transformers API drift -----------------------------------------------------------------------
+    def with_cache(self, cache: Any) -> dict[str, Any]:
+        """``forward`` keyword arguments passing a KV ``cache`` to the model.
+
+        transformers 5.x renamed ``past_key_values`` to ``cache`` (the old name warns and goes away
+        in 5.40); the parameter name is read off the model's signature, so both work.
+        """
+        params = inspect.signature(self.model.forward).parameters
+        return {"cache" if "cache" in params else "past_key_values": cache}
+
+    @staticmethod
+    def cache_of(output: Any) -> Any:
+        """The KV cache in a model output (``output.cache``, formerly ``output.past_key_values``)."""
+        cache = getattr(output, "cache", None)
+        return cache if cache is not None else output.past_key_values
 
     # Modules ------------------------------------------------------------------------------------
     def layer_module(self, layer: int, site: str) -> nn.Module:
