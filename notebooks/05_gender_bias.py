@@ -269,10 +269,13 @@ lines = [
     f"= {g}; the pair's two pronouns together get probability {pp} at that position.",
 ]
 for r in versus.to_dict("records"):
+    beyond = not r["random 2.5%"] <= r["top: bias change"] <= r["random 97.5%"]
+    verdict = ("outside the range of the random sets: these heads matter more than random ones" if beyond else
+               "inside the range of the random sets: attending differently does not make these heads causally special")
     lines.append(f"{r['mode']} ablation of the top {r['k']} differential heads: bias change {r['top: bias change']:+.3f} "
                  f"[{r['low']:+.3f}, {r['high']:+.3f}] vs {r['random: mean']:+.3f} for {r['k']} random heads (random sets "
                  f"{r['random 2.5%']:+.3f} to {r['random 97.5%']:+.3f}; {r['random sets with |change| ≥ top']} random sets "
-                 f"moved it at least as much); gender preference change {r['top: gender change']:+.3f}.")
+                 f"moved it at least as much), {verdict}; gender preference change {r['top: gender change']:+.3f}.")
 lines.append(f"Run time: attention {timings['attention']:.0f} s, ablation sweep {timings['ablation']:.0f} s ({n_sets} head sets).")
 display(Markdown("\n".join(f"- {line}" for line in lines)))
 
