@@ -239,6 +239,8 @@ for (mode, k), g in per_set.groupby(["mode", "k"]):
                    "random 97.5%": rnd["bias_change"].quantile(0.975),
                    "random sets with |change| ≥ top": f"{int((rnd['bias_change'].abs() >= abs(top['bias_change'])).sum())}"
                                                       f"/{len(rnd)}",
+                   "top outside random 95%": not (rnd["bias_change"].quantile(0.025) <= top["bias_change"]
+                                                  <= rnd["bias_change"].quantile(0.975)),
                    "top: gender change": top["gender_change"], "top: p(pair) change": top["p_pair_change"]})
 versus = pd.DataFrame(versus)
 versus.round(4)
@@ -269,8 +271,8 @@ lines = [
     f"= {g}; the pair's two pronouns together get probability {pp} at that position.",
 ]
 for r in versus.to_dict("records"):
-    beyond = not r["random 2.5%"] <= r["top: bias change"] <= r["random 97.5%"]
-    verdict = ("outside the range of the random sets: these heads matter more than random ones" if beyond else
+    verdict = ("outside the range of the random sets: these heads move the bias unlike random ones"
+               if r["top outside random 95%"] else
                "inside the range of the random sets: attending differently does not make these heads causally special")
     lines.append(f"{r['mode']} ablation of the top {r['k']} differential heads: bias change {r['top: bias change']:+.3f} "
                  f"[{r['low']:+.3f}, {r['high']:+.3f}] vs {r['random: mean']:+.3f} for {r['k']} random heads (random sets "
