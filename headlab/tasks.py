@@ -25,6 +25,10 @@ from headlab import data, engine, metrics
 from headlab.models import LoadedModel
 
 __all__ = [
+    "FORMATS",
+    "FewShotFormat",
+    "build_fewshot_prefix",
+    "sample_shots",
     "FewShotTask",
     "PromptConfig",
     "best_threshold",
@@ -39,12 +43,97 @@ __all__ = [
 ]
 
 
+# --------------------------------------------------------------------------------------------------
+# Few-shot prompt formatting
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FewShotFormat:
+    """How one example is written in a few-shot prompt.
+
+    The prompt is ``instruction + shot_1 + sep + ... + shot_k + sep + query`` where a shot is
+    ``template.format(text=..., label=...)`` and the query is the template cut just before
+    ``{label}``. The model's answer is read off the logits of the label words at the last position,
+    so each label word (with its leading space) should be a single token.
+
+    Attributes:
+        name: short name used in tables.
+        template: must contain ``{text}`` and end with ``{label}``.
+        sep: text between examples.
+        instruction: text before the first example.
+        label_words: label -> the word written after the template prefix.
+    """
+
+    name: str
+    template: str = "Review: {text}\nSentiment: {label}"
+    sep: str = "\n\n"
+    instruction: str = ""
+    label_words: tuple[tuple[str, str], ...] = (("negative", "negative"), ("positive", "positive"))
+
+    def __post_init__(self) -> None:
+        if "{text}" not in self.template or not self.template.endswith("{label}"):
+            raise ValueError(f"template {self.template!r} must contain {{text}} and end with {{label}}.")
+
+    @property
+    def labels(self) -> list[str]:
+        return [lab for lab, _ in self.label_words]
+
+    def word(self, label: str) -> str:
+        return dict(self.label_words)[label]
+
+    def shot(self, text: str, label: str) -> str:
+        return self.template.format(text=text, label=self.word(label))
+
+    def query(self, text: str) -> str:
+        """The query part: the template up to (not including) the label; ends with the cue."""
+        return self.template[: -len("{label}")].format(text=text).rstrip(" ")
+
+
+#: Prompt formats compared in the baseline chapter. ``quoted`` is the seeds' format.
+FORMATS: dict[str, FewShotFormat] = {
+    "plain": FewShotFormat("plain"),
+    "quoted": FewShotFormat("quoted", template='Review: "{text}"\nSentiment: {label}'),
+    "instructed": FewShotFormat(
+        "instructed",
+        instruction="Classify the sentiment of each movie review as positive or negative.\n\n",
+    ),
+}
+
+
+def sample_shots(pool: pd.DataFrame, k: int, seed: int = 0, label_col: str = "label") -> pd.DataFrame:
+    """Pick ``k`` balanced shots (``k / n_labels`` per label) from ``pool`` in a seeded random order.
+
+    Raises:
+        ValueError: ``k`` not a positive multiple of the number of labels, or too few rows.
+    """
+    labels = sorted(pool[label_col].unique())
+    if k <= 0 or k % len(labels):
+        raise ValueError(f"k={k} shots must be a positive multiple of the number of labels ({len(labels)}).")
+    rng = np.random.default_rng(seed)
+    parts = []
+    for lab in labels:
+        rows = pool[pool[label_col] == lab]
+        if len(rows) < k // len(labels):
+            raise ValueError(f"Only {len(rows)} rows with label {lab!r}; need {k // len(labels)}.")
+        parts.append(rows.iloc[rng.choice(len(rows), k // len(labels), replace=False)])
+    shots = pd.concat(parts)
+    return shots.iloc[rng.permutation(len(shots))].reset_index(drop=True)
+
+
+def build_fewshot_prefix(shots: pd.DataFrame, fmt: FewShotFormat) -> str:
+    """The shared prompt prefix: instruction and all shots, ending with the separator."""
+    body = fmt.sep.join(fmt.shot(t, lab) for t, lab in zip(shots["text"], shots["label"]))
+    return fmt.instruction + body + fmt.sep if len(shots) else fmt.instruction
+
+
+# --------------------------------------------------------------------------------------------------
+# The task
+# --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PromptConfig:
     """How the few-shot prompt is built.
 
     Attributes:
-        format: key of :data:`headlab.data.FORMATS` (``plain``, ``quoted``, ``instructed``).
+        format: key of :data:`headlab.FORMATS` (``plain``, ``quoted``, ``instructed``).
         k: number of shots, balanced over labels.
         shot_seed: which shots are drawn from the shot pool, and their order.
         threshold: decision threshold on the logit difference ``lp(positive) - lp(negative)``;
@@ -57,8 +146,8 @@ class PromptConfig:
     threshold: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.format not in data.FORMATS:
-            raise ValueError(f"format={self.format!r}; choose one of {sorted(data.FORMATS)}.")
+        if self.format not in FORMATS:
+            raise ValueError(f"format={self.format!r}; choose one of {sorted(FORMATS)}.")
         if self.k <= 0 or self.k % 2:
             raise ValueError(f"k={self.k} must be a positive even number (balanced binary shots).")
 
@@ -93,8 +182,8 @@ class FewShotTask:
     _enc: dict[int, engine.EncodedPrompts] = field(default_factory=dict, repr=False)
 
     @property
-    def fmt(self) -> data.FewShotFormat:
-        return data.FORMATS[self.config.format]
+    def fmt(self) -> FewShotFormat:
+        return FORMATS[self.config.format]
 
     @property
     def labels(self) -> np.ndarray:
@@ -137,9 +226,9 @@ def make_task(splits: dict[str, pd.DataFrame], split: str, config: PromptConfig)
     """Build the task for ``split`` (``"dev"`` or ``"test"``) with shots from ``splits["shots"]``."""
     if split not in splits or split == "shots":
         raise ValueError(f"split={split!r}; choose one of {[s for s in splits if s != 'shots']}.")
-    fmt = data.FORMATS[config.format]
-    shots = data.sample_shots(splits["shots"], config.k, seed=config.shot_seed)
-    return FewShotTask(config, data.build_fewshot_prefix(shots, fmt), splits[split], shots)
+    fmt = FORMATS[config.format]
+    shots = sample_shots(splits["shots"], config.k, seed=config.shot_seed)
+    return FewShotTask(config, build_fewshot_prefix(shots, fmt), splits[split], shots)
 
 
 def best_threshold(labels: np.ndarray, diff: np.ndarray) -> float:

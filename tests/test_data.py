@@ -7,11 +7,11 @@ import re
 import pandas as pd
 import pytest
 
+from headlab.cache import PACKAGES, cache_dir, fetch, fetched_file
 from headlab.data import (
-    FORMATS, PACKAGES, FewShotFormat, build_fewshot_prefix, fetch, fetched_file, load_crows_pairs,
-    load_sentiment, load_wikipedia, load_winobias, load_winogender, sample_shots, split_frame,
+    load_crows_pairs, load_sentiment, load_wikipedia, load_winobias, load_winogender, split_frame,
 )
-from headlab.models import cache_dir
+from headlab.tasks import FORMATS, FewShotFormat, build_fewshot_prefix, sample_shots
 
 
 def _fetched(name: str) -> bool:

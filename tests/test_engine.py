@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from headlab import engine
-from headlab.data import FORMATS, build_fewshot_prefix
+from headlab.tasks import FORMATS, build_fewshot_prefix
 
 SHOTS = pd.DataFrame({
     "text": ["a gripping, funny and warm film.", "the plot is dull and the acting is worse.",

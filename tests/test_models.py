@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from conftest import ARCHS, D_MLP, D_MODEL, MODEL_VOCAB, N_HEADS, N_KV_HEADS, N_LAYERS, build_tiny
-from headlab import models
+from headlab import cache, models
 from headlab.models import ADAPTERS, LoadedModel, load_model, resolve_adapter, wrap_model
 
 #: Architectures whose attention implementation in transformers supports grouped-query attention.
@@ -332,7 +332,7 @@ def test_load_model_device_map_auto_on_cpu(saved_llama):
 # The real GGUF model (slow)
 # --------------------------------------------------------------------------------------------------
 def _embedded_gguf_path() -> Path:
-    from headlab.data import PACKAGES, fetched_file
+    from headlab.cache import PACKAGES, fetched_file
 
     pkg_name, member = models.EMBEDDED_MODELS["smollm2-135m"]
     pkg = PACKAGES[pkg_name]
@@ -352,7 +352,7 @@ def test_embedded_model_dimensions(real_lm):
 def test_gguf_path_and_embedded_name_load_the_same_converted_weights(real_lm):
     gguf = _embedded_gguf_path()
     assert gguf.is_file() and gguf.suffix == ".gguf"
-    converted = models.cache_dir() / "converted" / f"{gguf.stem}-{real_lm.fingerprint}"
+    converted = cache.cache_dir() / "converted" / f"{gguf.stem}-{real_lm.fingerprint}"
     assert (converted / "headlab.json").is_file(), "the first load must leave a converted copy in the cache"
     assert (converted / "model.safetensors").is_file()
     by_path = load_model(str(gguf), device="cpu")

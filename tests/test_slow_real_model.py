@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from headlab import engine
-from headlab.data import FORMATS, build_fewshot_prefix, load_sentiment, load_wikipedia, sample_shots, split_frame
+from headlab.data import load_sentiment, load_wikipedia, split_frame
+from headlab.tasks import FORMATS, build_fewshot_prefix, sample_shots
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import torch
 
 from conftest import ARCHS
 from headlab import engine, interventions, sweep, tasks
-from headlab.data import FORMATS, build_fewshot_prefix
+from headlab.tasks import FORMATS, build_fewshot_prefix
 from headlab.interventions import HeadEdit
 
 SHOTS = pd.DataFrame({
