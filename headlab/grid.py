@@ -12,7 +12,7 @@ it varies plus a short hash of all its parameters, holding
   atomically; a point is *done* only once it says ``"status": "done"``, which is written last.
 
 A rerun skips done points and runs the rest (failed, timed out, interrupted or new ones); a chapter that
-keeps shards in its ``results_dir`` (:class:`headlab.sweep.ShardStore`) resumes inside a point too.
+keeps shards in its ``results_dir`` (:class:`headlab.shards.ShardStore`) resumes inside a point too.
 At the end the grid writes ``summary.csv`` / ``summary.parquet`` next to the point folders: one row per
 point with its varied parameters, status, seconds, the device and dtype the chapter reported, and the
 chapter's ``summary.json`` metrics.
@@ -63,7 +63,7 @@ from typing import Any
 
 import pandas as pd
 
-from headlab.sweep import config_hash
+from headlab.shards import config_hash
 
 __all__ = [
     "DEVICES",
@@ -408,7 +408,7 @@ def point_name(varied: dict[str, Any], parameters: dict[str, Any], chapter: str,
     """Folder name of a grid point: ``key=value,key=value-<hash>``.
 
     The readable part shows the varied values (lists joined with ``+``, unsafe characters replaced,
-    cut at ``max_len``); the 10-character hash (:func:`headlab.sweep.config_hash`) covers the chapter
+    cut at ``max_len``); the 10-character hash (:func:`headlab.shards.config_hash`) covers the chapter
     name and *every* parameter, so changing a shared parameter never reuses an old point.
     """
     readable = ",".join(f"{_slug(k)}={_slug(v)}" for k, v in varied.items())[:max_len].rstrip(",=+-.")

@@ -80,7 +80,7 @@ class Adapter:
         weights: ``(canonical name, path relative to one layer)`` of every weight matrix of a block,
             in forward order. Canonical names are shared across architectures: ``attn.q``, ``attn.k``,
             ``attn.v`` (or ``attn.qkv`` where the projections are fused), ``attn.o``, ``mlp.gate``,
-            ``mlp.up``, ``mlp.down``. Weight edits (:func:`headlab.interventions.edit_weights`) use them.
+            ``mlp.up``, ``mlp.down``. Weight edits (:func:`headlab.weights.edit_weights`) use them.
     """
 
     name: str

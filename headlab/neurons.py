@@ -12,7 +12,7 @@ the minimum, and the ``k`` largest activations of every neuron with their token 
 layer's activations of one batch exist at a time, so memory does not grow with the corpus.
 
 Ablating neurons is :func:`headlab.interventions.ablate_neurons`; the top-k vs random-k loss sweep
-is :func:`headlab.sweep.neuron_ablation_sweep`.
+is :func:`headlab.ablation.neuron_ablation_sweep`.
 
 Top-k lists are kept as one int64 key per (token, neuron) that orders by activation and then by
 earlier position, so they are exact and do not depend on how the corpus is batched (ties included,
@@ -373,14 +373,14 @@ def output_weights(lm: LoadedModel, layer: int) -> Float[Tensor, "d_model N"]:
 def promoted_tokens(lm: LoadedModel, layer: int, neuron: int, k: int = 10) -> pd.DataFrame:
     """Tokens a neuron's output weights promote and suppress through the unembedding.
 
-    Scores are :func:`headlab.engine.direction_logits` of the neuron's output column (the logits one
+    Scores are :func:`headlab.lens.direction_logits` of the neuron's output column (the logits one
     unit of activation adds, with the final norm's per-token scale left out).
 
     Returns:
         ``2k`` rows: ``direction`` (``"promoted"``/``"suppressed"``), ``rank``, ``token``, ``token_id``,
         ``logit``.
     """
-    from headlab.engine import direction_logits
+    from headlab.lens import direction_logits
 
     w = output_weights(lm, layer)
     if not 0 <= neuron < w.shape[1]:

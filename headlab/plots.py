@@ -180,7 +180,7 @@ def ablation_curves(summary: pd.DataFrame, x: str, ylabel: str, hue: str = "head
                     col: str = "mode", row: str | None = "layer_range", title: str = "",
                     logx: bool = False) -> Figure:
     """Lines of ``value`` against ``x`` with ``low``/``high`` bands (from
-    :func:`headlab.sweep.ablation_summary`), one line per ``hue``, one panel per ``row`` x ``col``."""
+    :func:`headlab.ablation.ablation_summary`), one line per ``hue``, one panel per ``row`` x ``col``."""
     cols = list(dict.fromkeys(summary[col])) if col else [None]
     rows = list(dict.fromkeys(summary[row])) if row else [None]
     hues = list(dict.fromkeys(summary[hue]))
@@ -371,7 +371,7 @@ def probability_bars(frame: pd.DataFrame, x: str, hue: str | None = None, value:
 def layer_spikes(frame: pd.DataFrame, columns: Sequence[str] = ("in_max", "out_max"),
                  title: str = "") -> Figure:
     """Largest activation per layer (one line per column, log scale), e.g. the MLP down projection's
-    input and output from :func:`headlab.interventions.down_proj_spikes`."""
+    input and output from :func:`headlab.weights.down_proj_spikes`."""
     fig, ax = plt.subplots(figsize=(6.5, 3.2))
     for col in columns:
         ax.plot(frame["layer"], frame[col], "o-", ms=3, label=col)

@@ -133,7 +133,7 @@ class PromptConfig:
     """How the few-shot prompt is built.
 
     Attributes:
-        format: key of :data:`headlab.FORMATS` (``plain``, ``quoted``, ``instructed``).
+        format: key of :data:`FORMATS` (``plain``, ``quoted``, ``instructed``).
         k: number of shots, balanced over labels.
         shot_seed: which shots are drawn from the shot pool, and their order.
         threshold: decision threshold on the logit difference ``lp(positive) - lp(negative)``;

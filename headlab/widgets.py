@@ -21,7 +21,7 @@ def sweep_explorer(heads: pd.DataFrame, metrics: Sequence[str] = ("logit_diff_dr
     """Pick mode / level / seed (or the mean over seeds) / metric and see the layer x head heatmap.
 
     Args:
-        heads: the per-head table of :func:`headlab.sweep.head_sweep`.
+        heads: the per-head table of :func:`headlab.sweeps.head_sweep`.
         metrics: columns offered in the metric menu.
     """
     from headlab import plots

@@ -54,10 +54,9 @@ import time
 
 import numpy as np
 import pandas as pd
-import torch
 from IPython.display import Markdown, display
 
-from headlab import data, engine, metrics, plots, records, tasks
+from headlab import data, metrics, perplexity, plots, records, tasks
 from headlab.models import load_model
 
 t_start = time.time()
@@ -159,7 +158,7 @@ gen_table.round(3)
 wiki = data.load_wikipedia()
 stream = tasks.text_stream(lm, wiki["text"], ppl_tokens)
 t0 = time.time()
-nll, window = engine.token_nll(lm, stream, context=ppl_context, stride=ppl_stride, batch_size=4)
+nll, window = perplexity.token_nll(lm, stream, context=ppl_context, stride=ppl_stride, batch_size=4)
 ppl_seconds = time.time() - t0
 ppl = metrics.bootstrap_ci(lambda x: float(np.exp(np.mean(x))), nll.numpy(), n_boot=n_boot,
                            groups=window.numpy())

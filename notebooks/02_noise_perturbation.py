@@ -73,7 +73,7 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from headlab import metrics, plots, records, sweep, tasks, widgets
+from headlab import metrics, plots, records, sweeps, tasks, widgets
 from headlab.models import load_model
 
 t_start = time.time()
@@ -119,7 +119,7 @@ settings += [{"mode": m, "level": float(lv), "seed": int(s)}
              for m, lvs in extra_noise_modes.items() for lv in lvs for s in noise_seeds]
 settings += [{"mode": m, "level": 0.0, "seed": 0} for m in ablations]
 t0 = time.time()
-heads, per_prompt = sweep.head_sweep(lm, task, settings, Path(results_dir) / "shards",
+heads, per_prompt = sweeps.head_sweep(lm, task, settings, Path(results_dir) / "shards",
                                      layers=layers or None, batch_size=batch_size)
 sweep_seconds = time.time() - t0
 n_pairs = len(heads) * len(task.labels)
@@ -135,7 +135,7 @@ heads.head()
 
 # %%
 main_level = float(max(noise_levels))
-ranking = sweep.rank_heads(heads, per_prompt, noise_mode, main_level, n_boot=n_boot)
+ranking = sweeps.rank_heads(heads, per_prompt, noise_mode, main_level, n_boot=n_boot)
 fig = plots.ranked_effects(ranking, top=20, title=f"{noise_mode} noise, level {main_level:g}: top 20 heads")
 
 # %%
@@ -176,7 +176,7 @@ if noise_rows["level"].nunique() > 1:  # only meaningful for a grid of levels
 
 # %%
 stability = pd.concat([
-    sweep.seed_agreement(heads, m, lv).assign(mode=m, level=lv)
+    sweeps.seed_agreement(heads, m, lv).assign(mode=m, level=lv)
     for (m, lv) in sorted(set(zip(noise_rows["mode"], noise_rows["level"])))
 ], ignore_index=True) if len(noise_seeds) > 1 else pd.DataFrame()
 stability.round(3)
@@ -187,7 +187,7 @@ stability.round(3)
 # %%
 compare = ranking[["layer", "head", "effect"]].rename(columns={"effect": "noise"})
 for m in ablations:
-    r = sweep.rank_heads(heads, per_prompt, m, n_boot=200)
+    r = sweeps.rank_heads(heads, per_prompt, m, n_boot=200)
     compare = compare.merge(r[["layer", "head", "effect"]].rename(columns={"effect": f"{m}_ablation"}),
                             on=["layer", "head"])
 for m in ablations:

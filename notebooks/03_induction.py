@@ -25,7 +25,7 @@
 # $\frac{1}{T}\sum_{j=0}^{T-1} A_h[q_j,\, q_j - T + 1]$ with $q_j = 1 + T + j$. A perfect induction
 # head scores 1, a head spreading its attention evenly about $1/\text{position}$, a previous-token head
 # 0. Scores are computed here from the model's attention weights
-# (`headlab.attention.induction_scores`), never read from a file; the table is exported as CSV.
+# (`headlab.induction.induction_scores`), never read from a file; the table is exported as CSV.
 #
 # **Ablation.** We then remove the $k$ highest-scoring heads, or $k$ heads drawn at random, and measure
 # how well the model still predicts repeated tokens. Two ablations act on a head's *output* (its slice
@@ -65,7 +65,7 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from headlab import attention, plots, records, sweep
+from headlab import ablation, attention, induction, perplexity, plots, records
 from headlab.models import load_model
 
 t_start = time.time()
@@ -84,10 +84,10 @@ pd.Series(lm.describe()).to_frame("model")
 # of rows, a held-out check a second, the mean ablation a third, the ablation sweep a fourth.
 
 # %%
-probe = attention.repeated_random_tokens(lm, n_sequences, seq_len, seed=seed)
-heldout = attention.repeated_random_tokens(lm, n_sequences, seq_len, seed=seed + 1)
-reference = attention.repeated_random_tokens(lm, n_sequences, seq_len, seed=seed + 2)
-rows = attention.repeated_random_tokens(lm, n_sequences, seq_len, seed=seed + 3, lags=lags)
+probe = induction.repeated_random_tokens(lm, n_sequences, seq_len, seed=seed)
+heldout = induction.repeated_random_tokens(lm, n_sequences, seq_len, seed=seed + 1)
+reference = induction.repeated_random_tokens(lm, n_sequences, seq_len, seed=seed + 2)
+rows = induction.repeated_random_tokens(lm, n_sequences, seq_len, seed=seed + 3, lags=lags)
 first = lm.tokenizer.convert_ids_to_tokens(probe.tokens[0].tolist())
 pd.DataFrame({"first copy": first[probe.start:][:8], "second copy": first[probe.start + seq_len:][:8]},
              index=pd.RangeIndex(1, 9, name="position in copy"))
@@ -101,7 +101,7 @@ pd.DataFrame({"first copy": first[probe.start:][:8], "second copy": first[probe.
 
 # %%
 t0 = time.time()
-scores = attention.scores_frame(attention.induction_scores(lm, probe, batch_size=batch_size))
+scores = attention.scores_frame(induction.induction_scores(lm, probe, batch_size=batch_size))
 score_seconds = time.time() - t0
 scores.head(12).round(3)
 
@@ -120,7 +120,7 @@ fig.tight_layout()
 # second copy with the top heads removed.
 
 # %%
-again = attention.scores_frame(attention.induction_scores(lm, heldout, batch_size=batch_size))
+again = attention.scores_frame(induction.induction_scores(lm, heldout, batch_size=batch_size))
 both = scores.merge(again[["layer", "head", "induction_score"]], on=["layer", "head"], suffixes=("", "_heldout"))
 rho = both["induction_score"].corr(both["induction_score_heldout"], method="spearman")
 overlap = len(set(zip(scores["layer"][:10], scores["head"][:10])) & set(zip(again["layer"][:10], again["head"][:10])))
@@ -136,10 +136,10 @@ fig = plots.attention_patterns(np.stack([pats[r.layer, r.head].numpy() for r in 
 
 # %%
 k_show = min(5, max(k_list) if max(k_list) else 5)
-sets = {"clean": {}, f"top {k_show} induction": sweep.ablation_heads(scores, "full", "induction", k_show),
-        f"{k_show} random (permutation 0)": sweep.ablation_heads(scores, "full", "random", k_show, 0, seed)}
+sets = {"clean": {}, f"top {k_show} induction": ablation.ablation_heads(scores, "full", "induction", k_show),
+        f"{k_show} random (permutation 0)": ablation.ablation_heads(scores, "full", "random", k_show, 0, seed)}
 per_token = pd.concat([
-    pd.DataFrame(attention.token_losses(lm, heldout.tokens, heads, "zero", batch_size=batch_size).numpy())
+    pd.DataFrame(perplexity.token_losses(lm, heldout.tokens, heads, "zero", batch_size=batch_size).numpy())
     .rename_axis("sequence").reset_index().melt("sequence", var_name="position", value_name="loss")
     .assign(condition=name, position=lambda d: d["position"] + 1) for name, heads in sets.items()])
 fig = plots.position_loss(per_token, marks=[heldout.start + seq_len],
@@ -161,7 +161,7 @@ fig = plots.position_loss(per_token, marks=[heldout.start + seq_len],
 # %%
 means = attention.head_output_means(lm, reference.tokens, batch_size=batch_size)
 t0 = time.time()
-results = sweep.induction_ablation_sweep(
+results = ablation.induction_ablation_sweep(
     lm, rows, scores, Path(results_dir) / "shards", modes=modes, layer_ranges=layer_ranges, head_types=head_type,
     k_list=k_list, n_permutations=n_permutations, max_heads=max_heads, seed=seed, means=means,
     batch_size=batch_size)
@@ -177,7 +177,7 @@ results.head()
 # sets and sequences for random heads.
 
 # %%
-by_k = {v: sweep.ablation_summary(results, v, n_boot=n_boot, seed=seed) for v in ("p_correct", "icl")}
+by_k = {v: ablation.ablation_summary(results, v, n_boot=n_boot, seed=seed) for v in ("p_correct", "icl")}
 row_facet = "layer_range" if len(layer_ranges) > 1 else None
 fig = plots.ablation_curves(by_k["p_correct"], "k", "p(correct repeated token)", row=row_facet)
 
@@ -192,7 +192,7 @@ fig = plots.ablation_curves(by_k["icl"], "k", "loss late − early (nats)", row=
 
 # %%
 main_range = layer_ranges[0]
-by_lag = sweep.ablation_summary(results[(results["layer_range"] == main_range)],
+by_lag = ablation.ablation_summary(results[(results["layer_range"] == main_range)],
                                 "p_correct", by=("mode", "head_type", "k", "lag"), n_boot=n_boot, seed=seed)
 fig = plots.ablation_curves(by_lag[by_lag["k"] > 0], "lag", "p(correct repeated token)", row="k",
                             title=f"layer range {main_range}")
@@ -204,7 +204,7 @@ fig = plots.ablation_curves(by_lag[by_lag["k"] > 0], "lag", "p(correct repeated 
 # sets' means, and the share of random sets that leave a *lower* value than the induction set.
 
 # %%
-versus = {v: sweep.induction_vs_random(results, v) for v in ("p_correct", "icl")}
+versus = {v: ablation.induction_vs_random(results, v) for v in ("p_correct", "icl")}
 versus["p_correct"].round(4) if len(versus["p_correct"]) else "(needs both head types)"
 
 # %%
@@ -215,8 +215,8 @@ versus["icl"].round(3) if len(versus["icl"]) else "(needs both head types)"
 
 # %%
 top5 = ", ".join(f"L{r.layer}H{r.head} ({r.induction_score:.2f})" for r in scores.head(5).itertuples())
-clean = pd.DataFrame({k: v.numpy() for k, v in attention.repeat_metrics(
-    rows, attention.token_losses(lm, rows.tokens, batch_size=batch_size)).items()}).assign(lag=rows.lags.numpy())
+clean = pd.DataFrame({k: v.numpy() for k, v in induction.repeat_metrics(
+    rows, perplexity.token_losses(lm, rows.tokens, batch_size=batch_size)).items()}).assign(lag=rows.lags.numpy())
 by_lag_clean = clean.groupby("lag")["p_correct"].mean()
 lines = [
     f"Top induction heads of {lm.spec} ({n_sequences} sequences of {probe.tokens.shape[1]} tokens): {top5}; "

@@ -57,7 +57,7 @@ import pandas as pd
 import torch
 from IPython.display import Markdown, display
 
-from headlab import attention, data, metrics, plots, records, widgets
+from headlab import attention, bias, data, metrics, plots, records, widgets
 from headlab.models import load_model
 
 t_start = time.time()
@@ -223,7 +223,7 @@ fig.tight_layout()
 # The directive word and everything after it are identical within a pair, and mid-sentence, so they
 # are the same tokens. **Measure.** The attention mass on the directive word's tokens, averaged over
 # the query positions after it. **Surplus** = instruction − plain, per pair; heads are ranked by the
-# mean surplus with a paired 95% bootstrap interval over pairs (`headlab.attention.head_differences`).
+# mean surplus with a paired 95% bootstrap interval over pairs (`headlab.bias.head_differences`).
 # This is a template set, written for the probe, not text sampled from the wild: 72 pairs.
 
 # %%
@@ -242,7 +242,7 @@ instr = attention.span_attention(lm, [i for i, _ in enc_i], [after(i, k[0]) for 
 plain = attention.span_attention(lm, [i for i, _ in enc_p], [after(i, k[0]) for i, k in enc_p],
                                  [k[0] for _, k in enc_p], batch_size=batch_size)
 timings["instruction"] = time.time() - t0
-instruction = attention.head_differences(instr, plain, n_boot=n_boot, seed=seed, names=("instruction", "plain"))
+instruction = bias.head_differences(instr, plain, n_boot=n_boot, seed=seed, names=("instruction", "plain"))
 instruction = instruction.sort_values("diff", ascending=False, kind="stable").reset_index(drop=True)
 instruction.head(10).round(4)
 

@@ -62,7 +62,7 @@ import pandas as pd
 import torch
 from IPython.display import Markdown, display
 
-from headlab import attention, data, engine, metrics, plots, records, sweep
+from headlab import ablation, attention, bias, data, engine, metrics, plots, records
 from headlab.models import load_model
 
 t_start = time.time()
@@ -80,7 +80,7 @@ pd.Series(lm.describe()).to_frame("model")
 # ## The pairs
 #
 # `headlab.data.bias_pairs` keeps pairs whose sentences differ in exactly one word, a gendered
-# pronoun; `headlab.attention.encode_pairs` then keeps those whose token sequences differ in exactly
+# pronoun; `headlab.bias.encode_pairs` then keeps those whose token sequences differ in exactly
 # one position (the pronoun is one token in both), so positions line up.
 
 # %%
@@ -88,7 +88,7 @@ wb_pairs = data.bias_pairs("winobias", split)
 if max_pairs:
     wb_pairs = wb_pairs.sample(n=min(max_pairs, len(wb_pairs)), random_state=seed).sort_index().reset_index(drop=True)
 wg_pairs = data.bias_pairs("winogender")
-wb, wg = attention.encode_pairs(tok, wb_pairs), attention.encode_pairs(tok, wg_pairs)
+wb, wg = bias.encode_pairs(tok, wb_pairs), bias.encode_pairs(tok, wg_pairs)
 pd.DataFrame({"pairs read": [len(wb_pairs), len(wg_pairs)],
               "dropped (words)": [wb_pairs.attrs["dropped"], wg_pairs.attrs["dropped"]],
               "dropped (tokens)": [wb.dropped, wg.dropped], "kept": [len(wb), len(wg)],
@@ -99,7 +99,7 @@ pd.DataFrame({"pairs read": [len(wb_pairs), len(wg_pairs)],
 #
 # For each pair and head, the measure on sentence *a* minus the same measure on sentence *b*; the
 # table gives the mean over pairs with a 95% paired bootstrap interval
-# (`headlab.attention.head_differences`) and the standardised mean difference $d_z$ (mean / sd of
+# (`headlab.bias.head_differences`) and the standardised mean difference $d_z$ (mean / sd of
 # the paired differences). For WinoBias the difference is pro − anti. The same WinoBias pairs are
 # also compared as male − female (the pronoun's gender, whatever the stereotype), which is what
 # Winogender measures.
@@ -119,11 +119,11 @@ timings["attention"] = time.time() - t0
 male_a = torch.tensor(wb_pairs["a_male"].to_numpy()[wb.index])
 diffs = {}
 for name, (a, b) in att_wb.items():
-    diffs[("winobias", "pro − anti", name)] = attention.head_differences(a, b, n_boot, seed, ("a", "b"))
+    diffs[("winobias", "pro − anti", name)] = bias.head_differences(a, b, n_boot, seed, ("a", "b"))
     mf = torch.where(male_a[:, None, None], a - b, b - a)  # male − female per pair
-    diffs[("winobias", "male − female", name)] = attention.head_differences(mf, torch.zeros_like(mf), n_boot, seed)
+    diffs[("winobias", "male − female", name)] = bias.head_differences(mf, torch.zeros_like(mf), n_boot, seed)
 for name, (a, b) in att_wg.items():
-    diffs[("winogender", "male − female", name)] = attention.head_differences(a, b, n_boot, seed, ("a", "b"))
+    diffs[("winogender", "male − female", name)] = bias.head_differences(a, b, n_boot, seed, ("a", "b"))
 print(f"attention on {2 * (len(wb) + len(wg))} sentences in {timings['attention']:.0f} s")
 overview = pd.DataFrame([{"data": d, "contrast": c, "measure": m, "heads with CI > 0": int((f["diff_low"] > 0).sum()),
                           "heads with CI < 0": int((f["diff_high"] < 0).sum()), "max |diff|": f["diff"].abs().max(),
@@ -181,7 +181,7 @@ fig = plots.compare_scatter(wb_mf.assign(winogender=wg_mf["diff"].to_numpy()).re
 # preference $g = \log p(\text{male form}) - \log p(\text{female form})$. Prompts with the same text and
 # the same two forms are counted once.
 #
-# The ablation sweep (`headlab.sweep.ranked_ablation_sweep`) removes the $k$ heads with the largest
+# The ablation sweep (`headlab.ablation.ranked_ablation_sweep`) removes the $k$ heads with the largest
 # standardised |pro − anti| attention difference $|d_z|$ (*top*), or $k$ heads drawn uniformly from all 270 (*random*,
 # `n_random` sets per $k$), by zeroing their outputs (*zero*) or replacing them by their mean output
 # over Wikipedia text (*mean*, `headlab.attention.head_output_means`), and scores every prompt under
@@ -214,7 +214,7 @@ ref_ids = torch.stack([torch.tensor(tok(t)["input_ids"][:reference_tokens])
                        for t in data.load_wikipedia()["text"][-n_reference:]])
 means = attention.head_output_means(lm, ref_ids, batch_size=batch_size) if "mean" in modes else None
 t0 = time.time()
-abl = sweep.ranked_ablation_sweep(lm, enc, label_ids, ranked, "abs_effect", bias_measures, Path(results_dir) / "shards",
+abl = ablation.ranked_ablation_sweep(lm, enc, label_ids, ranked, "abs_effect", bias_measures, Path(results_dir) / "shards",
                                   modes=modes, k_list=k_list, n_permutations=n_random, seed=seed, means=means,
                                   batch_size=batch_size)
 timings["ablation"] = time.time() - t0
@@ -222,7 +222,7 @@ n_sets = abl.groupby(["mode", "head_type", "k", "permutation"]).ngroups
 print(f"{n_sets} (mode, head set) combinations x {len(prompts)} prompts in {timings['ablation']:.0f} s")
 
 # %%
-summary = sweep.ablation_summary(abl, "bias_change", by=("mode", "head_type", "k"), n_boot=n_boot, seed=seed)
+summary = ablation.ablation_summary(abl, "bias_change", by=("mode", "head_type", "k"), n_boot=n_boot, seed=seed)
 fig = plots.ablation_curves(summary, "k", "change of log p(pro) − log p(anti)", row=None,
                             title="ablating the most differential heads vs random heads")
 

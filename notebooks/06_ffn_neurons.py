@@ -26,7 +26,7 @@
 # final norm's gain) says which tokens it promotes.
 #
 # **Logit lens.** Decoding the residual stream after block $\ell$ with the model's own final norm and
-# unembedding (`headlab.engine.decode_residual`) asks: if the model stopped here, what would it say?
+# unembedding (`headlab.lens.decode_residual`) asks: if the model stopped here, what would it say?
 # After the last block this is exactly the model's output. On the few-shot sentiment prompts of the
 # baseline chapter we read, layer by layer, the probability and rank of the correct label token
 # (`" positive"` / `" negative"`) and whether the two labels are already ordered correctly.
@@ -71,7 +71,7 @@ import pandas as pd
 import torch
 from IPython.display import HTML, Markdown, display
 
-from headlab import data, engine, metrics, neurons, plots, records, sweep, tasks, widgets
+from headlab import ablation, data, engine, lens, metrics, neurons, plots, records, tasks, widgets
 from headlab.models import load_model
 
 t_start = time.time()
@@ -194,7 +194,7 @@ if not validated:
                      "Run the baseline chapter first."))
 task = tasks.make_task(splits, "test", config).head(n_lens_prompts)
 enc, label_ids = task.encode(lm), task.label_ids(lm)
-one = engine.lens_logits(lm, enc.full(0)[None], positions=[len(enc.full(0)) - 1])[:, 0, 0]  # (L, V)
+one = lens.lens_logits(lm, enc.full(0)[None], positions=[len(enc.full(0)) - 1])[:, 0, 0]  # (L, V)
 probs = torch.softmax(one, -1).topk(5)
 print(task.prompt(0)[-200:])
 print(f"(correct label: {task.fmt.labels[task.labels[0]]!r})")
@@ -213,7 +213,7 @@ pd.DataFrame([[f"{lm.tokenizer.decode([int(i)])!r} {p:.2f}" for p, i in zip(pv.t
 
 # %%
 t0 = time.time()
-lens_lp, lens_rank = engine.lens_label_scores(lm, enc, label_ids, batch_size=batch_size)
+lens_lp, lens_rank = lens.lens_label_scores(lm, enc, label_ids, batch_size=batch_size)
 lens_seconds = time.time() - t0
 readout = metrics.layer_readout(lens_lp.numpy(), lens_rank.numpy(), task.labels, n_boot=n_boot, seed=seed)
 clean_lp = engine.label_logprobs(lm, enc, label_ids, batch_size=batch_size)
@@ -236,11 +236,11 @@ readout[["layer", "p_correct", "median_rank", "top1", "accuracy", "accuracy_low"
 
 # %%
 t0 = time.time()
-abl = sweep.neuron_ablation_sweep(lm, held_ids, stats, Path(results_dir) / "shards", layers=ablation_layers,
+abl = ablation.neuron_ablation_sweep(lm, held_ids, stats, Path(results_dir) / "shards", layers=ablation_layers,
                                   k_list=k_list, modes=modes, n_permutations=n_permutations, by=rank_by,
                                   seed=seed, batch_size=batch_size)
 ablation_seconds = time.time() - t0
-abl_summary = sweep.ablation_summary(abl, "delta", by=("mode", "layer", "kind", "k"), n_boot=n_boot, seed=seed)
+abl_summary = ablation.ablation_summary(abl, "delta", by=("mode", "layer", "kind", "k"), n_boot=n_boot, seed=seed)
 clean_loss = float(abl.groupby("sequence")["clean_loss"].first().mean())
 fig = plots.ablation_curves(abl_summary, "k", "Δ loss on held-out text (nats)", hue="kind", col="mode",
                             row="layer", logx=True)

@@ -46,7 +46,7 @@
 # edit a shared tensor unless asked to explicitly.
 #
 # **Perplexity.** A fixed budget of Wikipedia tokens is cut into windows of `ppl_context` tokens,
-# every token scored once (`headlab.engine.windows_nll`). An edit in layer $\ell$ cannot change
+# every token scored once (`headlab.perplexity.windows_nll`). An edit in layer $\ell$ cannot change
 # layers before it, so the clean inputs of layer $\ell$ are reused and only layers $\ell$ onward are
 # recomputed (tested to equal a full forward). Intervals are a block bootstrap over consecutive blocks
 # of `block_tokens` scored tokens; changes are paired (the same blocks for the edited and the dense
@@ -91,8 +91,7 @@ import pandas as pd
 import torch
 from IPython.display import Markdown, display
 
-from headlab import attention, data, engine, metrics, plots, records, sweep, tasks
-from headlab import interventions as iv
+from headlab import attention, data, metrics, perplexity, plots, records, shards, tasks, weight_sweep, weights
 from headlab.models import load_model, weight_names
 
 t_start = time.time()
@@ -104,8 +103,8 @@ params = {k: v for k, v in dict(globals()).items() if k in {
     "noise_seeds", "bit_formats", "bits", "bit_trials", "bit_tokens", "break_factor", "n_super_candidates",
     "prompt_config", "n_prompts", "block_tokens", "n_boot", "seed", "batch_size", "torch_threads"}}
 lm = load_model(model, device=None if device == "auto" else device, dtype=dtype, attn_implementation="sdpa")
-checksum_start = iv.state_checksum(lm)
-shards = Path(results_dir) / "shards"
+checksum_start = weights.state_checksum(lm)
+shard_dir = Path(results_dir) / "shards"
 timings = {}
 pd.Series(lm.describe()).to_frame("model")
 
@@ -123,8 +122,8 @@ stream = tasks.text_stream(lm, wiki["text"].iloc[:half], ppl_tokens)
 calib = tasks.text_stream(lm, wiki["text"].iloc[half:], calib_tokens - calib_tokens % ppl_context)
 calib_rows = calib.reshape(-1, ppl_context)  # (rows, ppl_context)
 t0 = time.time()
-windows = engine.text_windows(lm, stream, context=ppl_context, stride=ppl_context, batch_size=batch_size)
-dense_nll = engine.windows_nll(lm, windows)[0].numpy()
+windows = perplexity.text_windows(lm, stream, context=ppl_context, stride=ppl_context, batch_size=batch_size)
+dense_nll = perplexity.windows_nll(lm, windows)[0].numpy()
 timings["dense"] = time.time() - t0
 dense_ppl = metrics.bootstrap_ci(lambda x: float(np.exp(np.mean(x))), dense_nll, n_boot=n_boot,
                                  groups=np.arange(len(dense_nll)) // block_tokens)
@@ -147,9 +146,9 @@ canon = [c for c, _ in lm.adapter.weights]
 points = [{"kind": "ablate", "layer": layer, "matrix": m, "mode": mode}
           for mode in ablation_modes for layer in layers for m in canon]
 t0 = time.time()
-abl_tokens, _ = sweep.weight_sweep(lm, heat_windows, points, shards / "ablation", progress=False)
+abl_tokens, _ = weight_sweep.weight_sweep(lm, heat_windows, points, shard_dir / "ablation", progress=False)
 timings["ablation"] = time.time() - t0
-ablation = sweep.nll_summary(abl_tokens, ["mode", "layer", "matrix"], dense_nll, block_tokens, n_boot)
+ablation = weight_sweep.nll_summary(abl_tokens, ["mode", "layer", "matrix"], dense_nll, block_tokens, n_boot)
 ablation["log10_ppl_ratio"] = np.log10(ablation["ppl_ratio"])
 print(f"{len(points)} ablations x {heat_windows.n_scored} tokens in {timings['ablation']:.0f} s")
 
@@ -209,20 +208,20 @@ else:
 display(Markdown(f"Head ranking: {ranking_source}."))
 
 # %%
-wanda_norms = iv.wanda_input_norms(lm, calib_rows, names)
+wanda_norms = weights.wanda_input_norms(lm, calib_rows, names)
 points = [{"kind": k, "sparsity": float(s), "method": k, "level": float(s)}
           for k in ("magnitude", "wanda") for s in sparsities]
 points += [{"kind": "heads", "order": "ranking", "seed": 0, "fraction": float(s), "method": "heads: ranked",
             "level": float(s)} for s in sparsities]
 points += [{"kind": "heads", "order": "random", "seed": int(r), "fraction": float(s),
             "method": f"heads: random {r}", "level": float(s)} for r in head_random_seeds for s in sparsities]
-base = {"calib": sweep.config_hash({"c": calib.tolist()}),
-        "ranking": sweep.config_hash({"r": ranking[["layer", "head"]].to_numpy().tolist()})}
+base = {"calib": shards.config_hash({"c": calib.tolist()}),
+        "ranking": shards.config_hash({"r": ranking[["layer", "head"]].to_numpy().tolist()})}
 t0 = time.time()
-prune_tokens, _ = sweep.weight_sweep(lm, windows, points, shards / "pruning", base, wanda_norms=wanda_norms,
+prune_tokens, _ = weight_sweep.weight_sweep(lm, windows, points, shard_dir / "pruning", base, wanda_norms=wanda_norms,
                                      head_ranking=ranking, progress=False)
 timings["pruning"] = time.time() - t0
-pruning = sweep.nll_summary(prune_tokens, ["method", "level"], dense_nll, block_tokens, n_boot)
+pruning = weight_sweep.nll_summary(prune_tokens, ["method", "level"], dense_nll, block_tokens, n_boot)
 pruning["family"] = np.where(pruning["method"].str.startswith("heads"), "heads removed", "weights pruned")
 
 # %%
@@ -259,7 +258,7 @@ display(Markdown(f"Prompt: {config.format}, {config.k} shots, threshold {config.
 # %%
 def sentiment_under(label: str, point: dict) -> pd.DataFrame:
     """Accuracy, ROC-AUC, ... of the task prompts with one weight setting applied."""
-    with sweep.weight_setting(lm, point, wanda_norms=wanda_norms)[0]:
+    with weight_sweep.weight_setting(lm, point, wanda_norms=wanda_norms)[0]:
         lp = task.logprobs(lm)
     rep = metrics.classification_report(task.labels, lp.numpy(), config.threshold, n_boot=n_boot)
     return rep.assign(setting=label)
@@ -278,9 +277,9 @@ sentiment.pivot_table(index="setting", columns="metric", values="value", sort=Fa
 # %%
 points = [{"kind": "noise", "level": float(lv), "seed": int(s)} for lv in noise_levels for s in noise_seeds]
 t0 = time.time()
-noise_tokens, _ = sweep.weight_sweep(lm, windows, points, shards / "noise", progress=False)
+noise_tokens, _ = weight_sweep.weight_sweep(lm, windows, points, shard_dir / "noise", progress=False)
 timings["noise"] = time.time() - t0
-noise = sweep.nll_summary(noise_tokens, ["level", "seed"], dense_nll, block_tokens, n_boot)
+noise = weight_sweep.nll_summary(noise_tokens, ["level", "seed"], dense_nll, block_tokens, n_boot)
 fig = plots.ablation_curves(noise.rename(columns={"perplexity": "value", "ppl_low": "low", "ppl_high": "high"}),
                             x="level", ylabel="perplexity", hue="seed", col=None, row=None,
                             title="noise std = level x each matrix's std, on all matrices")
@@ -303,12 +302,12 @@ bit_windows = windows.head(max(1, bit_tokens // ppl_context))
 points = [{"kind": "bitflip", "fmt": f, "bit": b, "trial": t, "seed": seed}
           for f in bit_formats for b in bits for t in range(bit_trials)]
 t0 = time.time()
-flip_tokens, flip_info = sweep.weight_sweep(lm, bit_windows, points, shards / "bitflips", progress=False)
+flip_tokens, flip_info = weight_sweep.weight_sweep(lm, bit_windows, points, shard_dir / "bitflips", progress=False)
 timings["bitflips"] = time.time() - t0
-trials = sweep.nll_summary(flip_tokens, ["fmt", "bit", "trial"], dense_nll, block_tokens, n_boot=0)
+trials = weight_sweep.nll_summary(flip_tokens, ["fmt", "bit", "trial"], dense_nll, block_tokens, n_boot=0)
 trials = trials.merge(flip_info[["fmt", "bit", "trial", "weight", "row", "col", "value", "flipped"]])
 bit_dense = float(np.exp(dense_nll[:bit_windows.n_scored].mean()))
-breaks = sweep.break_probability(trials, ["fmt", "bit"], bit_dense, break_factor)
+breaks = weight_sweep.break_probability(trials, ["fmt", "bit"], bit_dense, break_factor)
 fig = plots.probability_bars(breaks, x="bit", hue="fmt",
                              title=f"one flipped bit: P(perplexity > {break_factor:g} x dense or not finite), "
                                    f"{bit_trials} weights each")
@@ -329,7 +328,7 @@ trials.sort_values("perplexity", ascending=False).head(8)[
 # output spikes give the candidates.
 
 # %%
-spikes = pd.DataFrame(iv.down_proj_spikes(lm, calib_rows))
+spikes = pd.DataFrame(weights.down_proj_spikes(lm, calib_rows))
 spikes["token_text"] = lm.tokenizer.convert_ids_to_tokens(spikes["token"].tolist())
 fig = plots.layer_spikes(spikes, title="MLP down projection: largest |input| and |output| per layer")
 cands = spikes.nlargest(n_super_candidates, "out_max")
@@ -339,16 +338,16 @@ cands[["layer", "row", "col", "weight", "contribution", "out_value", "in_max", "
 cand_entries = [(f"L{int(r.layer)}.mlp.down", int(r.row), int(r.col)) for r in cands.itertuples()]
 zero = []
 for e in cand_entries:  # each candidate, then its control: the largest other weight of the same matrix
-    ctrl = iv.largest_weight_entries(lm, 1, [e[0]], exclude=cand_entries)
+    ctrl = weights.largest_weight_entries(lm, 1, [e[0]], exclude=cand_entries)
     zero += [(f"candidate {e[0]}[{e[1]}, {e[2]}]", [e]),
              (f"largest |w| of {e[0]}: [{ctrl[0][1]}, {ctrl[0][2]}]", ctrl)]
-top_all = iv.largest_weight_entries(lm, len(cand_entries), names, exclude=cand_entries)
+top_all = weights.largest_weight_entries(lm, len(cand_entries), names, exclude=cand_entries)
 zero += [(f"all {len(cand_entries)} candidates", cand_entries), (f"{len(top_all)} largest |w| of all blocks", top_all)]
-points = [{"kind": "zero_entries", "setting": label, "entries": sweep.entries_text(es)} for label, es in zero]
+points = [{"kind": "zero_entries", "setting": label, "entries": weight_sweep.entries_text(es)} for label, es in zero]
 t0 = time.time()
-sw_tokens, _ = sweep.weight_sweep(lm, windows, points, shards / "super", progress=False)
+sw_tokens, _ = weight_sweep.weight_sweep(lm, windows, points, shard_dir / "super", progress=False)
 timings["super"] = time.time() - t0
-superw = sweep.nll_summary(sw_tokens, ["setting", "entries"], dense_nll, block_tokens, n_boot)
+superw = weight_sweep.nll_summary(sw_tokens, ["setting", "entries"], dense_nll, block_tokens, n_boot)
 superw[["setting", "entries", "perplexity", "ppl_low", "ppl_high", "ppl_ratio"]].round(3)
 
 # %% [markdown]
@@ -356,9 +355,9 @@ superw[["setting", "entries", "perplexity", "ppl_low", "ppl_high", "ppl_ratio"]]
 # task?
 
 # %%
-top_entry = sweep.entries_text(cand_entries[:1])
-with sweep.weight_setting(lm, {"kind": "zero_entries", "entries": top_entry})[0]:
-    spikes_without = pd.DataFrame(iv.down_proj_spikes(lm, calib_rows))
+top_entry = weight_sweep.entries_text(cand_entries[:1])
+with weight_sweep.weight_setting(lm, {"kind": "zero_entries", "entries": top_entry})[0]:
+    spikes_without = pd.DataFrame(weights.down_proj_spikes(lm, calib_rows))
 spike_drop = spikes[["layer", "out_max"]].merge(spikes_without[["layer", "out_max"]], on="layer",
                                                 suffixes=("", "_zeroed"))
 sentiment = pd.concat([sentiment, sentiment_under(f"zeroed {top_entry}",
@@ -371,7 +370,7 @@ sentiment.pivot_table(index="setting", columns="metric", values="value", sort=Fa
 # ## What we saw
 
 # %%
-assert iv.state_checksum(lm) == checksum_start, "weights not restored"
+assert weights.state_checksum(lm) == checksum_start, "weights not restored"
 pr = pruning.set_index(["method", "level"])["perplexity"]
 top_mod = ablation[ablation["mode"] == ablation_modes[0]].nlargest(5, "nll_change")
 mod_txt = ", ".join(f"L{r.layer} {r.matrix} (x{r.ppl_ratio:.2f})" for r in top_mod.itertuples())

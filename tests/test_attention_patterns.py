@@ -14,7 +14,7 @@ import torch
 from beartype import beartype
 from jaxtyping import jaxtyped
 
-from headlab import attention, data, engine, metrics, sweep
+from headlab import ablation, attention, bias, data, engine, metrics
 from headlab.interventions import ablate_heads
 
 
@@ -107,7 +107,7 @@ def test_head_differences_of_a_hand_built_pair_set():
     a = b.clone()
     a[:, 1, 2] += 0.3  # one head attends 0.3 more to the pronoun in the "a" sentences
     a[:, 0, 0] -= 0.1 + 0.01 * torch.randn(n, generator=g)
-    frame = attention.head_differences(a, b, n_boot=200, names=("pro", "anti"))
+    frame = bias.head_differences(a, b, n_boot=200, names=("pro", "anti"))
     assert list(frame.columns[:4]) == ["layer", "head", "mean_pro", "mean_anti"]
     diff = frame.set_index(["layer", "head"])["diff"]
     assert diff[(1, 2)] == pytest.approx(0.3, abs=1e-6)
@@ -117,9 +117,9 @@ def test_head_differences_of_a_hand_built_pair_set():
     assert row["diff_low"] <= row["diff"] <= row["diff_high"] < 0
     # items with NaN (an empty query set) are dropped for every head
     a[3] = torch.nan
-    assert (attention.head_differences(a, b, n_boot=50)["n"] == n - 1).all()
+    assert (bias.head_differences(a, b, n_boot=50)["n"] == n - 1).all()
     with pytest.raises(ValueError, match="items"):
-        attention.head_differences(a[:1], b[:1])
+        bias.head_differences(a[:1], b[:1])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,7 +165,7 @@ def test_differential_attention_of_identical_pairs_is_zero(tiny_factory, tokeniz
     k = [[1]] * len(seqs)
     a = attention.span_attention(lm, seqs, q, k)
     b = attention.span_attention(lm, list(reversed(seqs)), list(reversed(q)), list(reversed(k))).flip(0)
-    frame = attention.head_differences(a, b, n_boot=50)
+    frame = bias.head_differences(a, b, n_boot=50)
     assert np.allclose(frame["diff"], 0.0, atol=1e-6)
 
 
@@ -189,7 +189,7 @@ def test_encode_pairs_keeps_only_aligned_single_token_differences(tokenizer):
         {"a": "the cat is a", "b": "the cat is the", "a_span": (11, 12), "b_span": (11, 14),
          "a_referent_span": None},
     ])
-    enc = attention.encode_pairs(tokenizer, pairs)
+    enc = bias.encode_pairs(tokenizer, pairs)
     assert len(enc) + enc.dropped == 2
     for i in range(len(enc)):
         differ = torch.nonzero(enc.a[i] != enc.b[i])[:, 0].tolist()
@@ -246,10 +246,10 @@ def test_ranked_ablation_sweep(tiny_factory, tmp_path):
     scores = pd.DataFrame({"layer": np.repeat(range(lm.n_layers), lm.n_heads),
                            "head": np.tile(range(lm.n_heads), lm.n_layers)})
     scores["score"] = np.arange(len(scores))[::-1] * 1.0  # L0H0 first
-    assert sweep.top_heads(scores, "score", 3) == {0: [0, 1, 2]}
+    assert ablation.top_heads(scores, "score", 3) == {0: [0, 1, 2]}
     measures = {"diff": lambda lp: (lp[:, 0] - lp[:, 1]).numpy()}
     kw = dict(k_list=[0, 2], n_permutations=3, seed=0, batch_size=2, progress=False)
-    rows = sweep.ranked_ablation_sweep(lm, enc, labels, scores, "score", measures, tmp_path / "s", **kw)
+    rows = ablation.ranked_ablation_sweep(lm, enc, labels, scores, "score", measures, tmp_path / "s", **kw)
     assert len(rows) == (1 + 1 + 1 + 3) * len(enc)  # top k=0, top k=2, random k=0, random k=2 x 3
     clean = rows[rows["k"] == 0]
     assert np.allclose(clean["diff_change"], 0.0)
@@ -259,10 +259,10 @@ def test_ranked_ablation_sweep(tiny_factory, tmp_path):
         lp = engine.label_logprobs(lm, enc, labels)
     np.testing.assert_allclose(top["diff"], (lp[:, 0] - lp[:, 1]).numpy(), atol=1e-5)
     # resuming from the shards gives the same table
-    again = sweep.ranked_ablation_sweep(lm, enc, labels, scores, "score", measures, tmp_path / "s", **kw)
+    again = ablation.ranked_ablation_sweep(lm, enc, labels, scores, "score", measures, tmp_path / "s", **kw)
     pd.testing.assert_frame_equal(rows, again)
     with pytest.raises(ValueError, match="mode"):
-        sweep.ranked_ablation_sweep(lm, enc, labels, scores, "score", measures, tmp_path / "t",
+        ablation.ranked_ablation_sweep(lm, enc, labels, scores, "score", measures, tmp_path / "t",
                                     modes=["half"], progress=False)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from headlab import attention, data
+from headlab import attention, bias, data
 
 
 @pytest.mark.slow
@@ -24,7 +24,7 @@ def test_entropy_is_batch_invariant_with_padding_on_the_real_model(real_lm):
 @pytest.mark.slow
 def test_bias_pairs_align_under_the_real_tokenizer(real_lm):
     pairs = data.bias_pairs("winobias")
-    enc = attention.encode_pairs(real_lm.tokenizer, pairs)
+    enc = bias.encode_pairs(real_lm.tokenizer, pairs)
     assert len(enc) >= 0.95 * len(pairs)
     for a, b, p in zip(enc.a[:50], enc.b[:50], enc.pronoun[:50]):
         assert torch.nonzero(a != b)[:, 0].tolist() == [p]

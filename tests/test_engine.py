@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from headlab import engine
+from headlab import engine, perplexity
 from headlab.tasks import FORMATS, build_fewshot_prefix
 
 SHOTS = pd.DataFrame({
@@ -199,10 +199,10 @@ def _one_forward_nll(lm, ids: torch.Tensor) -> torch.Tensor:
 def test_token_nll_single_window_is_one_forward(tiny_factory, context):
     lm = tiny_factory("llama")
     ids = _stream()
-    nll, win = engine.token_nll(lm, ids, context=context, stride=context // 2)
+    nll, win = perplexity.token_nll(lm, ids, context=context, stride=context // 2)
     torch.testing.assert_close(nll, _one_forward_nll(lm, ids), atol=1e-5, rtol=1e-5)
     assert torch.all(win == 0)
-    assert engine.perplexity(nll) == pytest.approx(float(torch.exp(nll.double().mean())))
+    assert perplexity.perplexity(nll) == pytest.approx(float(torch.exp(nll.double().mean())))
 
 
 CONTEXT_STRIDE = [(8, 8), (8, 4), (8, 3), (8, 1), (10, 7), (16, 5), (36, 36), (40, 13)]
@@ -224,7 +224,7 @@ def test_token_nll_scores_every_position_once_in_order(tiny_factory, context, st
     reference = _one_forward_nll(lm, ids)
     assert len(set(reference.round(decimals=4).tolist())) == N_STREAM - 1  # distinct values
     for batch_size in (1, 3, 64):
-        nll, win = engine.token_nll(lm, ids, context=context, stride=stride, batch_size=batch_size)
+        nll, win = perplexity.token_nll(lm, ids, context=context, stride=stride, batch_size=batch_size)
         assert nll.shape == win.shape == (N_STREAM - 1,)
         torch.testing.assert_close(nll, reference, atol=1e-5, rtol=1e-5)
         assert win[0] == 0 and torch.all(win.diff() >= 0) and torch.all(win.diff() <= 1)
@@ -237,7 +237,7 @@ def test_token_nll_left_context(tiny_factory, context, stride):
     (or all of them, for tokens of the first window)."""
     lm = tiny_factory("llama", seed=2)
     ids = _stream(seed=1)
-    nll, win = engine.token_nll(lm, ids, context=context, stride=stride, batch_size=4)
+    nll, win = perplexity.token_nll(lm, ids, context=context, stride=stride, batch_size=4)
     assert nll.shape == (N_STREAM - 1,)
     # NLL of position p when the window starts at s: table[s][p]
     starts = list(range(0, max(N_STREAM - context, 0) + 1))
@@ -263,19 +263,19 @@ def test_token_nll_left_context(tiny_factory, context, stride):
 @pytest.mark.parametrize("context,stride", [(8, 0), (8, 9), (8, -1), (0, 0)])
 def test_token_nll_bad_stride(tiny_factory, context, stride):
     with pytest.raises(ValueError, match="stride"):
-        engine.token_nll(tiny_factory("llama"), _stream(), context=context, stride=stride)
+        perplexity.token_nll(tiny_factory("llama"), _stream(), context=context, stride=stride)
 
 
 def test_token_nll_too_short(tiny_factory):
     with pytest.raises(ValueError, match="2 tokens"):
-        engine.token_nll(tiny_factory("llama"), _stream(1), context=8, stride=4)
+        perplexity.token_nll(tiny_factory("llama"), _stream(1), context=8, stride=4)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "opt", "gemma2"])
 def test_token_nll_other_archs_single_window(tiny_factory, arch):
     lm = tiny_factory(arch)
     ids = _stream(20)
-    nll, _ = engine.token_nll(lm, ids, context=32, stride=16)
+    nll, _ = perplexity.token_nll(lm, ids, context=32, stride=16)
     torch.testing.assert_close(nll, _one_forward_nll(lm, ids), atol=1e-5, rtol=1e-5)
 
 

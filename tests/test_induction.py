@@ -13,7 +13,7 @@ from beartype import beartype
 from jaxtyping import jaxtyped
 
 from conftest import ARCHS
-from headlab import attention, metrics, sweep
+from headlab import ablation, attention, induction, metrics, perplexity
 from headlab.interventions import ablate_heads
 from headlab.models import wrap_model
 
@@ -39,7 +39,7 @@ def _point_at(targets: dict[int, int], s: int) -> torch.Tensor:
 # Scores of hand-built patterns
 # --------------------------------------------------------------------------------------------------
 def test_induction_score_of_known_patterns():
-    score = jaxtyped(typechecker=beartype)(attention.induction_score)
+    score = jaxtyped(typechecker=beartype)(induction.induction_score)
     perfect = _point_at({q: q - T + 1 for q in range(START + T, S)}, S)
     assert score(perfect, T, START).item() == pytest.approx(1.0)
     uniform = _causal_uniform(S)
@@ -47,15 +47,15 @@ def test_induction_score_of_known_patterns():
     assert score(uniform, T, START).item() == pytest.approx(expected.item())
     prev = _point_at({q: q - 1 for q in range(1, S)}, S)
     assert score(prev, T, START).item() == 0.0
-    assert attention.previous_token_score(prev).item() == pytest.approx(1.0)
-    assert attention.previous_token_score(perfect).item() < 1.0
+    assert induction.previous_token_score(prev).item() == pytest.approx(1.0)
+    assert induction.previous_token_score(perfect).item() < 1.0
     batched = torch.stack([perfect, uniform, prev])[:, None]  # (b, 1, q, k): leading dims are kept
     assert score(batched, T, START).shape == (3, 1)
 
 
 def test_induction_score_rejects_bad_period():
     with pytest.raises(ValueError, match="period"):
-        attention.induction_score(_causal_uniform(S), T + 1, START)
+        induction.induction_score(_causal_uniform(S), T + 1, START)
 
 
 def test_scores_frame_ranks_heads():
@@ -70,20 +70,20 @@ def test_scores_frame_ranks_heads():
 # Repeated random tokens
 # --------------------------------------------------------------------------------------------------
 def test_repeated_random_tokens_structure(tokenizer):
-    b = attention.repeated_random_tokens(tokenizer, 5, 8, seed=3)
+    b = induction.repeated_random_tokens(tokenizer, 5, 8, seed=3)
     assert b.tokens.shape == (5, 1 + 16) and b.start == 1
     assert (b.tokens[:, 0] == tokenizer.bos_token_id).all()
     assert torch.equal(b.tokens[:, 1:9], b.tokens[:, 9:])
     special = set(tokenizer.all_special_ids)
     assert not special & set(b.tokens[:, 1:].flatten().tolist())
     assert all(len(set(row[1:9].tolist())) == 8 for row in b.tokens)  # distinct within a copy
-    again = attention.repeated_random_tokens(tokenizer, 3, 8, seed=3)
+    again = induction.repeated_random_tokens(tokenizer, 3, 8, seed=3)
     assert torch.equal(again.tokens, b.tokens[:3])  # row i depends on (seed, i) only
-    assert not torch.equal(attention.repeated_random_tokens(tokenizer, 5, 8, seed=4).tokens, b.tokens)
+    assert not torch.equal(induction.repeated_random_tokens(tokenizer, 5, 8, seed=4).tokens, b.tokens)
 
 
 def test_repeated_random_tokens_with_lags(tokenizer):
-    b = attention.repeated_random_tokens(tokenizer, 4, 8, seed=0, lags=[3, 8])
+    b = induction.repeated_random_tokens(tokenizer, 4, 8, seed=0, lags=[3, 8])
     assert b.lags.tolist() == [3, 8, 3, 8] and b.tokens.shape == (4, 17)
     row = b.tokens[0]
     assert torch.equal(row[-3:], row[-6:-3])  # the segment and its repeat end the row
@@ -95,24 +95,24 @@ def test_repeated_random_tokens_with_lags(tokenizer):
 
 def test_repeated_random_tokens_bad_values(tokenizer):
     with pytest.raises(ValueError, match="lag"):
-        attention.repeated_random_tokens(tokenizer, 2, 8, lags=[1])
+        induction.repeated_random_tokens(tokenizer, 2, 8, lags=[1])
     with pytest.raises(ValueError, match="ordinary tokens"):
-        attention.repeated_random_tokens(tokenizer, 2, 250)
+        induction.repeated_random_tokens(tokenizer, 2, 250)
 
 
 def test_ordinary_token_ids_exclude_special(tiny_factory):
     lm = tiny_factory("llama")
-    ids = attention.ordinary_token_ids(lm).tolist()
+    ids = induction.ordinary_token_ids(lm).tolist()
     assert not set(ids) & set(lm.tokenizer.all_special_ids)
     assert max(ids) < len(lm.tokenizer)
 
 
 def test_repeat_metrics_by_hand(tokenizer):
-    b = attention.repeated_random_tokens(tokenizer, 2, 4, lags=[4, 2])
+    b = induction.repeated_random_tokens(tokenizer, 2, 4, lags=[4, 2])
     nll = torch.full((2, 8), 2.0)
     early, late = b.target_masks()
     nll[late] = 0.5
-    m = attention.repeat_metrics(b, nll)
+    m = induction.repeat_metrics(b, nll)
     assert torch.allclose(m["loss_late"], torch.tensor([0.5, 0.5], dtype=torch.float64))
     assert torch.allclose(m["icl"], torch.tensor([-1.5, -1.5], dtype=torch.float64))
     assert torch.allclose(m["p_correct"], torch.exp(torch.tensor(-0.5, dtype=torch.float64)).expand(2))
@@ -124,7 +124,7 @@ def test_repeat_metrics_by_hand(tokenizer):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_zero_ablation_equals_zeroed_o_proj_columns(arch, tiny_factory, tokenizer):
     lm = tiny_factory(arch)
-    ids = attention.repeated_random_tokens(lm, 2, 5, seed=1).tokens
+    ids = induction.repeated_random_tokens(lm, 2, 5, seed=1).tokens
     heads = {0: [1], 1: [0, 3]}
     with torch.inference_mode(), ablate_heads(lm, heads, "zero"):
         hooked = lm.model(ids).logits
@@ -149,15 +149,15 @@ def _count_hooks(model: torch.nn.Module) -> int:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_patterns_losses_and_hooks_removed(arch, tiny_factory):
     lm = tiny_factory(arch)
-    b = attention.repeated_random_tokens(lm, 3, 5, seed=2)
+    b = induction.repeated_random_tokens(lm, 3, 5, seed=2)
     pats = attention.attention_patterns(lm, b.tokens)
     s = b.tokens.shape[1]
     assert pats.shape == (3, lm.n_layers, lm.n_heads, s, s)
     torch.testing.assert_close(pats.sum(-1), torch.ones(3, lm.n_layers, lm.n_heads, s))
-    scores = attention.induction_scores(lm, b, batch_size=2)
-    direct = attention.induction_score(pats, 5, b.start).mean(0)
+    scores = induction.induction_scores(lm, b, batch_size=2)
+    direct = induction.induction_score(pats, 5, b.start).mean(0)
     torch.testing.assert_close(scores["induction"], direct, rtol=1e-5, atol=1e-6)
-    clean = attention.token_losses(lm, b.tokens)
+    clean = perplexity.token_losses(lm, b.tokens)
     means = attention.head_output_means(lm, b.tokens)
     assert set(means) == set(range(lm.n_layers)) and means[0].shape == (lm.n_heads, lm.head_dim)
     n_hooks = _count_hooks(lm.model)
@@ -166,9 +166,9 @@ def test_patterns_losses_and_hooks_removed(arch, tiny_factory):
             assert _count_hooks(lm.model) > n_hooks
             raise RuntimeError("boom")
     assert _count_hooks(lm.model) == n_hooks
-    torch.testing.assert_close(attention.token_losses(lm, b.tokens), clean)
-    torch.testing.assert_close(attention.token_losses(lm, b.tokens, {}), clean)  # k = 0 is the clean run
-    ablated = attention.token_losses(lm, b.tokens, {1: [0, 2]}, "mean", means, batch_size=1)
+    torch.testing.assert_close(perplexity.token_losses(lm, b.tokens), clean)
+    torch.testing.assert_close(perplexity.token_losses(lm, b.tokens, {}), clean)  # k = 0 is the clean run
+    ablated = perplexity.token_losses(lm, b.tokens, {1: [0, 2]}, "mean", means, batch_size=1)
     assert not torch.allclose(ablated, clean)
 
 
@@ -186,20 +186,20 @@ def test_ablation_heads_choice():
     want = {}
     for layer, head in sorted(zip(top["layer"], top["head"])):
         want.setdefault(layer, []).append(head)
-    assert sweep.ablation_heads(scores, "full", "induction", 2) == want
-    assert sweep.ablation_heads(scores, "full", "random", 0) == {}
-    r = sweep.ablation_heads(scores, "top_half", "random", 3, permutation=5, seed=1)
+    assert ablation.ablation_heads(scores, "full", "induction", 2) == want
+    assert ablation.ablation_heads(scores, "full", "random", 0) == {}
+    r = ablation.ablation_heads(scores, "top_half", "random", 3, permutation=5, seed=1)
     assert sum(map(len, r.values())) == 3 and set(r) <= {2, 3}
-    assert r == sweep.ablation_heads(scores, "top_half", "random", 3, permutation=5, seed=1)
-    draws = {str(sweep.ablation_heads(scores, "full", "random", 3, permutation=p)) for p in range(10)}
+    assert r == ablation.ablation_heads(scores, "top_half", "random", 3, permutation=5, seed=1)
+    draws = {str(ablation.ablation_heads(scores, "full", "random", 3, permutation=p)) for p in range(10)}
     assert len(draws) > 5
-    assert set(sweep.ablation_heads(scores, "bottom_half", "induction", 6)) == {0, 1}
+    assert set(ablation.ablation_heads(scores, "bottom_half", "induction", 6)) == {0, 1}
     with pytest.raises(ValueError, match="layer range"):
-        sweep.ablation_heads(scores, "middle", "random", 1)
+        ablation.ablation_heads(scores, "middle", "random", 1)
     with pytest.raises(ValueError, match="head_type"):
-        sweep.ablation_heads(scores, "full", "best", 1)
+        ablation.ablation_heads(scores, "full", "best", 1)
     with pytest.raises(ValueError, match="has 6 heads"):
-        sweep.ablation_heads(scores, "top_half", "induction", 7)
+        ablation.ablation_heads(scores, "top_half", "induction", 7)
 
 
 GRID = dict(modes=("zero", "mean"), layer_ranges=("full", "top_half"), head_types=("induction", "random"),
@@ -208,15 +208,15 @@ GRID = dict(modes=("zero", "mean"), layer_ranges=("full", "top_half"), head_type
 
 def _sweep_inputs(tiny_factory):
     lm = tiny_factory("llama")
-    batch = attention.repeated_random_tokens(lm, 4, 5, seed=0, lags=[2, 5])
-    ref = attention.repeated_random_tokens(lm, 3, 5, seed=99)
-    scores = attention.scores_frame(attention.induction_scores(lm, ref))
+    batch = induction.repeated_random_tokens(lm, 4, 5, seed=0, lags=[2, 5])
+    ref = induction.repeated_random_tokens(lm, 3, 5, seed=99)
+    scores = attention.scores_frame(induction.induction_scores(lm, ref))
     return lm, batch, scores, attention.head_output_means(lm, ref.tokens)
 
 
 def test_sweep_resumes_to_the_same_table(tiny_factory, tmp_path, monkeypatch):
     lm, batch, scores, means = _sweep_inputs(tiny_factory)
-    full = sweep.induction_ablation_sweep(lm, batch, scores, tmp_path / "a", means=means, batch_size=3,
+    full = ablation.induction_ablation_sweep(lm, batch, scores, tmp_path / "a", means=means, batch_size=3,
                                           progress=False, **GRID)
     n_points = len(list((tmp_path / "a").glob("*.json")))
     # induction: 1 shard per (mode, range, k); random: k=0 one shard, k>0 two chunks (perms 0-1, 2)
@@ -224,7 +224,7 @@ def test_sweep_resumes_to_the_same_table(tiny_factory, tmp_path, monkeypatch):
     assert len(full) == 2 * 2 * (3 * 1 + (1 + 3 + 3)) * len(batch)
     clean = full[full["k"] == 0]
     assert clean.groupby("sequence")["p_correct"].nunique().eq(1).all()  # every k = 0 point is the clean run
-    real, calls = attention.token_losses, []
+    real, calls = perplexity.token_losses, []
 
     def dying(*args, **kwargs):
         calls.append(1)
@@ -232,32 +232,32 @@ def test_sweep_resumes_to_the_same_table(tiny_factory, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # killed midway
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(attention, "token_losses", dying)
+    monkeypatch.setattr(perplexity, "token_losses", dying)
     with pytest.raises(KeyboardInterrupt):
-        sweep.induction_ablation_sweep(lm, batch, scores, tmp_path / "b", means=means, batch_size=3,
+        ablation.induction_ablation_sweep(lm, batch, scores, tmp_path / "b", means=means, batch_size=3,
                                        progress=False, **GRID)
     done = len(list((tmp_path / "b").glob("*.json")))
     assert 0 < done < n_points
-    monkeypatch.setattr(attention, "token_losses", real)
-    resumed = sweep.induction_ablation_sweep(lm, batch, scores, tmp_path / "b", means=means, batch_size=2,
+    monkeypatch.setattr(perplexity, "token_losses", real)
+    resumed = ablation.induction_ablation_sweep(lm, batch, scores, tmp_path / "b", means=means, batch_size=2,
                                              progress=False, **GRID)
     pd.testing.assert_frame_equal(resumed, full, check_exact=False, rtol=1e-5, atol=1e-6)
-    summary = sweep.ablation_summary(full, "p_correct", n_boot=50)
+    summary = ablation.ablation_summary(full, "p_correct", n_boot=50)
     assert (summary["low"] <= summary["value"] + 1e-12).all() and (summary["value"] <= summary["high"] + 1e-12).all()
-    vs = sweep.induction_vs_random(full, "p_correct")
+    vs = ablation.induction_vs_random(full, "p_correct")
     assert len(vs) == 2 * 2 * 2 and vs["frac_random_below"].between(0, 1).all()
 
 
 def test_sweep_is_batch_invariant(tiny_factory, tmp_path):
     lm, batch, scores, means = _sweep_inputs(tiny_factory)
     grid = {**GRID, "modes": ("mean",), "layer_ranges": ("full",)}
-    whole = sweep.induction_ablation_sweep(lm, batch, scores, tmp_path / "a", means=means, batch_size=4,
+    whole = ablation.induction_ablation_sweep(lm, batch, scores, tmp_path / "a", means=means, batch_size=4,
                                            progress=False, **grid)
-    ones = sweep.induction_ablation_sweep(lm, batch, scores, tmp_path / "b", means=means, batch_size=1,
+    ones = ablation.induction_ablation_sweep(lm, batch, scores, tmp_path / "b", means=means, batch_size=1,
                                           progress=False, **grid)
     pd.testing.assert_frame_equal(whole, ones, check_exact=False, rtol=1e-5, atol=1e-6)
     # a sequence's result does not depend on which other sequences are scored with it
-    alone = sweep.induction_ablation_sweep(lm, batch.subset([2]), scores, tmp_path / "c", means=means,
+    alone = ablation.induction_ablation_sweep(lm, batch.subset([2]), scores, tmp_path / "c", means=means,
                                            batch_size=1, progress=False, **grid)
     cols = ["p_correct", "loss_early", "loss_late", "heads"]
     pd.testing.assert_frame_equal(alone[cols], whole[whole["sequence"] == 2][cols].reset_index(drop=True),
@@ -271,10 +271,10 @@ def test_sweep_rejects_bad_grid(tiny_factory, tmp_path):
            ({"k_list": (0, 5), "max_heads": 20}, "exceeds"), ({"n_permutations": 0}, "n_permutations")]
     for override, match in bad:
         with pytest.raises(ValueError, match=match):
-            sweep.induction_ablation_sweep(lm, batch, scores, tmp_path, means=means, progress=False,
+            ablation.induction_ablation_sweep(lm, batch, scores, tmp_path, means=means, progress=False,
                                            **{**GRID, **override})
     with pytest.raises(ValueError, match="means"):
-        sweep.induction_ablation_sweep(lm, batch, scores, tmp_path, progress=False, **GRID)
+        ablation.induction_ablation_sweep(lm, batch, scores, tmp_path, progress=False, **GRID)
     assert not list(tmp_path.glob("*.parquet"))
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from conftest import ARCHS, D_MLP, D_MODEL, MODEL_VOCAB, N_HEADS, N_KV_HEADS, N_LAYERS, build_tiny
 from headlab import cache, models
-from headlab.models import ADAPTERS, LoadedModel, load_model, resolve_adapter, wrap_model
+from headlab.models import ADAPTERS, load_model, LoadedModel, resolve_adapter, wrap_model
 
 #: Architectures whose attention implementation in transformers supports grouped-query attention.
 GQA_ARCHS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"}

@@ -16,9 +16,9 @@ from jaxtyping import jaxtyped
 from transformers.activations import ACT2FN
 
 from conftest import ARCHS, D_MLP, MODEL_VOCAB, N_LAYERS
-from headlab import attention, engine, neurons, records, sweep, tasks
+from headlab import ablation, engine, lens, neurons, perplexity, records, tasks
 from headlab.interventions import ablate_neurons, capture, capture_residual, edit_neurons, hooks, observe
-from headlab.models import LoadedModel, get_module
+from headlab.models import get_module, LoadedModel
 
 
 def _rows(n: int = 5, s: int = 12, seed: int = 0) -> torch.Tensor:
@@ -306,7 +306,7 @@ def test_neuron_ablation_sweep_resumes_and_is_batch_invariant(tiny_factory, tmp_
     ids = _rows(4, 10)
     stats = neurons.neuron_stats(lm, _rows(4, 10, seed=9))  # reference rows, disjoint from ids
     kw = dict(layers=[1], k_list=[2, 5], modes=["zero", "mean"], n_permutations=2, seed=0)
-    rows = sweep.neuron_ablation_sweep(lm, ids, stats, tmp_path / "a", batch_size=3, progress=False, **kw)
+    rows = ablation.neuron_ablation_sweep(lm, ids, stats, tmp_path / "a", batch_size=3, progress=False, **kw)
     assert len(rows) == 2 * 2 * (1 + 2) * 4  # modes x k x (top + 2 random) x sequences
     top2 = neurons.top_neurons(stats, "mean_abs", 2)
     assert rows[(rows["kind"] == "top") & (rows["k"] == 2)]["neurons"].iloc[0] == " ".join(
@@ -318,17 +318,17 @@ def test_neuron_ablation_sweep_resumes_and_is_batch_invariant(tiny_factory, tmp_
     one = rows[(rows["mode"] == "zero") & (rows["kind"] == "top") & (rows["k"] == 5)]
     chosen = [int(n) for n in one["neurons"].iloc[0].split()]
     with ablate_neurons(lm, {1: chosen}):
-        want = attention.token_losses(lm, ids).double().mean(1).numpy()
+        want = perplexity.token_losses(lm, ids).double().mean(1).numpy()
     np.testing.assert_allclose(one["loss"].to_numpy(), want, rtol=1e-5)
     assert rows.groupby(["mode", "k", "kind", "permutation"])["delta"].apply(lambda d: (d.abs() > 0).any()).all()
     # batch size does not matter; a second run reads every shard back
-    again = sweep.neuron_ablation_sweep(lm, ids, stats, tmp_path / "b", batch_size=1, progress=False, **kw)
+    again = ablation.neuron_ablation_sweep(lm, ids, stats, tmp_path / "b", batch_size=1, progress=False, **kw)
     np.testing.assert_allclose(again["loss"].to_numpy(), rows["loss"].to_numpy(), rtol=1e-5)
     n_files = len(list((tmp_path / "a").iterdir()))
-    resumed = sweep.neuron_ablation_sweep(lm, ids, stats, tmp_path / "a", progress=False, **kw)
+    resumed = ablation.neuron_ablation_sweep(lm, ids, stats, tmp_path / "a", progress=False, **kw)
     assert len(list((tmp_path / "a").iterdir())) == n_files
     pd.testing.assert_frame_equal(resumed, rows)
-    summary = sweep.ablation_summary(rows, "delta", by=("mode", "layer", "kind", "k"), n_boot=50)
+    summary = ablation.ablation_summary(rows, "delta", by=("mode", "layer", "kind", "k"), n_boot=50)
     assert len(summary) == 2 * 2 * 2 and set(summary["n_permutations"]) == {1, 2}
     assert _no_hooks(lm)
 
@@ -337,13 +337,13 @@ def test_neuron_ablation_sweep_rejects_bad_input(tiny_factory, tmp_path):
     lm = tiny_factory("llama")
     stats = neurons.neuron_stats(lm, _rows(2, 6), layers=[0])
     with pytest.raises(ValueError, match="not captured"):
-        sweep.neuron_ablation_sweep(lm, _rows(2, 6), stats, tmp_path, layers=[1], k_list=[2])
+        ablation.neuron_ablation_sweep(lm, _rows(2, 6), stats, tmp_path, layers=[1], k_list=[2])
     with pytest.raises(ValueError, match="k_list entries \\[30\\]"):
-        sweep.neuron_ablation_sweep(lm, _rows(2, 6), stats, tmp_path, layers=[0], k_list=[30])
+        ablation.neuron_ablation_sweep(lm, _rows(2, 6), stats, tmp_path, layers=[0], k_list=[30])
     with pytest.raises(ValueError, match="modes \\['noise'\\]"):
-        sweep.neuron_ablation_sweep(lm, _rows(2, 6), stats, tmp_path, layers=[0], k_list=[2], modes=["noise"])
+        ablation.neuron_ablation_sweep(lm, _rows(2, 6), stats, tmp_path, layers=[0], k_list=[2], modes=["noise"])
     with pytest.raises(ValueError, match="kind='best'"):
-        sweep.neuron_ablation_sets(stats, 0, 2, "best")
+        ablation.neuron_ablation_sets(stats, 0, 2, "best")
 
 
 def test_random_neurons():
@@ -360,12 +360,12 @@ def test_random_neurons():
 # --------------------------------------------------------------------------------------------------
 def test_logit_lens_at_last_layer_is_the_model_output(tiny_lm):
     ids = _rows(2, 9)
-    lens = jaxtyped(typechecker=beartype)(engine.lens_logits)(tiny_lm, ids)
-    assert lens.shape == (tiny_lm.n_layers, 2, 9, MODEL_VOCAB)
-    torch.testing.assert_close(lens[-1], tiny_lm.model(input_ids=ids).logits.float(), rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(lens[0], lens[-1])
-    some = engine.lens_logits(tiny_lm, ids, layers=[1], positions=[0, 8])
-    torch.testing.assert_close(some[0], lens[1][:, [0, 8]], rtol=0, atol=0)
+    out = jaxtyped(typechecker=beartype)(lens.lens_logits)(tiny_lm, ids)
+    assert out.shape == (tiny_lm.n_layers, 2, 9, MODEL_VOCAB)
+    torch.testing.assert_close(out[-1], tiny_lm.model(input_ids=ids).logits.float(), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out[0], out[-1])
+    some = lens.lens_logits(tiny_lm, ids, layers=[1], positions=[0, 8])
+    torch.testing.assert_close(some[0], out[1][:, [0, 8]], rtol=0, atol=0)
     assert _no_hooks(tiny_lm)
 
 
@@ -375,13 +375,13 @@ def test_lens_label_scores_match_label_logprobs(tiny_lm, tokenizer):
                "Review: boring.\nSentiment:"]
     enc = engine.encode_prompts(tiny_lm, prefix, queries)
     labels = engine.label_token_ids(tiny_lm, ["negative", "positive"])
-    lp, ranks = engine.lens_label_scores(tiny_lm, enc, labels, batch_size=2)
+    lp, ranks = lens.lens_label_scores(tiny_lm, enc, labels, batch_size=2)
     assert lp.shape == ranks.shape == (tiny_lm.n_layers, 3, 2)
     torch.testing.assert_close(lp[-1], engine.label_logprobs(tiny_lm, enc, labels), rtol=1e-4, atol=1e-4)
     full = torch.stack([tiny_lm.model(input_ids=enc.full(i)[None]).logits[0, -1] for i in range(3)])
     want = (full[:, None, :] > full[:, labels][:, :, None]).sum(-1)
     assert torch.equal(ranks[-1], want)
-    one_by_one = torch.cat([engine.lens_label_scores(tiny_lm, enc.subset([i]), labels)[0] for i in range(3)], 1)
+    one_by_one = torch.cat([lens.lens_label_scores(tiny_lm, enc.subset([i]), labels)[0] for i in range(3)], 1)
     torch.testing.assert_close(one_by_one, lp, rtol=1e-4, atol=1e-4)
 
 
@@ -397,8 +397,8 @@ def test_direction_logits_is_the_linear_part_of_decoding(tiny_factory, arch):
     else:
         scale = (h.pow(2).mean(-1, keepdim=True) + eps).sqrt()
     with torch.no_grad():
-        want = engine.decode_residual(lm, h)
-        got = engine.direction_logits(lm, h) / scale + engine.decode_residual(lm, torch.zeros(1, lm.d_model))
+        want = lens.decode_residual(lm, h)
+        got = lens.direction_logits(lm, h) / scale + lens.decode_residual(lm, torch.zeros(1, lm.d_model))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -409,7 +409,7 @@ def test_promoted_tokens(tiny_factory):
     w = neurons.output_weights(lm, 1)
     assert w.shape == (lm.d_model, lm.d_mlp)
     with torch.no_grad():
-        logits = engine.direction_logits(lm, w[:, 5])
+        logits = lens.direction_logits(lm, w[:, 5])
     assert frame["token_id"].iloc[0] == int(logits.argmax()) and frame["token_id"].iloc[4] == int(logits.argmin())
     assert frame["logit"].iloc[0] == pytest.approx(float(logits.max()), rel=1e-5)
     with pytest.raises(ValueError, match="neuron=99"):
@@ -502,10 +502,10 @@ def test_real_model_lens_and_streaming_stats(real_lm):
     # may already be installed by earlier tests) and check that ours are gone at the end
     real_lm.model(input_ids=ids, output_hidden_states=True)
     _BASELINE_HOOKS[id(real_lm.model)] = _hook_count(real_lm)
-    lens = engine.lens_logits(real_lm, ids, positions=[ids.shape[1] - 1])[:, 0, 0]  # (L, V)
+    out = lens.lens_logits(real_lm, ids, positions=[ids.shape[1] - 1])[:, 0, 0]  # (L, V)
     logits = real_lm.model(input_ids=ids).logits[0, -1].float()
-    torch.testing.assert_close(lens[-1], logits, rtol=1e-4, atol=1e-4)
-    assert real_lm.tokenizer.decode([int(lens[-1].argmax())]).strip() == "Rome"
+    torch.testing.assert_close(out[-1], logits, rtol=1e-4, atol=1e-4)
+    assert real_lm.tokenizer.decode([int(out[-1].argmax())]).strip() == "Rome"
     stats = neurons.neuron_stats(real_lm, ids, k=3, skip_first=0)
     with capture(real_lm, site="mlp_out") as acts:
         real_lm.model(input_ids=ids)

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from headlab import metrics, sweep
+from headlab import metrics, sweeps
 
 
 def test_bootstrap_rows_constant_and_paired():
@@ -64,7 +64,7 @@ def _fake_sweep():
 
 def test_rank_heads_orders_by_effect_with_intervals():
     heads, prompts = _fake_sweep()
-    r = sweep.rank_heads(heads, prompts, "absolute", 1.0, n_boot=100)
+    r = sweeps.rank_heads(heads, prompts, "absolute", 1.0, n_boot=100)
     assert [(a, b) for a, b in zip(r["layer"], r["head"])][:2] == [(1, 0), (0, 1)]
     assert r["effect"].iloc[0] == pytest.approx(2.01)  # mean over prompts of the +-0.1 pattern is -0.01
     assert (r["effect_low"] <= r["effect"]).all() and (r["effect"] <= r["effect_high"]).all()
@@ -75,12 +75,12 @@ def test_rank_heads_orders_by_effect_with_intervals():
 def test_rank_heads_bad_setting_names_what_exists():
     heads, prompts = _fake_sweep()
     with pytest.raises(ValueError, match="noise"):
-        sweep.rank_heads(heads, prompts, "noise", 1.0)
+        sweeps.rank_heads(heads, prompts, "noise", 1.0)
     with pytest.raises(ValueError, match=r"level=2\.0.*absolute"):
-        sweep.rank_heads(heads, prompts, "absolute", 2.0)
+        sweeps.rank_heads(heads, prompts, "absolute", 2.0)
 
 
 def test_seed_agreement():
     heads, _ = _fake_sweep()
-    a = sweep.seed_agreement(heads, "absolute", 1.0)
+    a = sweeps.seed_agreement(heads, "absolute", 1.0)
     assert len(a) == 1 and a["spearman"].iloc[0] == pytest.approx(1.0)

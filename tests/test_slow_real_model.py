@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from headlab import engine
+from headlab import engine, perplexity
 from headlab.data import load_sentiment, load_wikipedia, split_frame
 from headlab.tasks import FORMATS, build_fewshot_prefix, sample_shots
 
@@ -63,7 +63,7 @@ def test_real_model_perplexity_on_wikipedia_is_sane(real_lm):
     vocabulary size (a broken conversion gives thousands)."""
     text = load_wikipedia()["text"].iloc[0][:2000]
     ids = torch.tensor(real_lm.tokenizer(text)["input_ids"][:300])
-    nll, win = engine.token_nll(real_lm, ids, context=128, stride=64, batch_size=4)
+    nll, win = perplexity.token_nll(real_lm, ids, context=128, stride=64, batch_size=4)
     assert len(nll) == len(ids) - 1
-    assert 1.5 < engine.perplexity(nll) < 60
+    assert 1.5 < perplexity.perplexity(nll) < 60
     assert int(win.max()) >= 2

@@ -1,6 +1,6 @@
 """Head sweeps on tiny random models: ``engine.sweep_heads`` equals a plain forward per (edit, prompt)
 with the edit hooked in, does not depend on batching, leaves the model untouched (also after an
-error); ``head_noise`` is a pure function of its keys; ``sweep.run_grid`` / ``head_sweep`` resume a
+error); ``head_noise`` is a pure function of its keys; ``shards.run_grid`` / ``head_sweep`` resume a
 killed sweep to the same tables, recomputing only the missing grid points."""
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from conftest import ARCHS
-from headlab import engine, interventions, sweep, tasks
+from headlab import engine, interventions, shards, sweeps, tasks
+from headlab.edits import head_noise
+from headlab.engine import headsweep, scoring
 from headlab.tasks import FORMATS, build_fewshot_prefix
-from headlab.interventions import HeadEdit
+from headlab.edits import HeadEdit
 
 SHOTS = pd.DataFrame({
     "text": ["a gripping, funny and warm film.", "the plot is dull and the acting is worse."],
@@ -134,7 +136,7 @@ def test_sweep_heads_exact_with_sliding_window_shorter_than_prompt(tiny_factory,
     a forward (pads between the cached prefix and a query would count against the window)."""
     lm = tiny_factory(arch, sliding_window=6)
     enc, labels = _prompts(lm), _labels(lm)
-    assert lm.sliding_window == 6 and engine._needs_equal_lengths(lm, enc)
+    assert lm.sliding_window == 6 and scoring.needs_equal_lengths(lm, enc)
     clean = engine.clean_run(lm, enc, labels, batch_size=4)
     torch.testing.assert_close(clean.logprobs, _plain_last_logprobs(lm, enc, labels), atol=1e-4, rtol=0)
     edits = _mixed_edits()
@@ -191,8 +193,8 @@ def test_noise_heads_adds_prefix_and_sample_draws(llama):
                 interventions.capture(lm, [0], site="attn_out") as after:
             lm.model(ids)
     diff = (after[0] - before[0])[0].reshape(-1, H, dh)
-    eps = torch.cat([interventions.head_noise(11, 0, 2, "prefix", P, dh),
-                     interventions.head_noise(11, 0, 2, 3, len(enc.queries[3]), dh)])
+    eps = torch.cat([head_noise(11, 0, 2, "prefix", P, dh),
+                     head_noise(11, 0, 2, 3, len(enc.queries[3]), dh)])
     torch.testing.assert_close(diff[:, 2], 0.7 * eps, atol=1e-6, rtol=0)
     assert torch.all(diff[:, [0, 1, 3]] == 0)
 
@@ -241,8 +243,8 @@ def test_sweep_heads_batch_invariance(tiny_factory, arch, overrides):
 def test_chunks_groups_equal_lengths_in_stable_order():
     items = list("abcdefgh")
     lengths = [3, 1, 3, 2, 1, 3, 3, 2]
-    assert list(engine._chunks(items, lengths, 3, equal=False)) == [list("abc"), list("def"), list("gh")]
-    chunks = list(engine._chunks(items, lengths, 2, equal=True))
+    assert list(scoring.chunks(items, lengths, 3, equal=False)) == [list("abc"), list("def"), list("gh")]
+    chunks = list(scoring.chunks(items, lengths, 2, equal=True))
     assert sorted(x for c in chunks for x in c) == items  # each item exactly once
     for c in chunks:
         assert 1 <= len(c) <= 2 and len({lengths[items.index(x)] for x in c}) == 1
@@ -250,16 +252,16 @@ def test_chunks_groups_equal_lengths_in_stable_order():
         same = [x for c in chunks for x in c if lengths[items.index(x)] == n]
         assert same == [x for x, m in zip(items, lengths) if m == n]
     with pytest.raises(ValueError, match="batch_size"):
-        list(engine._chunks(items, lengths, 0, equal=True))
+        list(scoring.chunks(items, lengths, 0, equal=True))
 
 
 def test_needs_equal_lengths_only_when_window_is_shorter_than_prompt(llama):
     lm, enc, _, _ = llama
     total = len(enc.prefix) + max(len(q) for q in enc.queries)
-    assert not engine._needs_equal_lengths(lm, enc)  # no sliding window
-    assert not engine._needs_equal_lengths(SimpleNamespace(sliding_window=None), enc)
-    assert not engine._needs_equal_lengths(SimpleNamespace(sliding_window=total), enc)
-    assert engine._needs_equal_lengths(SimpleNamespace(sliding_window=total - 1), enc)
+    assert not scoring.needs_equal_lengths(lm, enc)  # no sliding window
+    assert not scoring.needs_equal_lengths(SimpleNamespace(sliding_window=None), enc)
+    assert not scoring.needs_equal_lengths(SimpleNamespace(sliding_window=total), enc)
+    assert scoring.needs_equal_lengths(SimpleNamespace(sliding_window=total - 1), enc)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,14 +281,14 @@ def test_sweep_heads_restores_model_after_exception(tiny_factory, monkeypatch, f
     with torch.inference_mode():
         logits = lm.model(enc.full(1)[None]).logits
 
-    real = interventions.head_noise
+    real = headsweep.head_noise
 
     def failing(seed, layer, head, sample, n, d):
         if (sample == "prefix") == (fail_in == "prefix"):
             raise RuntimeError("boom")
         return real(seed, layer, head, sample, n, d)
 
-    monkeypatch.setattr(interventions, "head_noise", failing)
+    monkeypatch.setattr(headsweep, "head_noise", failing)
     with pytest.raises(RuntimeError, match="boom"):
         engine.sweep_heads(lm, clean, edits)
     monkeypatch.undo()
@@ -386,17 +388,17 @@ def test_hooks_removed_on_exception():
 # head_noise
 # --------------------------------------------------------------------------------------------------
 def test_head_noise_deterministic_and_keyed():
-    a = interventions.head_noise(3, 1, 2, 0, 7, 8)
+    a = head_noise(3, 1, 2, 0, 7, 8)
     assert a.shape == (7, 8) and a.dtype == torch.float32
     torch.manual_seed(123)  # the global generator plays no part
-    torch.testing.assert_close(interventions.head_noise(3, 1, 2, 0, 7, 8), a, atol=0, rtol=0)
+    torch.testing.assert_close(head_noise(3, 1, 2, 0, 7, 8), a, atol=0, rtol=0)
     variants = [(4, 1, 2, 0), (3, 0, 2, 0), (3, 1, 3, 0), (3, 1, 2, 1), (3, 1, 2, "prefix")]
-    draws = [a] + [interventions.head_noise(*keys, 7, 8) for keys in variants]
+    draws = [a] + [head_noise(*keys, 7, 8) for keys in variants]
     for i in range(len(draws)):
         for j in range(i):
             assert (draws[i] - draws[j]).abs().max() > 0.1, (i, j)
-    assert interventions.head_noise(0, 0, 0, "prefix", 0, 8).shape == (0, 8)
-    big = interventions.head_noise(0, 0, 0, 0, 4000, 8)
+    assert head_noise(0, 0, 0, "prefix", 0, 8).shape == (0, 8)
+    big = head_noise(0, 0, 0, 0, 4000, 8)
     assert abs(float(big.mean())) < 0.03 and abs(float(big.std()) - 1.0) < 0.03
 
 
@@ -426,32 +428,32 @@ def _compute(calls: list, fail_after: int | None = None):
 
 def test_run_grid_resumes_after_kill(tmp_path, capsys):
     full_calls: list = []
-    full = sweep.run_grid(POINTS, _compute(full_calls), sweep.ShardStore(tmp_path / "full", BASE),
+    full = shards.run_grid(POINTS, _compute(full_calls), shards.ShardStore(tmp_path / "full", BASE),
                           progress=False)
     assert full_calls == POINTS and set(full) == {"main", "extra"} and len(full["main"]) == 18
     assert full["main"]["a"].tolist() == [i for i in range(6) for _ in range(3)]  # in the order of points
 
     killed: list = []
     with pytest.raises(Killed):
-        sweep.run_grid(POINTS, _compute(killed, fail_after=2), sweep.ShardStore(tmp_path / "run", BASE),
+        shards.run_grid(POINTS, _compute(killed, fail_after=2), shards.ShardStore(tmp_path / "run", BASE),
                        progress=False)
-    store = sweep.ShardStore(tmp_path / "run", BASE)  # a fresh process
+    store = shards.ShardStore(tmp_path / "run", BASE)  # a fresh process
     assert [store.done(p) for p in POINTS] == [True, True, False, False, False, False]
     rerun: list = []
     capsys.readouterr()
-    resumed = sweep.run_grid(POINTS, _compute(rerun), store, progress=True)
+    resumed = shards.run_grid(POINTS, _compute(rerun), store, progress=True)
     assert "2 of 6" in capsys.readouterr().err
     assert rerun == POINTS[2:]  # only the missing points
     for name in full:
         pd.testing.assert_frame_equal(resumed[name], full[name])
     again: list = []
-    sweep.run_grid(POINTS, _compute(again), store, progress=False)
+    shards.run_grid(POINTS, _compute(again), store, progress=False)
     assert again == []
     assert not list((tmp_path / "run").glob("*.tmp"))
 
 
 def test_shard_without_marker_is_not_done(tmp_path, monkeypatch):
-    store = sweep.ShardStore(tmp_path, BASE)
+    store = shards.ShardStore(tmp_path, BASE)
     p = POINTS[1]
     store.save(p, _compute([])(p))
     assert store.done(p)
@@ -460,7 +462,7 @@ def test_shard_without_marker_is_not_done(tmp_path, monkeypatch):
     markers[0].unlink()  # tables on disk, no marker
     assert not store.done(p)
     calls: list = []
-    sweep.run_grid([p], _compute(calls), store, progress=False)
+    shards.run_grid([p], _compute(calls), store, progress=False)
     assert calls == [p] and store.done(p)
 
     # Killed while writing the second table: the first table is there, the point is not done.
@@ -482,34 +484,34 @@ def test_shard_without_marker_is_not_done(tmp_path, monkeypatch):
 
     # Killed after writing the marker's temporary file but before renaming it into place.
     r = POINTS[3]
-    real_replace = sweep.os.replace
+    real_replace = shards.os.replace
 
     def dying_replace(src, dst):
         if str(dst).endswith(".json"):
             raise Killed()
         return real_replace(src, dst)
 
-    monkeypatch.setattr(sweep.os, "replace", dying_replace)
+    monkeypatch.setattr(shards.os, "replace", dying_replace)
     with pytest.raises(Killed):
         store.save(r, _compute([])(r))
     monkeypatch.undo()
     assert list(tmp_path.glob("*.json.tmp")) and not store.done(r)
 
     calls = []
-    out = sweep.run_grid(POINTS[1:4], _compute(calls), store, progress=False)
+    out = shards.run_grid(POINTS[1:4], _compute(calls), store, progress=False)
     assert calls == POINTS[2:4]
     assert out["main"]["a"].tolist() == [1] * 3 + [2] * 3 + [3] * 3
     assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_shard_store_key_ignores_order_but_not_base(tmp_path):
-    store = sweep.ShardStore(tmp_path, BASE)
+    store = shards.ShardStore(tmp_path, BASE)
     p = {"a": 1, "b": "odd", "level": 0.5}
     store.save(p, _compute([])(p))
     assert store.done({"level": 0.5, "b": "odd", "a": 1})  # the same configuration, other key order
     assert not store.done({**p, "level": 0.25})
-    assert not sweep.ShardStore(tmp_path, {**BASE, "model": "other"}).done(p)
-    assert sweep.config_hash({"x": 1, "y": [1, 2]}) == sweep.config_hash({"y": [1, 2], "x": 1})
+    assert not shards.ShardStore(tmp_path, {**BASE, "model": "other"}).done(p)
+    assert shards.config_hash({"x": 1, "y": [1, 2]}) == shards.config_hash({"y": [1, 2], "x": 1})
 
 
 def _task():
@@ -534,7 +536,7 @@ def test_head_sweep_resumes_to_the_same_tables(tiny_factory, tmp_path, monkeypat
     lm = tiny_factory("llama")
     task = _task()
     n_points, n_heads, n_prompts = len(SETTINGS) * lm.n_layers, lm.n_heads, len(QUERY_TEXTS)
-    heads_a, prompts_a = sweep.head_sweep(lm, task, SETTINGS, tmp_path / "a", batch_size=8, progress=False)
+    heads_a, prompts_a = sweeps.head_sweep(lm, task, SETTINGS, tmp_path / "a", batch_size=8, progress=False)
     assert len(heads_a) == n_points * n_heads and len(prompts_a) == n_points * n_heads * n_prompts
     assert len(list((tmp_path / "a").glob("*.json"))) == n_points
 
@@ -563,7 +565,7 @@ def test_head_sweep_resumes_to_the_same_tables(tiny_factory, tmp_path, monkeypat
 
     monkeypatch.setattr(engine, "sweep_heads", dying)
     with pytest.raises(Killed):
-        sweep.head_sweep(lm, task, SETTINGS, tmp_path / "b", batch_size=8, progress=False)
+        sweeps.head_sweep(lm, task, SETTINGS, tmp_path / "b", batch_size=8, progress=False)
     assert len(killed) == 3 and len(list((tmp_path / "b").glob("*.json"))) == 3
 
     rerun: list = []
@@ -573,7 +575,7 @@ def test_head_sweep_resumes_to_the_same_tables(tiny_factory, tmp_path, monkeypat
         return real(lm_, clean_, edits, **kwargs)
 
     monkeypatch.setattr(engine, "sweep_heads", counting)
-    heads_b, prompts_b = sweep.head_sweep(lm, task, SETTINGS, tmp_path / "b", batch_size=8, progress=False)
+    heads_b, prompts_b = sweeps.head_sweep(lm, task, SETTINGS, tmp_path / "b", batch_size=8, progress=False)
     assert len(rerun) == n_points - 3 and not set(rerun) & set(killed)
     assert len(set(rerun) | set(killed)) == n_points
     head_keys = ["mode", "level", "seed", "layer", "head"]
@@ -581,7 +583,7 @@ def test_head_sweep_resumes_to_the_same_tables(tiny_factory, tmp_path, monkeypat
     pd.testing.assert_frame_equal(_sorted(prompts_b, head_keys + ["prompt"]),
                                   _sorted(prompts_a, head_keys + ["prompt"]))
     rerun.clear()
-    sweep.head_sweep(lm, task, SETTINGS, tmp_path / "b", progress=False)
+    sweeps.head_sweep(lm, task, SETTINGS, tmp_path / "b", progress=False)
     assert rerun == []
 
 
@@ -592,19 +594,19 @@ def test_head_sweep_resumes_to_the_same_tables(tiny_factory, tmp_path, monkeypat
 def test_head_edits_unknown_mode(llama, mode):
     _, _, _, clean = llama
     with pytest.raises(ValueError) as err:
-        sweep.head_edits(clean, mode, 0.1, 0, 0, range(4))
-    assert repr(mode) in str(err.value) and all(m in str(err.value) for m in sweep.MODES)
+        sweeps.head_edits(clean, mode, 0.1, 0, 0, range(4))
+    assert repr(mode) in str(err.value) and all(m in str(err.value) for m in sweeps.MODES)
 
 
 def test_head_edits_modes(llama):
     lm, _, _, clean = llama
-    assert sweep.head_edits(clean, "zero", 0.3, 2, 1, [0, 2]) == [HeadEdit("zero", 1, 0),
+    assert sweeps.head_edits(clean, "zero", 0.3, 2, 1, [0, 2]) == [HeadEdit("zero", 1, 0),
                                                                    HeadEdit("zero", 1, 2)]
-    assert sweep.head_edits(clean, "absolute", 0.3, 2, 1, [3]) == [HeadEdit("noise", 1, 3, 0.3, 2)]
-    (e,) = sweep.head_edits(clean, "fraction_of_max", 0.5, 1, 0, [1])
+    assert sweeps.head_edits(clean, "absolute", 0.3, 2, 1, [3]) == [HeadEdit("noise", 1, 3, 0.3, 2)]
+    (e,) = sweeps.head_edits(clean, "fraction_of_max", 0.5, 1, 0, [1])
     assert e.scale == pytest.approx(0.5 * float(clean.head_max_abs[0, 1]))
     with pytest.raises(ValueError, match="level"):
-        sweep.head_edits(clean, "absolute", -0.1, 0, 0, [0])
+        sweeps.head_edits(clean, "absolute", -0.1, 0, 0, [0])
 
 
 @pytest.mark.parametrize("layer,heads,named", [
@@ -614,17 +616,17 @@ def test_head_edits_modes(llama):
 def test_head_edits_out_of_range(llama, layer, heads, named, mode):
     _, _, _, clean = llama
     with pytest.raises(ValueError, match=named):
-        sweep.head_edits(clean, mode, 0.1, 0, layer, heads)
+        sweeps.head_edits(clean, mode, 0.1, 0, layer, heads)
 
 
 def test_head_sweep_bad_settings_fail_before_any_work(tiny_factory, tmp_path):
     lm, task = tiny_factory("llama"), _task()
     with pytest.raises(ValueError) as err:
-        sweep.head_sweep(lm, task, [{"mode": "zero"}, {"mode": "gaussian", "level": 1.0}], tmp_path / "x",
+        sweeps.head_sweep(lm, task, [{"mode": "zero"}, {"mode": "gaussian", "level": 1.0}], tmp_path / "x",
                          progress=False)
-    assert "'gaussian'" in str(err.value) and all(m in str(err.value) for m in sweep.MODES)
+    assert "'gaussian'" in str(err.value) and all(m in str(err.value) for m in sweeps.MODES)
     with pytest.raises(ValueError, match="level"):
-        sweep.head_sweep(lm, task, [{"mode": "absolute", "level": -1.0}], tmp_path / "x", progress=False)
+        sweeps.head_sweep(lm, task, [{"mode": "absolute", "level": -1.0}], tmp_path / "x", progress=False)
     with pytest.raises(ValueError, match=r"layer\(s\) \[2\]"):
-        sweep.head_sweep(lm, task, [{"mode": "zero"}], tmp_path / "x", layers=[0, 2], progress=False)
+        sweeps.head_sweep(lm, task, [{"mode": "zero"}], tmp_path / "x", layers=[0, 2], progress=False)
     assert not (tmp_path / "x").exists()  # nothing computed or written

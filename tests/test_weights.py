@@ -13,8 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ARCHS
-from headlab import engine, metrics, sweep
+from headlab import metrics, perplexity, weight_sweep, weights
 from headlab import interventions as iv
 from headlab.models import parse_weight_name, weight_module, weight_names
 
@@ -43,17 +42,17 @@ def _edits(lm):
     """One context manager of every kind of weight edit, each on a couple of named matrices."""
     names = weight_names(lm)
     a, b = names[0], names[-1]  # first matrix of layer 0, last (MLP down) of the last layer
-    norms = iv.wanda_input_norms(lm, IDS, [a, b])
-    entry = iv.random_weight_entries(lm, 1, seed=3, names=[b])[0]
+    norms = weights.wanda_input_norms(lm, IDS, [a, b])
+    entry = weights.random_weight_entries(lm, 1, seed=3, names=[b])[0]
     return {
-        "zero": (iv.zero_weights(lm, [a, b]), {a, b}),
-        "mean": (iv.mean_weights(lm, [a]), {a}),
-        "magnitude": (iv.prune_magnitude(lm, [a, b], 0.5), {a, b}),
-        "wanda": (iv.prune_wanda(lm, norms, 0.5), {a, b}),
-        "noise": (iv.noise_weights(lm, [b], 0.5, seed=1), {b}),
-        "heads": (iv.prune_heads(lm, {1: [0, 2]}), {"L1.attn.o"}),
-        "bitflip": (iv.flip_weight_bits(lm, {entry[0]: [entry[1:]]}, "exponent_msb"), {entry[0]}),
-        "entries": (iv.zero_weight_entries(lm, {b: [(0, 0), (1, 2)]}), {b}),
+        "zero": (weights.zero_weights(lm, [a, b]), {a, b}),
+        "mean": (weights.mean_weights(lm, [a]), {a}),
+        "magnitude": (weights.prune_magnitude(lm, [a, b], 0.5), {a, b}),
+        "wanda": (weights.prune_wanda(lm, norms, 0.5), {a, b}),
+        "noise": (weights.noise_weights(lm, [b], 0.5, seed=1), {b}),
+        "heads": (weights.prune_heads(lm, {1: [0, 2]}), {"L1.attn.o"}),
+        "bitflip": (weights.flip_weight_bits(lm, {entry[0]: [entry[1:]]}, "exponent_msb"), {entry[0]}),
+        "entries": (weights.zero_weight_entries(lm, {b: [(0, 0), (1, 2)]}), {b}),
     }
 
 
@@ -79,7 +78,7 @@ def test_bad_weight_name_is_named(tiny_factory, bad):
     with pytest.raises(ValueError, match="weight|Unknown"):
         parse_weight_name(lm, bad)
     with pytest.raises(ValueError):
-        with iv.zero_weights(lm, [bad]):
+        with weights.zero_weights(lm, [bad]):
             pass
 
 
@@ -88,7 +87,7 @@ def test_bad_weight_name_is_named(tiny_factory, bad):
 # --------------------------------------------------------------------------------------------------
 def test_every_edit_restores_and_touches_only_named(tiny_lm):
     lm = tiny_lm
-    checksum = iv.state_checksum(lm)
+    checksum = weights.state_checksum(lm)
     clean = _logits(lm)
     for kind, (ctx, named) in _edits(lm).items():
         before = _params(lm)
@@ -96,68 +95,68 @@ def test_every_edit_restores_and_touches_only_named(tiny_lm):
             changed = _changed(lm, before)
             assert changed, f"{kind} changed nothing"
             assert changed <= {_param_name(lm, n) for n in named}, kind
-        assert iv.state_checksum(lm) == checksum, kind
+        assert weights.state_checksum(lm) == checksum, kind
     assert torch.equal(_logits(lm), clean)
 
 
 def test_edit_restored_after_exception_in_block(tiny_lm):
     lm = tiny_lm
-    checksum = iv.state_checksum(lm)
+    checksum = weights.state_checksum(lm)
     for kind, (ctx, _) in _edits(lm).items():
         with pytest.raises(RuntimeError, match="boom"):
             with ctx:
-                assert iv.state_checksum(lm) != checksum
+                assert weights.state_checksum(lm) != checksum
                 raise RuntimeError("boom")
-        assert iv.state_checksum(lm) == checksum, kind
+        assert weights.state_checksum(lm) == checksum, kind
 
 
 def test_edit_restored_after_failing_edit_function(tiny_factory):
     lm = tiny_factory("llama")
-    checksum = iv.state_checksum(lm)
+    checksum = weights.state_checksum(lm)
     names = weight_names(lm)
 
     def bad(w):
         return w[:1]  # wrong shape: refused after the first matrix was already zeroed
 
     with pytest.raises(ValueError, match="returned shape"):
-        with iv.edit_weights(lm, {names[0]: lambda w: w.zero_(), names[1]: bad}):
+        with weights.edit_weights(lm, {names[0]: lambda w: w.zero_(), names[1]: bad}):
             pass
-    assert iv.state_checksum(lm) == checksum
+    assert weights.state_checksum(lm) == checksum
 
 
 def test_tied_embedding_is_refused_unless_allowed(tiny_factory):
     lm = tiny_factory("llama", tie_word_embeddings=True)
     lm.model.tie_weights()
     assert lm.module("unembed").weight is lm.module("embed").weight
-    checksum = iv.state_checksum(lm)
+    checksum = weights.state_checksum(lm)
     with pytest.raises(ValueError, match="shared|tied"):
-        with iv.edit_weights(lm, {"unembed": lambda w: w.zero_()}):
+        with weights.edit_weights(lm, {"unembed": lambda w: w.zero_()}):
             pass
     with pytest.raises(ValueError, match="same tensor"):
-        with iv.edit_weights(lm, {"unembed": lambda w: w.zero_(), "embed": lambda w: w.zero_()},
+        with weights.edit_weights(lm, {"unembed": lambda w: w.zero_(), "embed": lambda w: w.zero_()},
                              allow_shared=True):
             pass
-    with iv.edit_weights(lm, {"unembed": lambda w: w.mul_(2)}, allow_shared=True):
-        assert iv.state_checksum(lm) != checksum
-    assert iv.state_checksum(lm) == checksum
+    with weights.edit_weights(lm, {"unembed": lambda w: w.mul_(2)}, allow_shared=True):
+        assert weights.state_checksum(lm) != checksum
+    assert weights.state_checksum(lm) == checksum
 
 
 def test_edit_under_inference_mode_restores(tiny_factory):
     lm = tiny_factory("qwen2")
-    checksum = iv.state_checksum(lm)
+    checksum = weights.state_checksum(lm)
     with torch.inference_mode():
-        with iv.prune_magnitude(lm, weight_names(lm), 0.3):
+        with weights.prune_magnitude(lm, weight_names(lm), 0.3):
             lm.model(input_ids=IDS)
-    assert iv.state_checksum(lm) == checksum
+    assert weights.state_checksum(lm) == checksum
 
 
 def test_zero_noise_reproduces_clean_logits(tiny_lm):
     clean = _logits(tiny_lm)
-    with iv.noise_weights(tiny_lm, weight_names(tiny_lm), 0.0, seed=5):
+    with weights.noise_weights(tiny_lm, weight_names(tiny_lm), 0.0, seed=5):
         assert torch.equal(_logits(tiny_lm), clean)
-    with iv.noise_weights(tiny_lm, weight_names(tiny_lm), 0.1, seed=5):
+    with weights.noise_weights(tiny_lm, weight_names(tiny_lm), 0.1, seed=5):
         noisy = _logits(tiny_lm)
-    with iv.noise_weights(tiny_lm, weight_names(tiny_lm), 0.1, seed=5):
+    with weights.noise_weights(tiny_lm, weight_names(tiny_lm), 0.1, seed=5):
         assert torch.equal(_logits(tiny_lm), noisy)  # a seed is a fixed draw
     assert not torch.allclose(noisy, clean)
 
@@ -166,7 +165,7 @@ def test_noise_scale_is_relative_to_matrix_std(tiny_factory):
     lm = tiny_factory("llama")
     name = weight_names(lm)[0]
     w0 = weight_module(lm, name).weight.detach().clone()
-    with iv.noise_weights(lm, [name], 0.5, seed=0):
+    with weights.noise_weights(lm, [name], 0.5, seed=0):
         delta = weight_module(lm, name).weight.detach() - w0
     assert delta.std().item() == pytest.approx(0.5 * w0.std().item(), rel=0.1)
 
@@ -175,7 +174,7 @@ def test_prune_heads_equals_zero_ablation(tiny_lm):
     heads = {0: [1], 1: [0, 3]}
     with iv.ablate_heads(tiny_lm, heads, "zero"):
         ref = _logits(tiny_lm)
-    with iv.prune_heads(tiny_lm, heads):
+    with weights.prune_heads(tiny_lm, heads):
         got = _logits(tiny_lm)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
@@ -183,7 +182,7 @@ def test_prune_heads_equals_zero_ablation(tiny_lm):
 def test_weight_edits_are_batch_invariant(tiny_factory):
     lm = tiny_factory("mistral")
     rows = torch.stack([IDS[0], IDS[0].flip(0), IDS[0].roll(3)])
-    with iv.prune_magnitude(lm, weight_names(lm), 0.5):
+    with weights.prune_magnitude(lm, weight_names(lm), 0.5):
         batched = _logits(lm, rows)
         single = torch.cat([_logits(lm, r[None]) for r in rows])
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
@@ -194,37 +193,37 @@ def test_weight_edits_are_batch_invariant(tiny_factory):
 # --------------------------------------------------------------------------------------------------
 def test_flip_bit_known_bfloat16_values():
     one = torch.tensor([1.0])
-    assert iv.flip_bit(one, "sign").item() == -1.0
-    assert math.isinf(iv.flip_bit(one, "exponent_msb").item())  # exponent 127 -> 255: inf
-    assert iv.flip_bit(one, "exponent_lsb").item() == 0.5  # exponent 127 -> 126
-    assert iv.flip_bit(one, "mantissa_lsb").item() == 1.0 + 2 ** -7  # the next bfloat16 after 1.0
-    assert iv.flip_bit(one, "mantissa_msb").item() == 1.5
-    assert iv.flip_bit(torch.tensor([0.01]), "exponent_msb").item() == pytest.approx(
+    assert weights.flip_bit(one, "sign").item() == -1.0
+    assert math.isinf(weights.flip_bit(one, "exponent_msb").item())  # exponent 127 -> 255: inf
+    assert weights.flip_bit(one, "exponent_lsb").item() == 0.5  # exponent 127 -> 126
+    assert weights.flip_bit(one, "mantissa_lsb").item() == 1.0 + 2 ** -7  # the next bfloat16 after 1.0
+    assert weights.flip_bit(one, "mantissa_msb").item() == 1.5
+    assert weights.flip_bit(torch.tensor([0.01]), "exponent_msb").item() == pytest.approx(
         torch.tensor(0.01).to(torch.bfloat16).item() * 2.0 ** 128, rel=1e-6)  # finite, ~3e36
-    assert iv.flip_bit(torch.tensor([-2.0]), 15).item() == 2.0
-    assert math.isnan(iv.flip_bit(torch.tensor([1.5]), "exponent_msb").item())  # all-ones exponent + mantissa
+    assert weights.flip_bit(torch.tensor([-2.0]), 15).item() == 2.0
+    assert math.isnan(weights.flip_bit(torch.tensor([1.5]), "exponent_msb").item())  # all-ones exponent + mantissa
     x = torch.randn(100)
     for bit in range(16):
-        once = iv.flip_bit(x, bit)
+        once = weights.flip_bit(x, bit)
         ok = ~once.isnan()  # a NaN's payload does not survive the float32 round trip
-        twice = iv.flip_bit(once, bit)
+        twice = weights.flip_bit(once, bit)
         assert torch.equal(twice[ok], x.to(torch.bfloat16).float()[ok])  # an involution on the bf16 value
 
 
 def test_flip_bit_known_float16_values():
     one = torch.tensor([1.0])
-    assert iv.flip_bit(one, "sign", "float16").item() == -1.0
-    assert math.isinf(iv.flip_bit(one, "exponent_msb", "float16").item())  # exponent 15 -> 31
-    assert iv.flip_bit(one, "mantissa_lsb", "float16").item() == 1.0 + 2 ** -10
-    assert iv.flip_bit(torch.tensor([0.01]), "exponent_msb", "float16").item() == pytest.approx(
+    assert weights.flip_bit(one, "sign", "float16").item() == -1.0
+    assert math.isinf(weights.flip_bit(one, "exponent_msb", "float16").item())  # exponent 15 -> 31
+    assert weights.flip_bit(one, "mantissa_lsb", "float16").item() == 1.0 + 2 ** -10
+    assert weights.flip_bit(torch.tensor([0.01]), "exponent_msb", "float16").item() == pytest.approx(
         torch.tensor(0.01).half().item() * 2.0 ** 16)  # finite in float16's narrow range
-    assert iv.BIT_POSITIONS["float16"]["exponent_lsb"] == 10
+    assert weights.BIT_POSITIONS["float16"]["exponent_lsb"] == 10
 
 
 @pytest.mark.parametrize("bad, fmt", [("exponent", "bfloat16"), (16, "bfloat16"), ("sign", "float8")])
 def test_bad_bit_is_named(bad, fmt):
     with pytest.raises(ValueError, match="bit|format"):
-        iv.flip_bit(torch.ones(1), bad, fmt)
+        weights.flip_bit(torch.ones(1), bad, fmt)
 
 
 def test_flip_weight_bits_changes_one_weight(tiny_factory):
@@ -232,7 +231,7 @@ def test_flip_weight_bits_changes_one_weight(tiny_factory):
     name = "L1.mlp.down"
     w = weight_module(lm, name).weight
     before = w.detach().clone()
-    with iv.flip_weight_bits(lm, {name: [(3, 5)]}, "sign"):
+    with weights.flip_weight_bits(lm, {name: [(3, 5)]}, "sign"):
         diff = (w.detach() != before).nonzero().tolist()
         assert diff == [[5, 3]]  # stored as (in, out)
         assert w[5, 3].item() == -before[5, 3].to(torch.bfloat16).item()
@@ -247,11 +246,11 @@ def test_magnitude_and_wanda_reach_sparsity(sparsity):
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(12, 30, generator=gen)
     norm = torch.rand(30, generator=gen) + 0.1
-    m = iv.magnitude_mask(w, sparsity)
+    m = weights.magnitude_mask(w, sparsity)
     assert int(m.sum()) == round(sparsity * w.numel())
     if 0 < sparsity < 1:
         assert w.abs()[m].max() <= w.abs()[~m].min()
-    wm = iv.wanda_mask(w, norm, sparsity)
+    wm = weights.wanda_mask(w, norm, sparsity)
     assert (wm.sum(1) == round(sparsity * 30)).all()  # exactly per output row
     if 0 < sparsity < 1:
         score = w.abs() * norm
@@ -261,16 +260,16 @@ def test_magnitude_and_wanda_reach_sparsity(sparsity):
 
 def test_wanda_with_equal_norms_is_rowwise_magnitude():
     w = torch.randn(6, 10, generator=torch.Generator().manual_seed(1))
-    wm = iv.wanda_mask(w, torch.ones(10), 0.4)
+    wm = weights.wanda_mask(w, torch.ones(10), 0.4)
     for r in range(6):
-        assert torch.equal(wm[r], iv.magnitude_mask(w[r:r + 1], 0.4)[0])
+        assert torch.equal(wm[r], weights.magnitude_mask(w[r:r + 1], 0.4)[0])
 
 
 def test_pruned_model_has_requested_sparsity(tiny_lm):
     names = weight_names(tiny_lm)
-    norms = iv.wanda_input_norms(tiny_lm, IDS)
+    norms = weights.wanda_input_norms(tiny_lm, IDS)
     assert set(norms) == set(names)
-    for ctx, per_row in [(iv.prune_magnitude(tiny_lm, names, 0.5), False), (iv.prune_wanda(tiny_lm, norms, 0.5), True)]:
+    for ctx, per_row in [(weights.prune_magnitude(tiny_lm, names, 0.5), False), (weights.prune_wanda(tiny_lm, norms, 0.5), True)]:
         with ctx:
             for n in names:
                 w = weight_module(tiny_lm, n).weight.detach()
@@ -285,7 +284,7 @@ def test_pruned_model_has_requested_sparsity(tiny_lm):
 def test_bad_sparsity_is_named(tiny_factory, bad):
     lm = tiny_factory("llama")
     with pytest.raises(ValueError, match="sparsity"):
-        iv.prune_magnitude(lm, weight_names(lm), bad)
+        weights.prune_magnitude(lm, weight_names(lm), bad)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,8 +294,8 @@ def test_bad_sparsity_is_named(tiny_factory, bad):
 def test_super_weight_finder_finds_planted_weight(tiny_factory, arch):
     lm = tiny_factory(arch)
     name, row, col = "L1.mlp.down", 5, 7
-    with iv.edit_weights(lm, {name: lambda w: w.__setitem__((row, col), 200.0)}):
-        spikes = pd.DataFrame(iv.down_proj_spikes(lm, IDS))
+    with weights.edit_weights(lm, {name: lambda w: w.__setitem__((row, col), 200.0)}):
+        spikes = pd.DataFrame(weights.down_proj_spikes(lm, IDS))
     top = spikes.loc[spikes["out_max"].idxmax()]
     assert (int(top["layer"]), int(top["row"]), int(top["col"])) == (1, row, col)
     assert top["weight"] == 200.0
@@ -307,26 +306,26 @@ def test_super_weight_finder_finds_planted_weight(tiny_factory, arch):
 # --------------------------------------------------------------------------------------------------
 def test_windows_nll_from_layer_equals_full_forward(tiny_lm):
     ids = torch.randint(4, 200, (150,), generator=torch.Generator().manual_seed(0))
-    ref, ref_w = engine.token_nll(tiny_lm, ids, context=40, stride=30, batch_size=2)
-    windows = engine.text_windows(tiny_lm, ids, context=40, stride=30, batch_size=2)
-    nll, win = engine.windows_nll(tiny_lm, windows)
+    ref, ref_w = perplexity.token_nll(tiny_lm, ids, context=40, stride=30, batch_size=2)
+    windows = perplexity.text_windows(tiny_lm, ids, context=40, stride=30, batch_size=2)
+    nll, win = perplexity.windows_nll(tiny_lm, windows)
     assert torch.equal(nll, ref) and torch.equal(win, ref_w)
     assert windows.n_scored == len(ref)
     last = tiny_lm.n_layers - 1
-    with iv.zero_weights(tiny_lm, [f"L{last}.attn.o"]):
-        full, _ = engine.token_nll(tiny_lm, ids, context=40, stride=30, batch_size=2)
-        part, _ = engine.windows_nll(tiny_lm, windows, from_layer=last)
+    with weights.zero_weights(tiny_lm, [f"L{last}.attn.o"]):
+        full, _ = perplexity.token_nll(tiny_lm, ids, context=40, stride=30, batch_size=2)
+        part, _ = perplexity.windows_nll(tiny_lm, windows, from_layer=last)
     torch.testing.assert_close(part, full, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(full, ref)
     head = windows.head(2)
-    assert torch.equal(engine.windows_nll(tiny_lm, head)[0], nll[: head.n_scored])
+    assert torch.equal(perplexity.windows_nll(tiny_lm, head)[0], nll[: head.n_scored])
 
 
 def test_weight_sweep_resumes_and_summarises(tiny_factory, tmp_path):
     lm = tiny_factory("llama")
     ids = torch.randint(4, 200, (120,), generator=torch.Generator().manual_seed(1))
-    windows = engine.text_windows(lm, ids, context=32, stride=32, batch_size=4)
-    norms = iv.wanda_input_norms(lm, ids[None])
+    windows = perplexity.text_windows(lm, ids, context=32, stride=32, batch_size=4)
+    norms = weights.wanda_input_norms(lm, ids[None])
     ranking = pd.DataFrame([(layer, h) for layer in range(lm.n_layers) for h in range(lm.n_heads)],
                            columns=["layer", "head"])
     points = [{"kind": "dense"}, {"kind": "ablate", "layer": 1, "matrix": "mlp.down", "mode": "zero"},
@@ -335,24 +334,24 @@ def test_weight_sweep_resumes_and_summarises(tiny_factory, tmp_path):
               {"kind": "heads", "order": "random", "seed": 1, "fraction": 0.5},
               {"kind": "noise", "level": 0.0, "seed": 0},
               {"kind": "bitflip", "bit": "sign", "fmt": "bfloat16", "trial": 0, "seed": 0},
-              {"kind": "zero_entries", "entries": sweep.entries_text([("L1.mlp.down", 0, 1)])}]
-    checksum = iv.state_checksum(lm)
+              {"kind": "zero_entries", "entries": weight_sweep.entries_text([("L1.mlp.down", 0, 1)])}]
+    checksum = weights.state_checksum(lm)
     kw = dict(wanda_norms=norms, head_ranking=ranking, progress=False)
-    tokens, info = sweep.weight_sweep(lm, windows, points[:4], tmp_path, **kw)
+    tokens, info = weight_sweep.weight_sweep(lm, windows, points[:4], tmp_path, **kw)
     calls = []
-    real = engine.windows_nll
-    engine.windows_nll = lambda *a, **k: calls.append(1) or real(*a, **k)
+    real = perplexity.windows_nll
+    perplexity.windows_nll = lambda *a, **k: calls.append(1) or real(*a, **k)
     try:
-        tokens2, info2 = sweep.weight_sweep(lm, windows, points, tmp_path, **kw)
+        tokens2, info2 = weight_sweep.weight_sweep(lm, windows, points, tmp_path, **kw)
     finally:
-        engine.windows_nll = real
+        perplexity.windows_nll = real
     assert len(calls) == len(points) - 4  # the first four came from their shards
-    assert iv.state_checksum(lm) == checksum
+    assert weights.state_checksum(lm) == checksum
     pd.testing.assert_frame_equal(tokens2[tokens2["kind"].isin(["dense", "ablate", "magnitude", "wanda"])]
                                   [tokens.columns].reset_index(drop=True), tokens, check_dtype=False)
     dense = tokens2[tokens2["kind"] == "dense"].sort_values("position")["nll"].to_numpy()
-    assert np.allclose(dense, engine.token_nll(lm, ids, 32, 32, 4)[0].numpy())
-    summary = sweep.nll_summary(tokens2, ["kind", "sparsity", "fraction", "order"], dense, block_tokens=16, n_boot=200)
+    assert np.allclose(dense, perplexity.token_nll(lm, ids, 32, 32, 4)[0].numpy())
+    summary = weight_sweep.nll_summary(tokens2, ["kind", "sparsity", "fraction", "order"], dense, block_tokens=16, n_boot=200)
     assert len(summary) == len(points) - 1 + 1  # the two head orders are separate groups
     d = summary[summary["kind"] == "dense"].iloc[0]
     assert d["nll_change"] == 0 and d["ppl_low"] <= d["perplexity"] <= d["ppl_high"]
@@ -365,23 +364,23 @@ def test_weight_sweep_resumes_and_summarises(tiny_factory, tmp_path):
 
 def test_weight_sweep_rejects_bad_kind(tiny_factory, tmp_path):
     lm = tiny_factory("llama")
-    windows = engine.text_windows(lm, torch.arange(4, 40), context=16, stride=16)
+    windows = perplexity.text_windows(lm, torch.arange(4, 40), context=16, stride=16)
     with pytest.raises(ValueError, match="kind"):
-        sweep.weight_sweep(lm, windows, [{"kind": "prune"}], tmp_path, progress=False)
+        weight_sweep.weight_sweep(lm, windows, [{"kind": "prune"}], tmp_path, progress=False)
 
 
 def test_head_prune_order(tiny_factory):
     ranking = pd.DataFrame([(1, 0), (0, 2), (0, 0), (1, 1), (0, 1), (1, 2)], columns=["layer", "head"])
-    assert sweep.head_prune_order(2, 3, "ranking", ranking)[:2] == [(1, 2), (0, 1)]  # least important first
-    r1, r2 = sweep.head_prune_order(2, 3, "random", seed=1), sweep.head_prune_order(2, 3, "random", seed=2)
+    assert weight_sweep.head_prune_order(2, 3, "ranking", ranking)[:2] == [(1, 2), (0, 1)]  # least important first
+    r1, r2 = weight_sweep.head_prune_order(2, 3, "random", seed=1), weight_sweep.head_prune_order(2, 3, "random", seed=2)
     assert sorted(r1) == sorted(r2) == sorted(map(tuple, ranking.to_numpy().tolist())) and r1 != r2
     with pytest.raises(ValueError, match="exactly once"):
-        sweep.head_prune_order(2, 3, "ranking", ranking.head(5))
+        weight_sweep.head_prune_order(2, 3, "ranking", ranking.head(5))
 
 
 def test_random_weight_entries_deterministic_and_in_range(tiny_lm):
-    a = iv.random_weight_entries(tiny_lm, 50, seed=0)
-    assert a == iv.random_weight_entries(tiny_lm, 50, seed=0) != iv.random_weight_entries(tiny_lm, 50, seed=1)
+    a = weights.random_weight_entries(tiny_lm, 50, seed=0)
+    assert a == weights.random_weight_entries(tiny_lm, 50, seed=0) != weights.random_weight_entries(tiny_lm, 50, seed=1)
     for name, r, c in a:
         w = weight_module(tiny_lm, name).weight
         rows, cols = (w.shape[::-1] if tiny_lm.adapter.conv1d else w.shape)
@@ -396,15 +395,15 @@ def test_break_probability_and_wilson():
     with pytest.raises(ValueError):
         metrics.wilson_interval(3, 2)
     summary = pd.DataFrame({"bit": ["a"] * 4 + ["b"] * 2, "perplexity": [10, 25, np.inf, 19, 10, 11]})
-    out = sweep.break_probability(summary, ["bit"], dense_ppl=10.0, factor=2.0).set_index("bit")
+    out = weight_sweep.break_probability(summary, ["bit"], dense_ppl=10.0, factor=2.0).set_index("bit")
     assert out.loc["a", "broken"] == 2 and out.loc["a", "trials"] == 4 and out.loc["b", "broken"] == 0
 
 
 def test_entries_text_roundtrip():
-    text = sweep.entries_text([("L2.mlp.down", 5, 7), ("L2.mlp.down", 1, 0), ("L0.attn.q", 3, 4)])
-    assert sweep.parse_entries(text) == {"L2.mlp.down": [(5, 7), (1, 0)], "L0.attn.q": [(3, 4)]}
+    text = weight_sweep.entries_text([("L2.mlp.down", 5, 7), ("L2.mlp.down", 1, 0), ("L0.attn.q", 3, 4)])
+    assert weight_sweep.parse_entries(text) == {"L2.mlp.down": [(5, 7), (1, 0)], "L0.attn.q": [(3, 4)]}
     with pytest.raises(ValueError, match="NAME:ROW:COL"):
-        sweep.parse_entries("L2.mlp.down:5")
+        weight_sweep.parse_entries("L2.mlp.down:5")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -412,38 +411,38 @@ def test_entries_text_roundtrip():
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_real_gguf_model_weight_edits_restore(real_lm):
-    checksum = iv.state_checksum(real_lm)
+    checksum = weights.state_checksum(real_lm)
     ids = IDS[:, :12] + 1000
     clean = _logits(real_lm, ids)
     names = weight_names(real_lm)
     assert len(names) == 30 * 7
     with pytest.raises(ValueError, match="tied"):
-        with iv.zero_weights(real_lm, ["unembed"]):
+        with weights.zero_weights(real_lm, ["unembed"]):
             pass
-    with iv.prune_magnitude(real_lm, names[:14], 0.5):
+    with weights.prune_magnitude(real_lm, names[:14], 0.5):
         assert not torch.allclose(_logits(real_lm, ids), clean)
     with pytest.raises(RuntimeError):
-        with iv.flip_weight_bits(real_lm, {"L3.mlp.down": [(0, 0)]}, "exponent_msb"):
+        with weights.flip_weight_bits(real_lm, {"L3.mlp.down": [(0, 0)]}, "exponent_msb"):
             raise RuntimeError("interrupted")
-    assert iv.state_checksum(real_lm) == checksum
+    assert weights.state_checksum(real_lm) == checksum
     assert torch.equal(_logits(real_lm, ids), clean)
 
 
 def test_largest_weight_entries(tiny_factory):
     lm = tiny_factory("gpt2")
     names = ["L0.mlp.down", "L1.mlp.down"]
-    top = iv.largest_weight_entries(lm, 3, names)
+    top = weights.largest_weight_entries(lm, 3, names)
     mags = []
     for name in names:
         w = weight_module(lm, name).weight.detach().T  # (out, in)
         mags += [(abs(float(w[r, c])), (name, r, c)) for r in range(w.shape[0]) for c in range(w.shape[1])]
     assert top == [e for _, e in sorted(mags, reverse=True)[:3]]
-    assert iv.largest_weight_entries(lm, 2, names, exclude=top[:1]) == top[1:3]
+    assert weights.largest_weight_entries(lm, 2, names, exclude=top[:1]) == top[1:3]
 
 
 def test_masks_count_ties_exactly():
     w = torch.tensor([[0.5, -0.1, 0.1, 0.1, 0.3, -0.1], [0.2, 0.2, 0.2, 0.2, 0.2, 0.2]])  # many equal |w|
-    m = iv.magnitude_mask(w, 0.5)
+    m = weights.magnitude_mask(w, 0.5)
     assert int(m.sum()) == 6 and m[1].sum() == 2 and m[0, [1, 2, 3, 5]].all()
-    wm = iv.wanda_mask(w, torch.ones(6), 0.5)
+    wm = weights.wanda_mask(w, torch.ones(6), 0.5)
     assert wm.sum(1).tolist() == [3, 3] and wm[1].tolist() == [True, True, True, False, False, False]

@@ -1,0 +1,265 @@
+"""The exact head-sweep engine: many (head edit, prompt) pairs, computing only what an edit can change.
+
+:func:`clean_run` runs the few-shot prompts once and keeps the shared prefix's keys/values, the input
+of every block for prefix and queries, the clean label log-probabilities and per-head output
+statistics (the scales noise levels are relative to). :func:`sweep_heads` then scores every prompt
+under every :class:`~headlab.edits.HeadEdit`: blocks before the edited layer are skipped (their clean
+output is kept), the prefix is recomputed once per edit from its layer on, and each prompt's query
+tokens run from that layer on against the edited prefix cache. The result equals a plain batch-1
+forward with the edit hooked in (tested for every architecture).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from transformers import DynamicCache
+
+from headlab.edits import head_noise
+from headlab.engine.prefix_attention import (
+    PrefixState,
+    prefix_attention_applies,
+    prefix_kv_at,
+    use_prefix_attention,
+)
+from headlab.engine.recompute import skip_layers_before
+from headlab.engine.scoring import EncodedPrompts, cache_for_batch, chunks, needs_equal_lengths, pad_left
+from headlab.interventions import capture, edit_heads
+from headlab.models import LoadedModel
+
+__all__ = ["CleanRun", "clean_run", "sweep_heads"]
+
+
+@dataclass
+class CleanRun:
+    """Everything a head sweep reuses from one clean pass over the prompts.
+
+    Attributes:
+        enc: the prompts.
+        kv: clean prefix keys/values per layer, ``(1, n_kv, P, d_head)`` each.
+        prefix_hidden: input of every layer for the prefix, ``(L, P, d_model)``.
+        query_hidden: input of every layer for the queries, left-padded to the longest query,
+            ``(L, N, Q, d_model)``.
+        logprobs: clean label log-probabilities ``(N, n_labels)``.
+        head_max_abs, head_std: ``(L, n_heads)`` max |z| and std of each head's output ``z`` over the
+            prefix positions and all real query positions of all prompts.
+        head_mean: ``(L, n_heads, d_head)`` mean head output over the same positions (mean ablation).
+    """
+
+    enc: EncodedPrompts
+    label_ids: list[int]
+    kv: list[tuple[Tensor, Tensor]]
+    prefix_hidden: Float[Tensor, "L P d"]
+    query_hidden: Float[Tensor, "L N Q d"]
+    logprobs: Float[Tensor, "N n_labels"]
+    head_max_abs: Float[Tensor, "L H"]
+    head_std: Float[Tensor, "L H"]
+    head_mean: Float[Tensor, "L H dh"]
+
+    @property
+    def prefix_len(self) -> int:
+        return len(self.enc.prefix)
+
+
+@torch.inference_mode()
+def clean_run(lm: LoadedModel, enc: EncodedPrompts, label_ids: Sequence[int], batch_size: int = 32) -> CleanRun:
+    """Run the prompts once without intervention and keep what a head sweep needs (see :class:`CleanRun`)."""
+    if len(enc.prefix) == 0:
+        raise ValueError("Head sweeps need a non-empty shared prefix (at least a BOS or instruction token).")
+    L, H, dh = lm.n_layers, lm.n_heads, lm.head_dim
+    dev = lm.device
+    with capture(lm) as z_pre:
+        out = lm.model(enc.prefix[None].to(dev), use_cache=True, output_hidden_states=True)
+    kv = [(layer.keys, layer.values) for layer in lm.cache_of(out).layers]
+    prefix_hidden = torch.stack([h[0] for h in out.hidden_states[:L]])  # (L, P, d)
+    # running sums for per-head statistics over prefix + real query positions
+    zs = {l: z_pre[l][0].reshape(-1, H, dh).float() for l in range(L)}  # (P, H, dh)
+    count = len(enc.prefix)
+    s1 = torch.stack([zs[l].sum(0) for l in range(L)])  # (L, H, dh)
+    s2 = torch.stack([(zs[l] ** 2).sum((0, 2)) for l in range(L)])  # (L, H)
+    mx = torch.stack([zs[l].abs().amax((0, 2)) for l in range(L)])  # (L, H)
+    qmax = max(len(q) for q in enc.queries)
+    query_hidden = torch.zeros(L, len(enc), qmax, lm.d_model, dtype=lm.dtype, device=dev)
+    idx = torch.tensor(list(label_ids), device=dev)
+    pad = lm.tokenizer.pad_token_id or 0
+    logprobs = torch.empty(len(enc), len(idx))
+    lengths = [len(q) for q in enc.queries]
+    for rows in chunks(list(range(len(enc))), lengths, batch_size, needs_equal_lengths(lm, enc)):
+        seqs = [enc.queries[i] for i in rows]
+        ids, mask, pos = pad_left(seqs, pad, len(enc.prefix))
+        width = ids.shape[1]
+        full_mask = torch.cat([torch.ones(len(rows), len(enc.prefix), dtype=torch.long), mask], 1)
+        with capture(lm) as z:
+            o = lm.model(input_ids=ids.to(dev), attention_mask=full_mask.to(dev), position_ids=pos.to(dev),
+                         use_cache=True, **lm.with_cache(cache_for_batch(lm, kv, len(rows))),
+                         output_hidden_states=True, logits_to_keep=1)
+        logprobs[rows] = torch.log_softmax(o.logits[:, -1].float(), -1)[:, idx].cpu()
+        sel = torch.tensor(rows, device=dev)
+        for l in range(L):
+            query_hidden[l, sel, qmax - width:] = o.hidden_states[l]
+            zl = z[l].reshape(len(rows), width, H, dh).float()[mask.bool().to(dev)]  # (n_real, H, dh)
+            s1[l] += zl.sum(0)
+            s2[l] += (zl ** 2).sum((0, 2))
+            mx[l] = torch.maximum(mx[l], zl.abs().amax((0, 2)))
+        count += int(mask.sum())
+    mean = s1 / count
+    var = s2 / (count * dh) - (s1.sum(-1) / (count * dh)) ** 2  # pooled over positions and dims
+    return CleanRun(enc, list(label_ids), kv, prefix_hidden, query_hidden, logprobs,
+                    mx.cpu(), var.clamp_min(0).sqrt().cpu(), mean.cpu())
+
+
+def _pad_to(x: Tensor, width: int, value: int) -> Tensor:
+    """Left-pad a ``(B, S)`` tensor to ``(B, width)``."""
+    return torch.nn.functional.pad(x, (width - x.shape[1], 0), value=value)
+
+
+def _edit_fn(edits: Sequence, rows_edit: Tensor, samples: Sequence, widths: Tensor, n_pos: int,
+             prefix_len: int, in_prefix: bool, clean: CleanRun, d_head: int) -> Callable:
+    """Per-row head edit for one layer: row ``b`` applies ``edits[rows_edit[b]]``.
+
+    ``widths[b]`` real tokens sit at the right end of the ``n_pos`` positions (left padding). In the
+    prefix pass every row is the whole prefix (``in_prefix``) and noise uses the ``"prefix"`` draw.
+    """
+    def fn(z: Tensor) -> None:
+        for b in range(z.shape[0]):
+            e = edits[int(rows_edit[b])]
+            n = int(widths[b])
+            sl = slice(n_pos - n, n_pos)
+            if e.kind == "noise":
+                key = "prefix" if in_prefix else samples[b]
+                eps = head_noise(e.seed, e.layer, e.head, key, n, d_head)
+                z[b, sl, e.head] += (e.scale * eps).to(z.dtype).to(z.device)
+            elif e.kind == "zero":
+                z[b, sl, e.head] = 0.0
+            elif e.kind == "mean":
+                z[b, sl, e.head] = clean.head_mean[e.layer, e.head].to(z.dtype).to(z.device)
+            else:
+                raise ValueError(f"Unknown edit kind {e.kind!r}; use 'noise', 'zero' or 'mean'.")
+
+    return fn
+
+
+def _edited_cache(lm: LoadedModel, clean: CleanRun, edited_kv: list[tuple[Tensor, Tensor]], layer: int,
+                  r_edit: Tensor) -> DynamicCache:
+    """Per-row prefix cache: clean keys/values up to block ``layer``, row ``i``'s edited ones after."""
+    b = len(r_edit)
+    data = []
+    for j, (k, v) in enumerate(clean.kv):
+        if j <= layer:
+            data.append((k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)))
+        else:
+            k, v = edited_kv[j]
+            sel = r_edit.to(k.device)
+            data.append((k.index_select(0, sel), v.index_select(0, sel)))
+    return DynamicCache(ddp_cache_data=data, config=lm.model.config)
+
+
+@torch.inference_mode()
+def sweep_heads(
+    lm: LoadedModel,
+    clean: CleanRun,
+    edits: Sequence,
+    batch_size: int = 64,
+    edits_per_group: int = 16,
+    progress: Callable[[int], None] | None = None,
+    shared_prefix_attention: bool | None = None,
+) -> Float[Tensor, "n_edits N n_labels"]:
+    """Label log-probabilities of every prompt under every head edit, computing only what changes.
+
+    For an edit of a head in layer ``l``: blocks before ``l`` are not run (their output is the cached
+    clean input of block ``l``); the shared prefix is run once per edit from block ``l`` on (its keys
+    and values change in later blocks); each prompt's query tokens are run from block ``l`` on
+    against that edited prefix cache. Rows of one forward pass may carry different edits. The result
+    equals running every (edit, prompt) pair as a plain full forward with the edit hooked in
+    (:func:`headlab.interventions.noise_heads` / ``ablate_heads``), up to float rounding.
+
+    Args:
+        lm: the model.
+        clean: from :func:`clean_run` on the same prompts.
+        edits: :class:`headlab.edits.HeadEdit` list (any mix of layers, heads, kinds).
+        batch_size: (edit, prompt) rows per forward pass.
+        edits_per_group: edits whose edited prefix caches are held in memory at once.
+        progress: called with the number of (edit, prompt) rows finished after each batch.
+        shared_prefix_attention: attend to the prefix caches without copying them per row (see
+            :func:`prefix_attention`; about twice as fast on CPU). ``None``: whenever the model has no
+            sliding window; ``False``: transformers' own attention over a per-batch cache (the
+            reference path, also used for sliding-window models).
+
+    Returns:
+        ``(n_edits, n_prompts, n_labels)`` float32 on the CPU, in the order of ``edits``.
+    """
+    if edits_per_group <= 0:
+        raise ValueError(f"edits_per_group={edits_per_group} must be positive.")
+    for e in edits:  # fail before any hook is set, naming the bad edit
+        if e.kind not in ("noise", "zero", "mean"):
+            raise ValueError(f"Unknown edit kind {e.kind!r} in {e}; use 'noise', 'zero' or 'mean'.")
+        if not 0 <= e.layer < lm.n_layers:
+            raise ValueError(f"layer {e.layer} of {e} out of range 0..{lm.n_layers - 1}.")
+        if not 0 <= e.head < lm.n_heads:
+            raise ValueError(f"head {e.head} of {e} out of range 0..{lm.n_heads - 1}.")
+    enc, P, dev = clean.enc, clean.prefix_len, lm.device
+    N, L, dh = len(enc), lm.n_layers, lm.head_dim
+    out = torch.empty(len(edits), N, len(clean.label_ids))
+    idx = torch.tensor(clean.label_ids, device=dev)
+    lengths = torch.tensor([len(q) for q in enc.queries])
+    qmax = clean.query_hidden.shape[2]
+    pad = lm.tokenizer.pad_token_id or 0
+    equal_lengths = needs_equal_lengths(lm, enc)
+    shared_attention = prefix_attention_applies(lm) if shared_prefix_attention is None else shared_prefix_attention
+    if shared_attention and not prefix_attention_applies(lm):
+        raise ValueError(f"shared_prefix_attention=True needs a model without a sliding window "
+                         f"(this one has sliding_window={lm.sliding_window}).")
+    order = sorted(range(len(edits)), key=lambda i: edits[i].layer)
+    groups = [order[i:i + edits_per_group] for i in range(0, len(order), edits_per_group)]
+    for group in groups:
+        for layer in sorted({edits[i].layer for i in group}):
+            members = [i for i in group if edits[i].layer == layer]
+            g_edits = [edits[i] for i in members]
+            # 1) the prefix under each edit, from block `layer` on -> edited keys/values of later blocks
+            g = len(members)
+            hidden = clean.prefix_hidden[layer][None].expand(g, -1, -1)
+            cache = DynamicCache(config=lm.model.config)
+            fn = _edit_fn(g_edits, torch.arange(g), None, torch.full((g,), P), P, P, True, clean, dh)
+            with skip_layers_before(lm, layer, hidden), edit_heads(lm, {layer: fn}):
+                pos = torch.arange(P)[None].expand(g, -1)
+                lm.model(input_ids=enc.prefix[None].expand(g, -1).to(dev), position_ids=pos.to(dev),
+                         use_cache=True, logits_to_keep=1, **lm.with_cache(cache))
+            edited_kv = [(cache.layers[j].keys, cache.layers[j].values) for j in range(L)]
+            # 2) (edit, prompt) rows in batches
+            # Rows sorted by query length: a batch then holds one prompt under many edits (or prompts
+            # of similar length), so left padding wastes almost nothing.
+            rows = sorted(((m, p) for m in range(g) for p in range(N)), key=lambda r: (int(lengths[r[1]]), r[1], r[0]))
+            row_lengths = [int(lengths[p]) for _, p in rows]
+            for chunk in chunks(rows, row_lengths, batch_size, equal_lengths):
+                chunk = sorted(chunk, key=lambda r: r[0])  # each edit's rows contiguous (one prefix cache)
+                b = len(chunk)
+                r_edit = torch.tensor([m for m, _ in chunk])
+                r_prompt = torch.tensor([p for _, p in chunk])
+                width = int(lengths[r_prompt].max())
+                seqs = [enc.queries[p] for p in r_prompt.tolist()]
+                ids, mask, pos = pad_left(seqs, pad, P)
+                hid = clean.query_hidden[layer][r_prompt.to(dev), qmax - width:]
+                fn = _edit_fn(g_edits, r_edit, r_prompt.tolist(), lengths[r_prompt], width, P, False, clean, dh)
+                with skip_layers_before(lm, layer, hid), edit_heads(lm, {layer: fn}), ExitStack() as stack:
+                    # blocks up to `layer` attend to the clean prefix, later blocks to the row's edited one
+                    if shared_attention:
+                        kv_of = partial(prefix_kv_at, clean.kv, edited_kv, layer)
+                        stack.enter_context(use_prefix_attention(lm, PrefixState(kv_of, r_edit, width - lengths[r_prompt])))
+                        kwargs = {"attention_mask": mask, "use_cache": False}
+                    else:
+                        kwargs = {"attention_mask": torch.cat([torch.ones(b, P, dtype=torch.long), mask], 1),
+                                  **lm.with_cache(_edited_cache(lm, clean, edited_kv, layer, r_edit)), "use_cache": True}
+                    kwargs["attention_mask"] = kwargs["attention_mask"].to(dev)
+                    o = lm.model(input_ids=ids.to(dev), position_ids=pos.to(dev), logits_to_keep=1, **kwargs)
+                lp = torch.log_softmax(o.logits[:, -1].float(), -1)[:, idx].cpu()
+                for (m, p), row in zip(chunk, lp):
+                    out[members[m], p] = row
+                if progress is not None:
+                    progress(b)
+    return out

@@ -1,0 +1,189 @@
+"""Head sweeps on the few-shot task: perturb every head under each setting, then rank the heads.
+
+A *setting* is a noise mode with a level and a seed, or an ablation. :func:`head_sweep` runs it on
+every head of every layer through the exact engine (:func:`headlab.engine.sweep_heads`), one resumable
+shard per (setting, layer); :func:`rank_heads` turns the per-prompt changes into a ranking with
+intervals, and :func:`seed_agreement` says how well noise seeds agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from headlab import engine, metrics
+from headlab.edits import HeadEdit
+from headlab.shards import ShardStore, config_hash, run_grid
+
+__all__ = ["MODES", "head_edits", "head_sweep", "rank_heads", "seed_agreement"]
+
+
+#: Perturbation modes. ``absolute``: noise std = level. ``fraction_of_max``: std = level x the largest
+#: |value| of that head's output slice over every position (shared prefix + all real query tokens) of
+#: every evaluated prompt in the clean run (seed 000's "fraction of max", made precise).
+#: ``fraction_of_std``: std = level x the standard deviation of the same values. ``zero`` / ``mean``:
+#: ablation (level and seed ignored).
+MODES = ("absolute", "fraction_of_max", "fraction_of_std", "zero", "mean")
+
+
+def head_edits(clean: Any, mode: str, level: float, seed: int, layer: int, heads: Iterable[int]) -> list:
+    """The :class:`~headlab.edits.HeadEdit` of each head of ``layer`` under one setting."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; choose one of {MODES}.")
+    heads = list(heads)
+    n_layers, n_heads = clean.head_mean.shape[:2]
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer} out of range 0..{n_layers - 1}.")
+    bad = [h for h in heads if not 0 <= h < n_heads]
+    if bad:
+        raise ValueError(f"head(s) {bad} in layer {layer} out of range 0..{n_heads - 1}.")
+    if mode in ("zero", "mean"):
+        return [HeadEdit(mode, layer, h) for h in heads]
+    if level < 0:
+        raise ValueError(f"noise level={level} must be >= 0.")
+    ref = {"absolute": None, "fraction_of_max": clean.head_max_abs, "fraction_of_std": clean.head_std}[mode]
+    return [HeadEdit("noise", layer, h, level * (1.0 if ref is None else float(ref[layer, h])), seed)
+            for h in heads]
+
+
+def head_sweep(
+    lm: Any,
+    task: Any,
+    settings: Iterable[dict[str, Any]],
+    out_dir: str | Path,
+    layers: Iterable[int] | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Perturb every head of every layer under each setting; resumable, one shard per (setting, layer).
+
+    Args:
+        lm: the model.
+        task: a :class:`headlab.tasks.FewShotTask` (its calibrated threshold is used for accuracy).
+        settings: dicts with ``mode`` (see :data:`MODES`), ``level`` and ``seed``.
+        out_dir: shard folder.
+        layers: layers to sweep (default: all).
+        batch_size: (head, prompt) rows per forward pass.
+        progress: print progress with ETA.
+
+    Returns:
+        ``(heads, prompts)``: one row per (setting, layer, head) with accuracy, macro-F1, mean logit
+        difference toward the correct label, mean probability of the correct label and their drops
+        from the clean run; and one row per (setting, layer, head, prompt) with the logit difference
+        change, for bootstrap intervals over prompts.
+    """
+    settings = [dict(s) for s in settings]
+    if not settings:
+        raise ValueError("settings is empty; give at least one dict with 'mode' (and 'level', 'seed').")
+    layers = list(range(lm.n_layers)) if layers is None else list(layers)
+    for s in settings:  # fail before any work or file, not at the first bad grid point
+        if s.get("mode") not in MODES:
+            raise ValueError(f"mode={s.get('mode')!r} in setting {s}; choose one of {MODES}.")
+        if float(s.get("level", 0.0)) < 0:
+            raise ValueError(f"noise level={s['level']} in setting {s} must be >= 0.")
+    bad = [layer for layer in layers if not 0 <= layer < lm.n_layers]
+    if bad:
+        raise ValueError(f"layer(s) {bad} out of range 0..{lm.n_layers - 1}.")
+    enc = task.encode(lm)
+    clean = engine.clean_run(lm, enc, task.label_ids(lm), batch_size=batch_size)
+    y = task.labels
+    thr = task.config.threshold
+    base = _task_scores(y, clean.logprobs, thr)
+    store = ShardStore(out_dir, {"model": lm.fingerprint or lm.spec, "task": task.config.__dict__,
+                                 "n_prompts": len(y), "prompts": config_hash({"q": list(task.queries["text"])})})
+    points = [{**s, "layer": layer} for s in settings for layer in layers]
+
+    def compute(point: dict[str, Any]) -> pd.DataFrame:
+        edits = head_edits(clean, point["mode"], float(point.get("level", 0.0)), int(point.get("seed", 0)),
+                           point["layer"], range(lm.n_heads))
+        lp = engine.sweep_heads(lm, clean, edits, batch_size=batch_size)
+        rows = []
+        for e, lp_e in zip(edits, lp):
+            s = _task_scores(y, lp_e, thr)
+            rows.append({"model": lm.spec, "layer": e.layer, "head": e.head, "mode": point["mode"],
+                         "level": float(point.get("level", 0.0)), "seed": int(point.get("seed", 0)),
+                         "scale": e.scale, "n": len(y), **s,
+                         **{f"{k}_drop": base[k] - s[k] for k in base}})
+        frame = pd.DataFrame(rows)
+        ld = (lp[:, :, 1] - lp[:, :, 0]).numpy()
+        sign = (2 * y - 1)[None]
+        delta = (ld - (clean.logprobs[:, 1] - clean.logprobs[:, 0]).numpy()[None]) * sign
+        long = pd.DataFrame({
+            "layer": point["layer"], "head": [e.head for e in edits for _ in y],
+            "prompt": [p for _ in edits for p in range(len(y))],
+            "logit_diff_change": delta.reshape(-1),
+        })
+        for k in ("mode", "level", "seed"):
+            long[k] = point.get(k, 0)
+        return {"heads": frame, "prompts": long}
+
+    tables = run_grid(points, compute, store, progress=progress)
+    return tables["heads"], tables["prompts"]
+
+
+def _task_scores(y: Any, logprobs: Any, threshold: float) -> dict[str, float]:
+    """Accuracy / macro-F1 at the calibrated threshold, mean logit difference and p(correct)."""
+    lp = np.asarray(logprobs, dtype=float)
+    diff = lp[:, 1] - lp[:, 0]
+    pred = (diff > threshold).astype(int)
+    return {
+        "accuracy": metrics.accuracy(y, pred),
+        "macro_f1": metrics.macro_f1(y, pred, 2),
+        "logit_diff": float(np.mean(np.where(y == 1, diff, -diff))),
+        "p_correct": float(np.mean(np.exp(np.where(y == 1, lp[:, 1], lp[:, 0])))),
+    }
+
+
+def rank_heads(heads: pd.DataFrame, prompts: pd.DataFrame, mode: str, level: float = 0.0,
+               n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Rank heads by their effect under one setting, averaged over noise seeds, with bootstrap CIs.
+
+    The effect is the drop in the mean logit difference toward the correct label (positive: the
+    perturbation hurts, so the head helps the task). Per prompt the drop is first averaged over the
+    seeds, then a paired bootstrap over prompts gives each head's 95% interval.
+
+    Args:
+        heads, prompts: the two tables of :func:`head_sweep`.
+        mode, level: the setting to rank (``level`` is ignored for the ablation modes).
+
+    Returns:
+        One row per (layer, head), best first: ``effect``, ``effect_low``, ``effect_high``, the mean
+        over seeds of ``accuracy_drop`` / ``macro_f1_drop`` / ``p_correct_drop``, ``category`` (seed 001's
+        HIGH / MEDIUM / LOW on the accuracy change in percentage points), ``n_seeds`` and ``rank``.
+    """
+    sel_p = _setting(prompts, mode, level)
+    sel_h = _setting(heads, mode, level)
+    per_prompt = sel_p.groupby(["layer", "head", "prompt"])["logit_diff_change"].mean().unstack("prompt")
+    mean, low, high = metrics.bootstrap_rows(-per_prompt.to_numpy(), n_boot=n_boot, seed=seed)
+    out = pd.DataFrame({"effect": mean, "effect_low": low, "effect_high": high}, index=per_prompt.index)
+    drops = sel_h.groupby(["layer", "head"]).agg(
+        accuracy_drop=("accuracy_drop", "mean"), macro_f1_drop=("macro_f1_drop", "mean"),
+        p_correct_drop=("p_correct_drop", "mean"), n_seeds=("seed", "nunique"))
+    out = out.join(drops).reset_index()
+    out["category"] = metrics.impact_category(100 * out["accuracy_drop"])
+    out = out.sort_values("effect", ascending=False, kind="stable").reset_index(drop=True)
+    out["rank"] = np.arange(1, len(out) + 1)
+    return out
+
+
+def seed_agreement(heads: pd.DataFrame, mode: str, level: float,
+                   measure: str = "logit_diff_drop") -> pd.DataFrame:
+    """Rank agreement (Spearman, Kendall, top-10 overlap) of the head ranking between noise seeds."""
+    wide = _setting(heads, mode, level).pivot_table(index=["layer", "head"], columns="seed", values=measure)
+    return metrics.rank_agreement(wide)
+
+
+def _setting(frame: pd.DataFrame, mode: str, level: float) -> pd.DataFrame:
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; choose one of {MODES}.")
+    sel = frame[frame["mode"] == mode]
+    if mode not in ("zero", "mean"):
+        sel = sel[np.isclose(sel["level"].astype(float), level)]
+    if sel.empty:
+        have = sorted(set(zip(frame["mode"], frame["level"])))
+        raise ValueError(f"No rows for mode={mode!r}, level={level}; the table has (mode, level) in {have}.")
+    return sel
