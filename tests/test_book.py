@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from headlab.book import (
-    _parse_value,
     check_offline,
     find_external_urls,
     find_missing_assets,
     to_notebook,
 )
+from headlab.params import parse_value
 
 LOADING_PAGE = """<!DOCTYPE html>
 <html><head>
@@ -170,5 +170,5 @@ def test_to_notebook_sets_kernelspec_and_keeps_parameters_tag(tmp_path: Path) ->
     [("3", 3), ("0.5", 0.5), ("true", True), ("False", False), ("None", None), ("gpt2", "gpt2")],
 )
 def test_parameter_values_are_typed_like_papermill(text: str, value: object) -> None:
-    assert _parse_value(text) == value
-    assert type(_parse_value(text)) is type(value)
+    assert parse_value(text) == value
+    assert type(parse_value(text)) is type(value)
