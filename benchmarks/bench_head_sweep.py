@@ -28,7 +28,7 @@ import torch
 from scipy import stats
 
 from headlab import engine, metrics, sweeps, tasks
-from headlab.edits import head_noise
+from headlab.edits import Setting, noise_keys
 from headlab.interventions import edit_heads
 from headlab.models import load_model
 
@@ -36,18 +36,17 @@ from headlab.models import load_model
 def naive_head(lm, task, edit, rows, max_new_tokens: int) -> tuple[np.ndarray, float]:
     """The seeds' loop for one head: batch 1, full prompt, greedy ``generate``. Returns (preds, s)."""
     enc = task.encode(lm)
-    P, dh = len(enc.prefix), lm.head_dim
+    P = len(enc.prefix)
     state = {"sample": 0, "step": 0}
 
     def fn(z: torch.Tensor) -> None:
         s = z.shape[1]
         if s > 1:  # prompt: the engine's noise (shared prefix draw + this sample's draw)
-            eps = torch.cat([head_noise(edit.seed, edit.layer, edit.head, "prefix", P, dh),
-                             head_noise(edit.seed, edit.layer, edit.head, state["sample"], s - P, dh)])
+            keys = noise_keys(state["sample"], P, s - P)
         else:  # each generated token gets its own draw
             state["step"] += 1
-            eps = head_noise(edit.seed, edit.layer, edit.head, f"{state['sample']}/gen{state['step']}", 1, dh)
-        z[0, :, edit.head] += (edit.scale * eps).to(z.dtype)
+            keys = [(f"{state['sample']}/gen{state['step']}", 1)]
+        edit.apply(z[0, :, edit.head], keys)
 
     preds = []
     t0 = time.perf_counter()
@@ -101,8 +100,8 @@ def main() -> None:
     clean = engine.clean_run(lm_e, enc, task.label_ids(lm_e), batch_size=args.batch_size)
     t_clean = time.perf_counter() - t0
     layers = list(range(lm.n_layers)) if args.engine_layers == "all" else [int(x) for x in args.engine_layers.split(",")]
-    edits = [e for layer in layers
-             for e in sweeps.head_edits(clean, args.mode, args.level, args.seed, layer, range(lm.n_heads))]
+    setting = Setting(args.mode, args.level, args.seed)
+    edits = [setting.edit(layer, h, clean) for layer in layers for h in range(lm.n_heads)]
     t0 = time.perf_counter()
     lp = engine.sweep_heads(lm_e, clean, edits, batch_size=args.batch_size)
     t_sweep = time.perf_counter() - t0
@@ -128,7 +127,7 @@ def main() -> None:
     clean32 = clean if lm_e is lm else engine.clean_run(lm, enc, task.label_ids(lm), batch_size=args.batch_size)
     for i in pick:
         e = edits[i]
-        edit_fp32 = sweeps.head_edits(clean32, args.mode, args.level, args.seed, e.layer, [e.head])[0]
+        edit_fp32 = setting.edit(e.layer, e.head, clean32)
         preds, s = naive_head(lm, task, edit_fp32, range(len(y)), args.max_new_tokens)
         naive_s += s
         naive_acc.append(metrics.accuracy(y, preds))

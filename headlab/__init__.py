@@ -9,7 +9,8 @@ Models and data
 * :mod:`headlab.tasks` -- few-shot prompt formatting, the sentiment task, prompt selection on dev
 
 Edits and how they are applied
-* :mod:`headlab.edits` -- ``HeadEdit``: one head's perturbation (noise, zero, mean) and its seeded noise
+* :mod:`headlab.edits` -- ``HeadEdit``: one head's perturbation (noise, zero, mean), validated once, with the
+  one ``apply``; ``Setting`` (mode, level, seed) resolved into edits; the seeded noise and its keys
 * :mod:`headlab.interventions` -- hooks as context managers that always undo themselves (heads, neurons,
   capture of activations)
 * :mod:`headlab.weights` -- weight edits restored bit-exactly: ablation, magnitude/Wanda pruning, head
@@ -17,8 +18,9 @@ Edits and how they are applied
 
 Forward passes
 * :mod:`headlab.engine` -- label-token scoring through a shared-prefix cache (``engine.scoring``) and the
-  exact batched head-sweep engine (``engine.headsweep``, ``engine.prefix_attention``, ``engine.recompute``)
-* :mod:`headlab.perplexity` -- strided-window perplexity, next-token losses, recomputation from a layer
+  exact batched head-sweep engine (``engine.headsweep``, ``engine.prefix_attention``) and the one
+  "keep clean block inputs, recompute from layer l" (``engine.recompute``)
+* :mod:`headlab.perplexity` -- strided-window perplexity and next-token losses of token rows (from any layer)
 * :mod:`headlab.lens` -- the logit lens: the residual stream of every layer decoded
 * :mod:`headlab.attention` -- attention patterns reduced as they are produced: scores, entropy, span mass
 * :mod:`headlab.induction` -- repeated random tokens, induction and previous-token scores

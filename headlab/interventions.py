@@ -21,12 +21,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from headlab.edits import HeadEdit, head_noise
+from headlab.edits import ABLATIONS, HeadEdit, noise_keys
 from headlab.models import LoadedModel
 
 __all__ = [
     "ablate_heads",
     "ablate_neurons",
+    "apply_head_edits",
     "capture",
     "capture_residual",
     "check_heads",
@@ -90,12 +91,67 @@ def edit_heads(lm: LoadedModel, fns: Mapping[int, HeadFn]) -> Iterator[None]:
 
 
 def check_heads(lm: LoadedModel, heads: Mapping[int, Sequence[int]]) -> None:
+    """Raise ``ValueError`` naming any layer or head of ``{layer: [head, ...]}`` the model does not have."""
     for layer, hs in heads.items():
         if not 0 <= layer < lm.n_layers:
             raise ValueError(f"layer {layer} out of range 0..{lm.n_layers - 1}.")
         bad = [h for h in hs if not 0 <= h < lm.n_heads]
         if bad:
             raise ValueError(f"head(s) {bad} in layer {layer} out of range 0..{lm.n_heads - 1}.")
+
+
+@contextmanager
+def apply_head_edits(
+    lm: LoadedModel,
+    edits: Sequence[HeadEdit],
+    samples: Sequence[int | str] | None = None,
+    prefix_len: int = 0,
+    lengths: Sequence[int] | None = None,
+    means: Mapping[int, Float[Tensor, "n_heads d_head"]] | None = None,
+) -> Iterator[None]:
+    """Apply head edits (any mix of kinds, layers and heads) in a plain forward pass, each through
+    :meth:`HeadEdit.apply` -- the same arithmetic the engine applies (:func:`headlab.engine.sweep_heads`).
+
+    Row ``b`` of the batch is sample ``samples[b]`` with ``lengths[b]`` real tokens at the start (the
+    rest is right padding, left as it is). Its noise on the first ``prefix_len`` positions is the
+    shared prefix's draw and on the rest the sample's own draw (:func:`headlab.edits.noise_keys`), so
+    it matches the cached engine exactly. Without ``lengths``, zero / mean edits set every position
+    of every row.
+
+    Args:
+        edits: the edits; checked against the model before any hook is set.
+        samples: sample id per batch row (default ``0, 1, ...``).
+        prefix_len: number of leading positions that are the shared prefix.
+        lengths: real tokens per row (default: the whole row).
+        means: for ``"mean"`` edits: ``{layer: (n_heads, head_dim)}`` mean head outputs over a reference
+            batch (see :func:`headlab.attention.head_output_means`).
+    """
+    for e in edits:
+        e.check(lm.n_layers, lm.n_heads)
+        if e.kind == "mean" and (means is None or e.layer not in means):
+            raise ValueError(f"{e} needs `means` for layer {e.layer} (see headlab.attention.head_output_means).")
+    by_layer: dict[int, list[HeadEdit]] = {}
+    for e in edits:
+        by_layer.setdefault(e.layer, []).append(e)
+
+    def make(layer: int, layer_edits: list[HeadEdit]) -> HeadFn:
+        m = None if means is None else means.get(layer)
+
+        def fn(z: Tensor) -> None:  # (b, s, n_heads, d_head), a copy
+            b, s = z.shape[:2]
+            ids = list(range(b)) if samples is None else list(samples)
+            for e in layer_edits:
+                if e.kind != "noise" and lengths is None:  # the same at every position: all rows at once
+                    e.apply(z[:, :, e.head], means=m)
+                    continue
+                for row in range(b):
+                    n = s if lengths is None else lengths[row]
+                    e.apply(z[row, :n, e.head], noise_keys(ids[row], prefix_len, n - prefix_len), m)
+
+        return fn
+
+    with edit_heads(lm, {layer: make(layer, es) for layer, es in by_layer.items()}):
+        yield
 
 
 @contextmanager
@@ -118,23 +174,10 @@ def ablate_heads(
         means: for ``"mean"``: ``{layer: (n_heads, head_dim)}`` mean head outputs over a reference
             batch (see :func:`headlab.attention.head_output_means`).
     """
-    if mode not in ("zero", "mean"):
-        raise ValueError(f"mode={mode!r}; use 'zero' or 'mean'.")
+    if mode not in ABLATIONS:
+        raise ValueError(f"mode={mode!r}; use one of {ABLATIONS}.")
     check_heads(lm, heads)
-    if mode == "mean" and (means is None or any(layer not in means for layer in heads)):
-        raise ValueError("mode='mean' needs `means` for every ablated layer "
-                         "(see headlab.attention.head_output_means).")
-
-    def make(layer: int, hs: list[int]) -> HeadFn:
-        def fn(z: Tensor) -> None:
-            if mode == "zero":
-                z[:, :, hs] = 0.0
-            else:
-                z[:, :, hs] = means[layer][hs].to(z.dtype).to(z.device)
-
-        return fn
-
-    with edit_heads(lm, {layer: make(layer, list(hs)) for layer, hs in heads.items() if len(hs)}):
+    with apply_head_edits(lm, [HeadEdit(mode, layer, h) for layer, hs in heads.items() for h in hs], means=means):
         yield
 
 
@@ -149,9 +192,10 @@ def noise_heads(
     """Add seeded Gaussian noise to heads (the plain, one-forward reference implementation).
 
     Row ``b`` of the batch is sample ``samples[b]``; its noise at sequence position ``t`` is
-    ``scale * head_noise(seed, layer, head, "prefix")[t]`` for ``t < prefix_len`` and
+    ``scale * head_noise(seed, layer, head, PREFIX)[t]`` for ``t < prefix_len`` and
     ``scale * head_noise(seed, layer, head, samples[b])[t - prefix_len]`` after, so it matches the
-    cached engine exactly. Rows are assumed unpadded (or right-padded, with ``lengths`` real tokens).
+    cached engine exactly (see :func:`apply_head_edits`, which this is for ``kind="noise"`` edits).
+    Rows are assumed unpadded (or right-padded, with ``lengths`` real tokens).
 
     Args:
         edits: noise edits (``kind="noise"``); several heads may be perturbed at once.
@@ -161,28 +205,8 @@ def noise_heads(
     """
     for e in edits:
         if e.kind != "noise":
-            raise ValueError(f"noise_heads takes kind='noise' edits, got {e.kind!r}.")
-        check_heads(lm, {e.layer: [e.head]})
-    by_layer: dict[int, list[HeadEdit]] = {}
-    for e in edits:
-        by_layer.setdefault(e.layer, []).append(e)
-    d_head = lm.head_dim
-
-    def make(layer_edits: list[HeadEdit]) -> HeadFn:
-        def fn(z: Tensor) -> None:
-            b, s = z.shape[:2]
-            ids = list(range(b)) if samples is None else list(samples)
-            for e in layer_edits:
-                pre = head_noise(e.seed, e.layer, e.head, "prefix", prefix_len, d_head) if prefix_len else None
-                for row in range(b):
-                    n = s if lengths is None else lengths[row]
-                    q = head_noise(e.seed, e.layer, e.head, ids[row], n - prefix_len, d_head)
-                    eps = q if pre is None else torch.cat([pre, q])
-                    z[row, :n, e.head] += (e.scale * eps).to(z.dtype).to(z.device)
-
-        return fn
-
-    with edit_heads(lm, {layer: make(es) for layer, es in by_layer.items()}):
+            raise ValueError(f"noise_heads takes kind='noise' edits, got {e}.")
+    with apply_head_edits(lm, edits, samples, prefix_len, lengths):
         yield
 
 

@@ -8,52 +8,28 @@ intervals, and :func:`seed_agreement` says how well noise seeds agree.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from jaxtyping import Float
+from torch import Tensor
 
 from headlab import engine, metrics
-from headlab.edits import HeadEdit
+from headlab.edits import MODES, Setting
+from headlab.models import LoadedModel
 from headlab.shards import ShardStore, config_hash, run_grid
+from headlab.tasks import FewShotTask
 
-__all__ = ["MODES", "head_edits", "head_sweep", "rank_heads", "seed_agreement"]
-
-
-#: Perturbation modes. ``absolute``: noise std = level. ``fraction_of_max``: std = level x the largest
-#: |value| of that head's output slice over every position (shared prefix + all real query tokens) of
-#: every evaluated prompt in the clean run (seed 000's "fraction of max", made precise).
-#: ``fraction_of_std``: std = level x the standard deviation of the same values. ``zero`` / ``mean``:
-#: ablation (level and seed ignored).
-MODES = ("absolute", "fraction_of_max", "fraction_of_std", "zero", "mean")
-
-
-def head_edits(clean: Any, mode: str, level: float, seed: int, layer: int, heads: Iterable[int]) -> list:
-    """The :class:`~headlab.edits.HeadEdit` of each head of ``layer`` under one setting."""
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r}; choose one of {MODES}.")
-    heads = list(heads)
-    n_layers, n_heads = clean.head_mean.shape[:2]
-    if not 0 <= layer < n_layers:
-        raise ValueError(f"layer {layer} out of range 0..{n_layers - 1}.")
-    bad = [h for h in heads if not 0 <= h < n_heads]
-    if bad:
-        raise ValueError(f"head(s) {bad} in layer {layer} out of range 0..{n_heads - 1}.")
-    if mode in ("zero", "mean"):
-        return [HeadEdit(mode, layer, h) for h in heads]
-    if level < 0:
-        raise ValueError(f"noise level={level} must be >= 0.")
-    ref = {"absolute": None, "fraction_of_max": clean.head_max_abs, "fraction_of_std": clean.head_std}[mode]
-    return [HeadEdit("noise", layer, h, level * (1.0 if ref is None else float(ref[layer, h])), seed)
-            for h in heads]
+__all__ = ["MODES", "head_sweep", "rank_heads", "seed_agreement"]
 
 
 def head_sweep(
-    lm: Any,
-    task: Any,
-    settings: Iterable[dict[str, Any]],
+    lm: LoadedModel,
+    task: FewShotTask,
+    settings: Iterable[Mapping[str, Any]],
     out_dir: str | Path,
     layers: Iterable[int] | None = None,
     batch_size: int = 64,
@@ -64,7 +40,8 @@ def head_sweep(
     Args:
         lm: the model.
         task: a :class:`headlab.tasks.FewShotTask` (its calibrated threshold is used for accuracy).
-        settings: dicts with ``mode`` (see :data:`MODES`), ``level`` and ``seed``.
+        settings: dicts with ``mode`` (see :data:`MODES`), ``level`` and ``seed``, each read as a
+            :class:`headlab.edits.Setting` (validated before any work).
         out_dir: shard folder.
         layers: layers to sweep (default: all).
         batch_size: (head, prompt) rows per forward pass.
@@ -81,10 +58,7 @@ def head_sweep(
         raise ValueError("settings is empty; give at least one dict with 'mode' (and 'level', 'seed').")
     layers = list(range(lm.n_layers)) if layers is None else list(layers)
     for s in settings:  # fail before any work or file, not at the first bad grid point
-        if s.get("mode") not in MODES:
-            raise ValueError(f"mode={s.get('mode')!r} in setting {s}; choose one of {MODES}.")
-        if float(s.get("level", 0.0)) < 0:
-            raise ValueError(f"noise level={s['level']} in setting {s} must be >= 0.")
+        Setting.parse(s)
     bad = [layer for layer in layers if not 0 <= layer < lm.n_layers]
     if bad:
         raise ValueError(f"layer(s) {bad} out of range 0..{lm.n_layers - 1}.")
@@ -97,16 +71,15 @@ def head_sweep(
                                  "n_prompts": len(y), "prompts": config_hash({"q": list(task.queries["text"])})})
     points = [{**s, "layer": layer} for s in settings for layer in layers]
 
-    def compute(point: dict[str, Any]) -> pd.DataFrame:
-        edits = head_edits(clean, point["mode"], float(point.get("level", 0.0)), int(point.get("seed", 0)),
-                           point["layer"], range(lm.n_heads))
+    def compute(point: dict[str, Any]) -> dict[str, pd.DataFrame]:
+        setting = Setting.parse(point)
+        edits = [setting.edit(point["layer"], h, clean) for h in range(lm.n_heads)]
         lp = engine.sweep_heads(lm, clean, edits, batch_size=batch_size)
         rows = []
         for e, lp_e in zip(edits, lp):
             s = _task_scores(y, lp_e, thr)
-            rows.append({"model": lm.spec, "layer": e.layer, "head": e.head, "mode": point["mode"],
-                         "level": float(point.get("level", 0.0)), "seed": int(point.get("seed", 0)),
-                         "scale": e.scale, "n": len(y), **s,
+            rows.append({"model": lm.spec, "layer": e.layer, "head": e.head, "mode": setting.mode,
+                         "level": setting.level, "seed": setting.seed, "scale": e.scale, "n": len(y), **s,
                          **{f"{k}_drop": base[k] - s[k] for k in base}})
         frame = pd.DataFrame(rows)
         ld = (lp[:, :, 1] - lp[:, :, 0]).numpy()
@@ -118,14 +91,14 @@ def head_sweep(
             "logit_diff_change": delta.reshape(-1),
         })
         for k in ("mode", "level", "seed"):
-            long[k] = point.get(k, 0)
+            long[k] = getattr(setting, k)
         return {"heads": frame, "prompts": long}
 
     tables = run_grid(points, compute, store, progress=progress)
     return tables["heads"], tables["prompts"]
 
 
-def _task_scores(y: Any, logprobs: Any, threshold: float) -> dict[str, float]:
+def _task_scores(y: np.ndarray, logprobs: Float[Tensor, "N 2"] | np.ndarray, threshold: float) -> dict[str, float]:
     """Accuracy / macro-F1 at the calibrated threshold, mean logit difference and p(correct)."""
     lp = np.asarray(logprobs, dtype=float)
     diff = lp[:, 1] - lp[:, 0]

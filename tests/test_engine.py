@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from headlab import engine, perplexity
+from headlab.engine import recompute
 from headlab.tasks import FORMATS, build_fewshot_prefix
 
 SHOTS = pd.DataFrame({
@@ -277,6 +278,104 @@ def test_token_nll_other_archs_single_window(tiny_factory, arch):
     ids = _stream(20)
     nll, _ = perplexity.token_nll(lm, ids, context=32, stride=16)
     torch.testing.assert_close(nll, _one_forward_nll(lm, ids), atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Recompute from a layer: keep the clean block inputs once, start later passes at block l
+# --------------------------------------------------------------------------------------------------
+def _rows(n: int = 5, s: int = 12, seed: int = 3) -> torch.Tensor:
+    return torch.randint(4, 200, (n, s), generator=torch.Generator().manual_seed(seed))
+
+
+def _ragged_mask(ids: torch.Tensor) -> torch.Tensor:
+    """Right padding of different lengths (row i keeps s - i tokens)."""
+    n, s = ids.shape
+    return (torch.arange(s)[None] < (s - torch.arange(n))[:, None]).long()
+
+
+def _forward(lm, ids, mask, batch_size, **kw):
+    return torch.cat([logits for _, logits, _ in recompute.forward_rows(lm, ids, mask, batch_size=batch_size, **kw)])
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_forward_from_every_layer_equals_the_full_forward(tiny_lm, masked):
+    """Starting at block l from the kept clean inputs is the full forward, bit for bit (same batches),
+    for every architecture and layer; so is the clean pass that keeps them."""
+    ids = _rows()
+    mask = _ragged_mask(ids) if masked else None
+    full = _forward(tiny_lm, ids, mask, 2)
+    kept = [k for _, _, k in recompute.forward_rows(tiny_lm, ids, mask, batch_size=2, keep=range(tiny_lm.n_layers))]
+    clean = recompute.BlockInputs.cat(kept)
+    assert set(clean.hidden) == set(range(1, tiny_lm.n_layers))  # block 0 needs no kept input
+    for layer in range(tiny_lm.n_layers):
+        assert torch.equal(_forward(tiny_lm, ids, mask, 2, from_layer=layer, clean=clean), full), layer
+    assert all("forward" not in block.__dict__ for block in tiny_lm.layers)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_forward_from_the_edited_layer_equals_the_edited_full_forward(tiny_factory, arch):
+    """Under an edit in layer l (heads ablated there), the pass from l equals the full forward under the
+    edit, and differs from the clean one; the token-row and window scorers agree with their full forms."""
+    from headlab.interventions import ablate_heads
+
+    lm = tiny_factory(arch, num_hidden_layers=4)
+    ids = _rows(6, 10)
+    nll, clean = perplexity.losses_keeping_inputs(lm, ids, [1, 2, 3], batch_size=4)
+    assert torch.equal(nll, perplexity.token_losses(lm, ids, batch_size=4))
+    stream = _stream(90)
+    windows = perplexity.text_windows(lm, stream, context=32, stride=20, batch_size=2)
+    for layer in (1, 2, 3):
+        with ablate_heads(lm, {layer: [0, 3]}):
+            full = perplexity.token_losses(lm, ids, batch_size=4)
+            assert torch.equal(perplexity.losses_from(lm, ids, layer, clean, 4), full)
+            full_nll = perplexity.token_nll(lm, stream, context=32, stride=20, batch_size=2)
+            part_nll = perplexity.windows_nll(lm, windows, from_layer=layer)
+        assert not torch.allclose(full, nll)
+        assert torch.equal(part_nll[0], full_nll[0]) and torch.equal(part_nll[1], full_nll[1])
+
+
+def test_recompute_refuses_what_was_not_kept(tiny_factory):
+    lm = tiny_factory("llama", num_hidden_layers=3)
+    ids = _rows()
+    _, clean = perplexity.losses_keeping_inputs(lm, ids, [2], batch_size=2)
+    with pytest.raises(ValueError, match=r"blocks \[2\], not of block 1"):
+        perplexity.losses_from(lm, ids, 1, clean, 2)
+    with pytest.raises(ValueError, match="from_layer=3 out of range 0..2"):
+        perplexity.losses_from(lm, ids, 3, clean, 2)
+    with pytest.raises(ValueError, match="from_layer=1 needs the clean block inputs"):
+        _forward(lm, ids, None, 2, from_layer=1)
+    windows = perplexity.text_windows(lm, _stream(), context=16, stride=8, keep_inputs=False)
+    assert windows.inputs is None
+    with pytest.raises(ValueError, match="keep_inputs=True"):
+        perplexity.windows_nll(lm, windows, from_layer=1)
+    assert all("forward" not in block.__dict__ for block in lm.layers)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in lm.model.modules())
+
+
+def test_skip_and_keep_are_undone_after_an_error(tiny_factory):
+    lm = tiny_factory("llama", num_hidden_layers=3)
+    ids = _rows()
+    _, clean = perplexity.losses_keeping_inputs(lm, ids, [2], batch_size=5)
+    with pytest.raises(RuntimeError, match="boom"):
+        with recompute.skip_layers_before(lm, 2, clean.at(2)), recompute.keep_block_inputs(lm, [1, 2]):
+            assert len(lm.layers[0]._forward_hooks) == 1 and "forward" in lm.layers[1].__dict__
+            raise RuntimeError("boom")
+    assert all("forward" not in block.__dict__ for block in lm.layers)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in lm.model.modules())
+
+
+def test_perplexity_functions_have_the_shapes_they_declare(tiny_factory):
+    """The jaxtyping signatures of the scorers, checked at run time."""
+    from beartype import beartype
+    from jaxtyping import jaxtyped
+
+    lm = tiny_factory("llama")
+    ids = _rows(3, 9)
+    check = jaxtyped(typechecker=beartype)
+    assert check(perplexity.token_losses)(lm, ids).shape == (3, 8)
+    nll, window = check(perplexity.token_nll)(lm, _stream(), context=16, stride=8)
+    assert nll.shape == window.shape == (N_STREAM - 1,)
+    assert check(perplexity.windows_nll)(lm, check(perplexity.text_windows)(lm, _stream(), 16, 8))[0].shape == nll.shape
 
 
 # --------------------------------------------------------------------------------------------------

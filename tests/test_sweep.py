@@ -10,13 +10,13 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
-
 from conftest import ARCHS
+
+from headlab import edits as edits_module
 from headlab import engine, interventions, shards, sweeps, tasks
-from headlab.edits import head_noise
-from headlab.engine import headsweep, scoring
+from headlab.edits import HeadEdit, Setting, head_noise
+from headlab.engine import scoring
 from headlab.tasks import FORMATS, build_fewshot_prefix
-from headlab.edits import HeadEdit
 
 SHOTS = pd.DataFrame({
     "text": ["a gripping, funny and warm film.", "the plot is dull and the acting is worse."],
@@ -218,8 +218,11 @@ def test_sweep_heads_batch_invariance(tiny_factory, arch, overrides):
             assert sum(rows) == len(edits) * len(enc) and max(rows) <= batch_size
     # The clean pass's batching does not matter either.
     clean1 = engine.clean_run(lm, enc, labels, batch_size=1)
-    for name in ("logprobs", "head_mean", "head_max_abs", "head_std", "prefix_hidden"):
+    for name in ("logprobs", "head_mean", "head_max_abs", "head_std"):
         torch.testing.assert_close(getattr(clean1, name), getattr(clean, name), atol=1e-5, rtol=1e-5)
+    assert clean1.prefix_inputs.hidden.keys() == clean.prefix_inputs.hidden.keys() == set(range(1, lm.n_layers))
+    for layer in range(1, lm.n_layers):
+        torch.testing.assert_close(clean1.prefix_inputs.at(layer), clean.prefix_inputs.at(layer), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(engine.sweep_heads(lm, clean1, edits, batch_size=64), base, atol=1e-5, rtol=0)
     # An edit's rows do not depend on the other edits swept with it, nor on their order.
     for i in (0, 3, 6):
@@ -281,14 +284,14 @@ def test_sweep_heads_restores_model_after_exception(tiny_factory, monkeypatch, f
     with torch.inference_mode():
         logits = lm.model(enc.full(1)[None]).logits
 
-    real = headsweep.head_noise
+    real = edits_module.head_noise
 
     def failing(seed, layer, head, sample, n, d):
         if (sample == "prefix") == (fail_in == "prefix"):
             raise RuntimeError("boom")
         return real(seed, layer, head, sample, n, d)
 
-    monkeypatch.setattr(headsweep, "head_noise", failing)
+    monkeypatch.setattr(edits_module, "head_noise", failing)  # HeadEdit.apply draws through it
     with pytest.raises(RuntimeError, match="boom"):
         engine.sweep_heads(lm, clean, edits)
     monkeypatch.undo()
@@ -313,16 +316,16 @@ def test_sweep_heads_bad_edit_fails_before_touching_the_model(llama):
     state = _model_state(lm)
     with torch.inference_mode():
         logits = lm.model(enc.full(0)[None]).logits
-    bad = [
-        (HeadEdit("bogus", 1, 0), "'bogus'"),
-        (HeadEdit("zero", 0, lm.n_heads), f"head {lm.n_heads}"),
-        (HeadEdit("noise", 1, -1, 1.0), "head -1"),
-        (HeadEdit("mean", lm.n_layers, 0), f"layer {lm.n_layers}"),
-        (HeadEdit("zero", -1, 0), "layer -1"),
+    bad = [  # fields an edit cannot have fail when it is made; heads the model lacks, in the engine
+        (("bogus", 1, 0), "'bogus'"),
+        (("zero", 0, lm.n_heads), f"head {lm.n_heads} of HeadEdit"),
+        (("noise", 1, -1, 1.0), "head=-1"),
+        (("mean", lm.n_layers, 0), f"layer {lm.n_layers} of HeadEdit"),
+        (("zero", -1, 0), "layer=-1"),
     ]
-    for edit, named in bad:
+    for fields, named in bad:
         with pytest.raises(ValueError, match=named):
-            engine.sweep_heads(lm, clean, [HeadEdit("zero", 0, 0), edit])
+            engine.sweep_heads(lm, clean, [HeadEdit("zero", 0, 0), HeadEdit(*fields)])
         assert _model_state(lm) == state
     with torch.inference_mode():
         torch.testing.assert_close(lm.model(enc.full(0)[None]).logits, logits, atol=0, rtol=0)
@@ -590,33 +593,118 @@ def test_head_sweep_resumes_to_the_same_tables(tiny_factory, tmp_path, monkeypat
 # --------------------------------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mode", ["gaussian", "Zero", ""])
-def test_head_edits_unknown_mode(llama, mode):
-    _, _, _, clean = llama
+@pytest.mark.parametrize("mode", ["gaussian", "Zero", "", None])
+def test_setting_unknown_mode(mode):
     with pytest.raises(ValueError) as err:
-        sweeps.head_edits(clean, mode, 0.1, 0, 0, range(4))
+        Setting.parse({"mode": mode, "level": 0.1})
     assert repr(mode) in str(err.value) and all(m in str(err.value) for m in sweeps.MODES)
 
 
-def test_head_edits_modes(llama):
-    lm, _, _, clean = llama
-    assert sweeps.head_edits(clean, "zero", 0.3, 2, 1, [0, 2]) == [HeadEdit("zero", 1, 0),
-                                                                   HeadEdit("zero", 1, 2)]
-    assert sweeps.head_edits(clean, "absolute", 0.3, 2, 1, [3]) == [HeadEdit("noise", 1, 3, 0.3, 2)]
-    (e,) = sweeps.head_edits(clean, "fraction_of_max", 0.5, 1, 0, [1])
-    assert e.scale == pytest.approx(0.5 * float(clean.head_max_abs[0, 1]))
-    with pytest.raises(ValueError, match="level"):
-        sweeps.head_edits(clean, "absolute", -0.1, 0, 0, [0])
+def test_setting_edit_resolves_the_scale_once(llama):
+    """``mode`` -> ``kind`` and ``level`` -> ``scale``: absolute, or relative to the clean run's per-head
+    max |z| / std; ablations carry no scale or seed."""
+    clean = llama[3]
+    assert [Setting("zero", 0.3, 2).edit(1, h, clean) for h in (0, 2)] == [HeadEdit("zero", 1, 0),
+                                                                           HeadEdit("zero", 1, 2)]
+    assert Setting("mean").edit(0, 3, clean) == HeadEdit("mean", 0, 3)
+    assert Setting("absolute", 0.3, 2).edit(1, 3, clean) == HeadEdit("noise", 1, 3, 0.3, 2)
+    e = Setting("fraction_of_max", 0.5, 1).edit(0, 1, clean)
+    assert (e.kind, e.seed) == ("noise", 1) and e.scale == 0.5 * float(clean.head_max_abs[0, 1])
+    assert Setting("fraction_of_std", 2.0).edit(1, 0, clean).scale == 2.0 * float(clean.head_std[1, 0])
+    assert Setting.parse({"mode": "absolute", "level": 3, "seed": 4, "layer": 1}) == Setting("absolute", 3.0, 4)
 
 
-@pytest.mark.parametrize("layer,heads,named", [
-    (0, [0, 4], r"\[4\]"), (1, [-1], r"\[-1\]"), (2, [0], "layer 2"), (-1, [0], "layer -1"),
+@pytest.mark.parametrize("fields,named", [
+    ({"level": -0.1}, "level=-0.1"), ({"level": float("nan")}, "level=nan"), ({"level": float("inf")}, "level=inf"),
+    ({"level": "1"}, "level='1'"), ({"seed": 1.5}, "seed=1.5"), ({"seed": True}, "seed=True"),
+])
+def test_setting_bad_level_or_seed(fields, named):
+    with pytest.raises(ValueError, match=named) as err:
+        Setting.parse({"mode": "absolute", **fields})
+    assert ">= 0" in str(err.value) or "integer" in str(err.value)
+
+
+@pytest.mark.parametrize("layer,head,named", [
+    (0, 4, "head 4 of HeadEdit.*0..3"), (2, 0, "layer 2 of HeadEdit.*0..1"), (1, -1, "head=-1"), (-1, 0, "layer=-1"),
 ])
 @pytest.mark.parametrize("mode", ["zero", "absolute", "fraction_of_max"])
-def test_head_edits_out_of_range(llama, layer, heads, named, mode):
+def test_setting_edit_out_of_range(llama, layer, head, named, mode):
     _, _, _, clean = llama
     with pytest.raises(ValueError, match=named):
-        sweeps.head_edits(clean, mode, 0.1, 0, layer, heads)
+        Setting(mode, 0.1).edit(layer, head, clean)
+
+
+@pytest.mark.parametrize("fields,named,allowed", [
+    (("gaussian", 0, 1), "kind='gaussian'", "'noise', 'zero', 'mean'"),
+    (("noise", 0, 1, -1.0), "scale=-1.0", ">= 0"),
+    (("noise", 0, 1, float("nan")), "scale=nan", ">= 0"),
+    (("noise", 0, 1, float("-inf")), "scale=-inf", ">= 0"),
+    (("noise", 0, 1, 1.0, 2.5), "seed=2.5", "integer"),
+    (("noise", 0.5, 1), "layer=0.5", "integer"),
+    (("noise", 0, -2), "head=-2", ">= 0"),
+    (("zero", 0, 1, 0.5), "kind='zero'", "kind='noise' only"),
+    (("mean", 0, 1, 0.0, 3), "kind='mean'", "kind='noise' only"),
+])
+def test_head_edit_validates_itself(fields, named, allowed):
+    """A bad edit cannot be made: the error names the field, its value and what is allowed."""
+    with pytest.raises(ValueError) as err:
+        HeadEdit(*fields)
+    assert named in str(err.value) and allowed in str(err.value)
+
+
+def test_head_edit_normalises_and_checks_against_a_model(llama):
+    import numpy as np
+
+    lm = llama[0]
+    e = HeadEdit("noise", np.int64(1), np.int64(2), 1, np.int64(7))
+    assert (type(e.layer), type(e.head), type(e.scale), type(e.seed)) == (int, int, float, int)
+    assert e == HeadEdit("noise", 1, 2, 1.0, 7) and hash(e) == hash(HeadEdit("noise", 1, 2, 1.0, 7))
+    assert e.check(lm.n_layers, lm.n_heads) is e
+    with pytest.raises(ValueError, match="head 4 of HeadEdit.*out of range 0..3"):
+        HeadEdit("zero", 0, 4).check(lm.n_layers, lm.n_heads)
+
+
+def test_head_edit_apply_is_the_arithmetic():
+    """``apply`` on a head's slice: ``z += scale * eps`` with the row's draws in order; ``z = 0``;
+    ``z = means[head]``; it edits the slice in place and nothing else."""
+    z = torch.randn(2, 7, 3, 4)  # (b, s, n_heads, d_head)
+    means = torch.randn(3, 4)
+    keys = edits_module.noise_keys(5, 3, 4)
+    assert keys == [("prefix", 3), (5, 4)] and edits_module.noise_keys(5, 0, 4) == [(5, 4)]
+    e = HeadEdit("noise", 1, 2, 0.5, 9)
+    out = z.clone()
+    e.apply(out[1, :, 2], keys, means)
+    eps = torch.cat([head_noise(9, 1, 2, "prefix", 3, 4), head_noise(9, 1, 2, 5, 4, 4)])
+    torch.testing.assert_close(out[1, :, 2], z[1, :, 2] + 0.5 * eps, atol=0, rtol=0)
+    torch.testing.assert_close(e.noise(keys, 4), eps, atol=0, rtol=0)
+    out[1, :, 2] = z[1, :, 2]
+    assert torch.equal(out, z)  # only the slice changed
+    HeadEdit("zero", 1, 1).apply(out[:, 2:, 1])
+    assert torch.all(out[:, 2:, 1] == 0) and torch.equal(out[:, :2, 1], z[:, :2, 1])
+    HeadEdit("mean", 1, 0).apply(out[0, :, 0], means=means)
+    assert torch.equal(out[0, :, 0], means[0].expand(7, -1))
+    with pytest.raises(ValueError, match="means"):
+        HeadEdit("mean", 1, 0).apply(out[0, :, 0])
+
+
+def test_engine_and_hooks_share_apply(llama, monkeypatch):
+    """The engine and the plain hooks both edit tensors through ``HeadEdit.apply`` (so their exact
+    agreement above is one implementation, not two kept in step)."""
+    lm, _, _, clean = llama
+    calls: list[tuple[str, HeadEdit]] = []
+    real = HeadEdit.apply
+
+    def spy(self, z, keys=(), means=None):
+        calls.append((self.kind, self))
+        return real(self, z, keys, means)
+
+    monkeypatch.setattr(HeadEdit, "apply", spy)
+    edits = _mixed_edits()
+    engine.sweep_heads(lm, clean, edits, batch_size=4)
+    assert {e for _, e in calls} == set(edits)
+    calls.clear()
+    _reference(lm, clean, edits[:4])
+    assert {e for _, e in calls} == set(edits[:4])
 
 
 def test_head_sweep_bad_settings_fail_before_any_work(tiny_factory, tmp_path):

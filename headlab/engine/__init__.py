@@ -6,7 +6,10 @@
   every head edit, recomputing only what an edit can change.
 * :mod:`headlab.engine.prefix_attention` -- the fused attention over a shared prefix cache that the
   sweep uses (exact; no per-row copy of the prefix).
-* :mod:`headlab.engine.recompute` -- skipping the blocks before an edited layer.
+* :mod:`headlab.engine.recompute` -- the one "keep the clean block inputs, recompute from layer l":
+  :func:`~headlab.engine.recompute.keep_block_inputs`, :func:`~headlab.engine.recompute.skip_layers_before`
+  and the batched row loop :func:`~headlab.engine.recompute.forward_rows` (used by the head sweep and
+  by :mod:`headlab.perplexity`).
 """
 
 from headlab.engine.headsweep import CleanRun, clean_run, sweep_heads

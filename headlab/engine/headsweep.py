@@ -21,16 +21,16 @@ from jaxtyping import Float
 from torch import Tensor
 from transformers import DynamicCache
 
-from headlab.edits import head_noise
+from headlab.edits import HeadEdit, NoiseKeys, noise_keys
 from headlab.engine.prefix_attention import (
     PrefixState,
     prefix_attention_applies,
     prefix_kv_at,
     use_prefix_attention,
 )
-from headlab.engine.recompute import skip_layers_before
+from headlab.engine.recompute import BlockInputs, keep_block_inputs, skip_layers_before
 from headlab.engine.scoring import EncodedPrompts, cache_for_batch, chunks, needs_equal_lengths, pad_left
-from headlab.interventions import capture, edit_heads
+from headlab.interventions import HeadFn, capture, edit_heads
 from headlab.models import LoadedModel
 
 __all__ = ["CleanRun", "clean_run", "sweep_heads"]
@@ -42,21 +42,23 @@ class CleanRun:
 
     Attributes:
         enc: the prompts.
+        label_ids: token ids of the labels.
         kv: clean prefix keys/values per layer, ``(1, n_kv, P, d_head)`` each.
-        prefix_hidden: input of every layer for the prefix, ``(L, P, d_model)``.
-        query_hidden: input of every layer for the queries, left-padded to the longest query,
-            ``(L, N, Q, d_model)``.
+        prefix_inputs: input of every block but the first for the prefix, ``(1, P, d_model)`` per layer.
+        query_inputs: input of every block but the first for the queries, left-padded to the longest
+            query, ``(N, Q, d_model)`` per layer.
         logprobs: clean label log-probabilities ``(N, n_labels)``.
         head_max_abs, head_std: ``(L, n_heads)`` max |z| and std of each head's output ``z`` over the
-            prefix positions and all real query positions of all prompts.
+            prefix positions and all real query positions of all prompts (the units of the sweep modes
+            ``fraction_of_max`` / ``fraction_of_std``, see :meth:`headlab.edits.Setting.edit`).
         head_mean: ``(L, n_heads, d_head)`` mean head output over the same positions (mean ablation).
     """
 
     enc: EncodedPrompts
     label_ids: list[int]
     kv: list[tuple[Tensor, Tensor]]
-    prefix_hidden: Float[Tensor, "L P d"]
-    query_hidden: Float[Tensor, "L N Q d"]
+    prefix_inputs: BlockInputs
+    query_inputs: BlockInputs
     logprobs: Float[Tensor, "N n_labels"]
     head_max_abs: Float[Tensor, "L H"]
     head_std: Float[Tensor, "L H"]
@@ -74,10 +76,9 @@ def clean_run(lm: LoadedModel, enc: EncodedPrompts, label_ids: Sequence[int], ba
         raise ValueError("Head sweeps need a non-empty shared prefix (at least a BOS or instruction token).")
     L, H, dh = lm.n_layers, lm.n_heads, lm.head_dim
     dev = lm.device
-    with capture(lm) as z_pre:
-        out = lm.model(enc.prefix[None].to(dev), use_cache=True, output_hidden_states=True)
+    with capture(lm) as z_pre, keep_block_inputs(lm, range(L)) as prefix_inputs:
+        out = lm.model(enc.prefix[None].to(dev), use_cache=True)
     kv = [(layer.keys, layer.values) for layer in lm.cache_of(out).layers]
-    prefix_hidden = torch.stack([h[0] for h in out.hidden_states[:L]])  # (L, P, d)
     # running sums for per-head statistics over prefix + real query positions
     zs = {l: z_pre[l][0].reshape(-1, H, dh).float() for l in range(L)}  # (P, H, dh)
     count = len(enc.prefix)
@@ -85,7 +86,7 @@ def clean_run(lm: LoadedModel, enc: EncodedPrompts, label_ids: Sequence[int], ba
     s2 = torch.stack([(zs[l] ** 2).sum((0, 2)) for l in range(L)])  # (L, H)
     mx = torch.stack([zs[l].abs().amax((0, 2)) for l in range(L)])  # (L, H)
     qmax = max(len(q) for q in enc.queries)
-    query_hidden = torch.zeros(L, len(enc), qmax, lm.d_model, dtype=lm.dtype, device=dev)
+    query_inputs = {l: torch.zeros(len(enc), qmax, lm.d_model, dtype=lm.dtype, device=dev) for l in range(1, L)}
     idx = torch.tensor(list(label_ids), device=dev)
     pad = lm.tokenizer.pad_token_id or 0
     logprobs = torch.empty(len(enc), len(idx))
@@ -95,14 +96,14 @@ def clean_run(lm: LoadedModel, enc: EncodedPrompts, label_ids: Sequence[int], ba
         ids, mask, pos = pad_left(seqs, pad, len(enc.prefix))
         width = ids.shape[1]
         full_mask = torch.cat([torch.ones(len(rows), len(enc.prefix), dtype=torch.long), mask], 1)
-        with capture(lm) as z:
+        with capture(lm) as z, keep_block_inputs(lm, range(L)) as kept:
             o = lm.model(input_ids=ids.to(dev), attention_mask=full_mask.to(dev), position_ids=pos.to(dev),
-                         use_cache=True, **lm.with_cache(cache_for_batch(lm, kv, len(rows))),
-                         output_hidden_states=True, logits_to_keep=1)
+                         use_cache=True, **lm.with_cache(cache_for_batch(lm, kv, len(rows))), logits_to_keep=1)
         logprobs[rows] = torch.log_softmax(o.logits[:, -1].float(), -1)[:, idx].cpu()
         sel = torch.tensor(rows, device=dev)
         for l in range(L):
-            query_hidden[l, sel, qmax - width:] = o.hidden_states[l]
+            if l > 0:
+                query_inputs[l][sel, qmax - width:] = kept[l]
             zl = z[l].reshape(len(rows), width, H, dh).float()[mask.bool().to(dev)]  # (n_real, H, dh)
             s1[l] += zl.sum(0)
             s2[l] += (zl ** 2).sum((0, 2))
@@ -110,39 +111,13 @@ def clean_run(lm: LoadedModel, enc: EncodedPrompts, label_ids: Sequence[int], ba
         count += int(mask.sum())
     mean = s1 / count
     var = s2 / (count * dh) - (s1.sum(-1) / (count * dh)) ** 2  # pooled over positions and dims
-    return CleanRun(enc, list(label_ids), kv, prefix_hidden, query_hidden, logprobs,
+    return CleanRun(enc, list(label_ids), kv, BlockInputs(prefix_inputs), BlockInputs(query_inputs), logprobs,
                     mx.cpu(), var.clamp_min(0).sqrt().cpu(), mean.cpu())
 
 
 def _pad_to(x: Tensor, width: int, value: int) -> Tensor:
     """Left-pad a ``(B, S)`` tensor to ``(B, width)``."""
     return torch.nn.functional.pad(x, (width - x.shape[1], 0), value=value)
-
-
-def _edit_fn(edits: Sequence, rows_edit: Tensor, samples: Sequence, widths: Tensor, n_pos: int,
-             prefix_len: int, in_prefix: bool, clean: CleanRun, d_head: int) -> Callable:
-    """Per-row head edit for one layer: row ``b`` applies ``edits[rows_edit[b]]``.
-
-    ``widths[b]`` real tokens sit at the right end of the ``n_pos`` positions (left padding). In the
-    prefix pass every row is the whole prefix (``in_prefix``) and noise uses the ``"prefix"`` draw.
-    """
-    def fn(z: Tensor) -> None:
-        for b in range(z.shape[0]):
-            e = edits[int(rows_edit[b])]
-            n = int(widths[b])
-            sl = slice(n_pos - n, n_pos)
-            if e.kind == "noise":
-                key = "prefix" if in_prefix else samples[b]
-                eps = head_noise(e.seed, e.layer, e.head, key, n, d_head)
-                z[b, sl, e.head] += (e.scale * eps).to(z.dtype).to(z.device)
-            elif e.kind == "zero":
-                z[b, sl, e.head] = 0.0
-            elif e.kind == "mean":
-                z[b, sl, e.head] = clean.head_mean[e.layer, e.head].to(z.dtype).to(z.device)
-            else:
-                raise ValueError(f"Unknown edit kind {e.kind!r}; use 'noise', 'zero' or 'mean'.")
-
-    return fn
 
 
 def _edited_cache(lm: LoadedModel, clean: CleanRun, edited_kv: list[tuple[Tensor, Tensor]], layer: int,
@@ -164,7 +139,7 @@ def _edited_cache(lm: LoadedModel, clean: CleanRun, edited_kv: list[tuple[Tensor
 def sweep_heads(
     lm: LoadedModel,
     clean: CleanRun,
-    edits: Sequence,
+    edits: Sequence[HeadEdit],
     batch_size: int = 64,
     edits_per_group: int = 16,
     progress: Callable[[int], None] | None = None,
@@ -182,7 +157,8 @@ def sweep_heads(
     Args:
         lm: the model.
         clean: from :func:`clean_run` on the same prompts.
-        edits: :class:`headlab.edits.HeadEdit` list (any mix of layers, heads, kinds).
+        edits: :class:`headlab.edits.HeadEdit` list (any mix of layers, heads, kinds), applied by
+            :meth:`~headlab.edits.HeadEdit.apply`; checked against the model before any hook is set.
         batch_size: (edit, prompt) rows per forward pass.
         edits_per_group: edits whose edited prefix caches are held in memory at once.
         progress: called with the number of (edit, prompt) rows finished after each batch.
@@ -197,24 +173,29 @@ def sweep_heads(
     if edits_per_group <= 0:
         raise ValueError(f"edits_per_group={edits_per_group} must be positive.")
     for e in edits:  # fail before any hook is set, naming the bad edit
-        if e.kind not in ("noise", "zero", "mean"):
-            raise ValueError(f"Unknown edit kind {e.kind!r} in {e}; use 'noise', 'zero' or 'mean'.")
-        if not 0 <= e.layer < lm.n_layers:
-            raise ValueError(f"layer {e.layer} of {e} out of range 0..{lm.n_layers - 1}.")
-        if not 0 <= e.head < lm.n_heads:
-            raise ValueError(f"head {e.head} of {e} out of range 0..{lm.n_heads - 1}.")
+        e.check(lm.n_layers, lm.n_heads)
     enc, P, dev = clean.enc, clean.prefix_len, lm.device
-    N, L, dh = len(enc), lm.n_layers, lm.head_dim
+    N, L = len(enc), lm.n_layers
     out = torch.empty(len(edits), N, len(clean.label_ids))
     idx = torch.tensor(clean.label_ids, device=dev)
     lengths = torch.tensor([len(q) for q in enc.queries])
-    qmax = clean.query_hidden.shape[2]
+    qmax = max(len(q) for q in enc.queries)
     pad = lm.tokenizer.pad_token_id or 0
     equal_lengths = needs_equal_lengths(lm, enc)
     shared_attention = prefix_attention_applies(lm) if shared_prefix_attention is None else shared_prefix_attention
     if shared_attention and not prefix_attention_applies(lm):
         raise ValueError(f"shared_prefix_attention=True needs a model without a sliding window "
                          f"(this one has sliding_window={lm.sliding_window}).")
+
+    def edit_rows(rows: list[tuple[HeadEdit, NoiseKeys, int]], width: int, means: Tensor) -> HeadFn:
+        """Hook: batch row ``b`` gets ``rows[b] = (edit, noise keys, n)`` on its last ``n`` of ``width``
+        positions (its real tokens; left padding before them)."""
+        def fn(z: Tensor) -> None:  # (b, width, n_heads, d_head)
+            for b, (e, keys, n) in enumerate(rows):
+                e.apply(z[b, width - n:, e.head], keys, means)
+
+        return fn
+
     order = sorted(range(len(edits)), key=lambda i: edits[i].layer)
     groups = [order[i:i + edits_per_group] for i in range(0, len(order), edits_per_group)]
     for group in groups:
@@ -223,9 +204,11 @@ def sweep_heads(
             g_edits = [edits[i] for i in members]
             # 1) the prefix under each edit, from block `layer` on -> edited keys/values of later blocks
             g = len(members)
-            hidden = clean.prefix_hidden[layer][None].expand(g, -1, -1)
+            means = clean.head_mean[layer]  # (n_heads, d_head)
+            hidden = clean.prefix_inputs.at(layer)  # (1, P, d) or None for layer 0
+            hidden = None if hidden is None else hidden.expand(g, -1, -1)
             cache = DynamicCache(config=lm.model.config)
-            fn = _edit_fn(g_edits, torch.arange(g), None, torch.full((g,), P), P, P, True, clean, dh)
+            fn = edit_rows([(e, noise_keys(None, P, 0), P) for e in g_edits], P, means)
             with skip_layers_before(lm, layer, hidden), edit_heads(lm, {layer: fn}):
                 pos = torch.arange(P)[None].expand(g, -1)
                 lm.model(input_ids=enc.prefix[None].expand(g, -1).to(dev), position_ids=pos.to(dev),
@@ -244,8 +227,9 @@ def sweep_heads(
                 width = int(lengths[r_prompt].max())
                 seqs = [enc.queries[p] for p in r_prompt.tolist()]
                 ids, mask, pos = pad_left(seqs, pad, P)
-                hid = clean.query_hidden[layer][r_prompt.to(dev), qmax - width:]
-                fn = _edit_fn(g_edits, r_edit, r_prompt.tolist(), lengths[r_prompt], width, P, False, clean, dh)
+                hid = clean.query_inputs.at(layer, r_prompt.to(dev), slice(qmax - width, None))  # (b, width, d)
+                fn = edit_rows([(g_edits[m], noise_keys(p, 0, int(lengths[p])), int(lengths[p])) for m, p in chunk],
+                               width, means)
                 with skip_layers_before(lm, layer, hid), edit_heads(lm, {layer: fn}), ExitStack() as stack:
                     # blocks up to `layer` attend to the clean prefix, later blocks to the row's edited one
                     if shared_attention:
