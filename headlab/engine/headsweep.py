@@ -115,11 +115,6 @@ def clean_run(lm: LoadedModel, enc: EncodedPrompts, label_ids: Sequence[int], ba
                     mx.cpu(), var.clamp_min(0).sqrt().cpu(), mean.cpu())
 
 
-def _pad_to(x: Tensor, width: int, value: int) -> Tensor:
-    """Left-pad a ``(B, S)`` tensor to ``(B, width)``."""
-    return torch.nn.functional.pad(x, (width - x.shape[1], 0), value=value)
-
-
 def _edited_cache(lm: LoadedModel, clean: CleanRun, edited_kv: list[tuple[Tensor, Tensor]], layer: int,
                   r_edit: Tensor) -> DynamicCache:
     """Per-row prefix cache: clean keys/values up to block ``layer``, row ``i``'s edited ones after."""
