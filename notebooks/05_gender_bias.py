@@ -89,6 +89,11 @@ if max_pairs:
     wb_pairs = wb_pairs.sample(n=min(max_pairs, len(wb_pairs)), random_state=seed).sort_index().reset_index(drop=True)
 wg_pairs = data.bias_pairs("winogender")
 wb, wg = bias.encode_pairs(tok, wb_pairs), bias.encode_pairs(tok, wg_pairs)
+for name, enc_, read in (("WinoBias", wb, wb_pairs), ("Winogender", wg, wg_pairs)):
+    if not len(enc_):
+        raise ValueError(f"No {name} pair survives tokenisation (all {len(read)} dropped): this tokenizer splits "
+                         f"the pronouns ({tok.tokenize(' he')} / {tok.tokenize(' she')}) or the text around them "
+                         "differently, so the two sentences of a pair cannot be compared position by position.")
 pd.DataFrame({"pairs read": [len(wb_pairs), len(wg_pairs)],
               "dropped (words)": [wb_pairs.attrs["dropped"], wg_pairs.attrs["dropped"]],
               "dropped (tokens)": [wb.dropped, wg.dropped], "kept": [len(wb), len(wg)],

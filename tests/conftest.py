@@ -32,7 +32,8 @@ D_MODEL, N_HEADS, N_KV_HEADS, N_LAYERS, D_MLP = 32, 4, 2, 2, 48
 ARCHS = sorted(ADAPTERS)
 
 #: Sentences the test tokenizer is trained on (review-like text so that few-shot prompts and the
-#: label words " positive" / " negative" are short token sequences).
+#: label words " positive" / " negative" are short token sequences; the pronouns are single tokens,
+#: as in real tokenizers, so the gender-bias chapter's pronoun pairs line up).
 CORPUS = [
     "Review: a gripping, funny and warm film.\nSentiment: positive",
     "Review: the plot is dull and the acting is worse.\nSentiment: negative",
@@ -42,7 +43,7 @@ CORPUS = [
     "Review: boring, predictable and far too long.\nSentiment: negative",
     "The cat sat on the mat. The dog ran in the park. A bird sang in the tree.",
     "Classify the sentiment of each movie review as positive or negative.",
-] * 5 + ["positive negative good bad great awful the a of and is"] * 20
+] * 5 + ["positive negative good bad great awful the a of and is"] * 20 + ["he she his her him"] * 20
 
 
 def _train_tokenizer():

@@ -1,0 +1,98 @@
+"""Smoke test of the book: every chapter executed with papermill on a tiny saved random model.
+
+A chapter that raises fails ``make test`` here, in seconds, instead of in the 35-minute ``make book``.
+The numbers mean nothing (the model is random, the tokenizer is a 200-token BPE); what is tested is
+that every cell runs, that each chapter reads what the earlier ones wrote, and that nothing in a
+chapter assumes the default model (head counts, layer counts, label tokens are read off the model).
+
+Chapters run in book order in one results root, each into its default folder name
+(``results/noise`` -> ``<root>/noise``), so 02 finds 01's prompt config, 07 the noise ranking and 08
+every per-head table. The real data sets come from the fetched cache (``make test`` fetches them).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from headlab.book import execute_chapter
+from headlab.grid import chapter_parameters
+
+from conftest import build_tiny
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
+CHAPTERS = sorted(p.stem for p in NOTEBOOKS.glob("[0-9][0-9]_*.py"))
+
+#: Tiny model families the chapters are smoke-tested on (keys of ``headlab.models.ADAPTERS``).
+SMOKE_FAMILIES = ["llama", "gpt2"]
+
+#: Per-chapter parameters that make each chapter run in seconds on a 2-layer, 4-head tiny model.
+#: ``{root}`` is the shared results root. ``model`` and ``results_dir`` are added by the test.
+SMOKE_PARAMS: dict[str, dict] = {
+    "01_baseline": dict(n_dev=8, n_test=8, formats=["plain"], shot_counts=[2], shot_seeds=[0], n_generate=2,
+                        ppl_tokens=192, ppl_context=64, ppl_stride=48, n_boot=20, batch_size=8),
+    "02_noise_perturbation": dict(prompt_config="{root}/baseline/prompt_config.json", n_prompts=8,
+                                  noise_levels=[1.0], noise_seeds=[0, 1], ablations=["zero", "mean"],
+                                  n_boot=20, batch_size=32),
+    "03_induction": dict(n_sequences=4, seq_len=8, lags=[4, 8], n_permutations=2, max_heads=8, k_list=[0, 1, 2],
+                         n_boot=20, batch_size=4),
+    "04_entropy": dict(n_texts=4, text_tokens=24, n_reviews=24, n_permutations=50, n_boot=20, n_show=2,
+                       batch_size=4, bertviz_prompt="Please list it."),
+    "05_gender_bias": dict(max_pairs=16, k_list=[0, 2], n_random=2, n_reference=2, reference_tokens=16, n_boot=20,
+                           batch_size=8),
+    "06_ffn_neurons": dict(seq_len=24, n_capture_rows=8, n_heldout_rows=4, n_heldout_articles=4, k_examples=2,
+                           n_top=2, show_layers=[0, 1], prompt_config="{root}/baseline/prompt_config.json",
+                           n_lens_prompts=8, ablation_layers=[1], k_list=[2, 4], n_permutations=2, n_boot=20,
+                           batch_size=4),
+    "07_weight_sensitivity": dict(ppl_tokens=192, ppl_context=32, heatmap_tokens=64, calib_tokens=128,
+                                  sparsities=[0.5], head_ranking="{root}/noise/ranking.parquet",
+                                  head_random_seeds=[0], noise_levels=[0.1], noise_seeds=[0], bits=["sign", "exponent_msb"],
+                                  bit_trials=2, bit_tokens=64, n_super_candidates=1,
+                                  prompt_config="{root}/baseline/prompt_config.json", n_prompts=8,
+                                  block_tokens=32, n_boot=20, batch_size=4),
+    "08_head_atlas": dict(results_root="{root}", n_top=2),
+}
+
+
+def test_every_chapter_has_smoke_parameters_it_declares():
+    """The table above names every chapter, and only parameters each chapter's parameters cell has."""
+    assert sorted(SMOKE_PARAMS) == CHAPTERS
+    for name, params in SMOKE_PARAMS.items():
+        unknown = set(params) - set(chapter_parameters(NOTEBOOKS / f"{name}.py"))
+        assert not unknown, f"{name}: SMOKE_PARAMS names {sorted(unknown)}, not in its parameters cell"
+
+
+@pytest.fixture(scope="session", params=SMOKE_FAMILIES)
+def tiny_model_dir(request, tokenizer, tmp_path_factory) -> Path:
+    """A tiny random model of one family, saved with the test tokenizer where ``load_model`` reads it."""
+    family = request.param
+    # positions: a few-shot prompt of the char-level test tokenizer runs to a few hundred tokens.
+    lm = build_tiny(family, tokenizer, max_position_embeddings=1024)
+    out = tmp_path_factory.mktemp(f"tiny-{family}")
+    lm.model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.data
+@pytest.mark.timeout(600)
+def test_every_chapter_runs_on_a_tiny_model(tiny_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """Execute chapters 01..08 in order; report seconds per chapter."""
+    # one thread: tiny models are much faster single-threaded on a shared machine (see conftest).
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    root = tmp_path / "results"
+    seconds = {}
+    for name in CHAPTERS:
+        defaults = chapter_parameters(NOTEBOOKS / f"{name}.py")
+        params = {k: v.format(root=root) if isinstance(v, str) else v for k, v in SMOKE_PARAMS[name].items()}
+        params["model"] = str(tiny_model_dir)
+        params["results_dir"] = str(root / Path(defaults["results_dir"]).name)
+        t0 = time.time()
+        execute_chapter(NOTEBOOKS / f"{name}.py", tmp_path / "executed", params, cwd=tmp_path)
+        seconds[name] = round(time.time() - t0, 1)
+        assert (Path(params["results_dir"]) / "config.json").is_file(), f"{name} wrote no config.json"
+    print(f"\nsmoke seconds ({tiny_model_dir.name}): {json.dumps(seconds)}")
