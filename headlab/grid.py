@@ -63,6 +63,7 @@ from typing import Any
 
 import pandas as pd
 
+from headlab.chapter import declared_parameters
 from headlab.shards import config_hash
 
 __all__ = [
@@ -357,37 +358,9 @@ def _resolve_chapter(name: str, cwd: Path) -> Path:
 
 
 def chapter_parameters(chapter: str | Path) -> dict[str, Any]:
-    """The names and defaults assigned in a chapter's ``parameters`` cell.
-
-    The cell is parsed with :mod:`ast` (papermill's own line parser skips lines with a second ``=``,
-    e.g. in a comment). Defaults that are not literals are returned as their source text.
-
-    Returns:
-        ``{name: default}`` in the order of the cell.
-
-    Raises:
-        ValueError: the chapter has no cell tagged ``parameters``.
-    """
-    import ast
-
-    import jupytext
-
-    chapter = Path(chapter)
-    nb = jupytext.read(chapter, fmt="ipynb" if chapter.suffix == ".ipynb" else "py:percent")
-    cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
-    if not cells:
-        _fail(f"{chapter.name} has no cell tagged `parameters`; papermill needs one to inject values.")
-    out: dict[str, Any] = {}
-    for node in ast.parse(cells[0].source).body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
-            if isinstance(node, ast.AnnAssign) and node.value is not None else []
-        for target in targets:
-            if isinstance(target, ast.Name):
-                try:
-                    out[target.id] = ast.literal_eval(node.value)
-                except ValueError:
-                    out[target.id] = ast.get_source_segment(cells[0].source, node.value)
-    return out
+    """The names and defaults of a chapter's ``parameters`` cell: :func:`headlab.chapter.declared_parameters`
+    (the rule the chapter itself applies with :func:`headlab.chapter.parameters`)."""
+    return declared_parameters(chapter)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -465,13 +465,13 @@ def load_model(
 
     Args:
         spec: embedded name, ``.gguf`` path, local directory or hub id (see module docstring).
-        device: ``"cpu"``, ``"cuda"``, ...; default: CUDA when available.
+        device: ``"cpu"``, ``"cuda"``, ...; None or ``"auto"``: CUDA when available.
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"auto"`` (bf16 on CUDA, fp32 on CPU).
         attn_implementation: ``"eager"`` (default) returns attention probabilities; ``"sdpa"`` is
             faster but returns none. Switch later with ``model.set_attn_implementation``.
         revision: hub revision (branch, tag or commit) for hub ids.
         device_map: passed to ``from_pretrained`` (e.g. ``"auto"`` to shard a large model over GPUs
-            with accelerate); overrides ``device``.
+            with accelerate); overrides ``device``. None or ``""``: off.
 
     Returns:
         A :class:`LoadedModel` in eval mode with gradients disabled.
@@ -486,8 +486,9 @@ def load_model(
     spec = str(spec)
     if not spec.strip():
         raise ValueError(f"Empty model spec; expected {SUPPORTED_SPECS}.")
-    dev = torch.device(device) if device is not None else default_device()
+    dev = default_device() if device in (None, "auto") else torch.device(device)
     torch_dtype = _parse_dtype(dtype, dev)
+    device_map = device_map or None
     path, kwargs, source, fingerprint = _resolve_source(spec, revision)
     try:
         model = AutoModelForCausalLM.from_pretrained(

@@ -174,7 +174,7 @@ def group_spread(frame: pd.DataFrame, groups: list) -> pd.DataFrame:
             if set(grp) <= set(wide.columns):
                 rows.append({"mode": mode, "matrices": " = ".join(grp),
                              "max_abs_difference_nats": float((wide[grp].max(axis=1) - wide[grp].min(axis=1)).max())})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["mode", "matrices", "max_abs_difference_nats"])
 
 
 spread = group_spread(ablation, [["attn.q", "attn.k"], ["attn.v", "attn.o"], ["mlp.gate", "mlp.up", "mlp.down"]])
@@ -390,8 +390,9 @@ lines = [
     f"Most sensitive single matrices ({ablation_modes[0]} ablation, {heat_windows.n_scored} tokens): {mod_txt}; "
     f"the median matrix multiplies perplexity by {med:.3f}.",
     "Zero ablation, matrices that are the same edit in a bias-free block (largest difference of the NLL "
-    "change over layers): " + "; ".join(f"{r.matrices}: {r.max_abs_difference_nats:.2g} nats"
-                                        for r in spread[spread["mode"] == "zero"].itertuples()) + ".",
+    "change over layers): " + ("; ".join(f"{r.matrices}: {r.max_abs_difference_nats:.2g} nats"
+                                         for r in spread[spread["mode"] == "zero"].itertuples())
+                               or f"no such group among this model's matrices ({', '.join(canon)})") + ".",
     f"50% sparsity: magnitude {pr[('magnitude', 0.5)]:.2f} vs Wanda {pr[('wanda', 0.5)]:.2f} perplexity; "
     f"70%: magnitude {pr[('magnitude', 0.7)]:.1f} vs Wanda {pr[('wanda', 0.7)]:.1f}."
     if ("magnitude", 0.5) in pr.index and ("magnitude", 0.7) in pr.index else "50%/70% sparsity not in the grid.",
