@@ -37,6 +37,8 @@ Sweeps and statistics
 
 Presentation and running
 * :mod:`headlab.plots` -- figures from tidy frames; :mod:`headlab.widgets` -- JupyterLab explorers
+* :mod:`headlab.chapter` -- what every chapter's setup and "what we saw" cells share: its parameters (the rule
+  ``headlab grid`` checks specs with), loading the model, formatting numbers and head names
 * :mod:`headlab.records` -- results saved with their parameters, model fingerprint and versions
 * :mod:`headlab.book` -- the offline Jupyter Book build: ``execute`` (papermill runs the chapters),
   ``vendor`` (JavaScript from npm), ``offline`` (static URL scan), ``browser`` (headless Chromium checks),
