@@ -127,8 +127,15 @@ def bullets(lines: Iterable[str | None]) -> Markdown:
     return Markdown("\n".join(f"- {line}" for line in lines if line))
 
 
-def fmt_ci(value: float, low: float, high: float, fmt: str = ".3f") -> str:
-    """``"0.812 [0.750, 0.870]"``: a value and its interval, all three in format ``fmt``."""
+def fmt_ci(value: Any, low: float | None = None, high: float | None = None, fmt: str = ".3f") -> str:
+    """``"0.812 [0.750, 0.870]"``: a value and its interval, all three in format ``fmt``.
+
+    ``value`` alone may also be anything holding all three: a :class:`headlab.metrics.CI`, or a row
+    (mapping or Series) with ``value`` and ``low``/``high`` or ``ci_low``/``ci_high``.
+    """
+    if low is None or high is None:
+        row = value if isinstance(value, Mapping) or hasattr(value, "index") else vars(value)
+        value, low, high = (row[k] if k in row else row[f"ci_{k}"] for k in ("value", "low", "high"))
     return f"{value:{fmt}} [{low:{fmt}}, {high:{fmt}}]"
 
 

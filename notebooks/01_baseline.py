@@ -47,6 +47,7 @@ ppl_context: int = 512  # sliding-window length
 ppl_stride: int = 384  # sliding-window step
 n_boot: int = 1000  # bootstrap resamples for confidence intervals
 batch_size: int = 16  # prompts per forward pass
+torch_threads: int = 0  # CPU threads for torch (0: torch's default; 1 is faster on a busy machine)
 results_dir: str = "results/baseline"  # where tables and the chosen prompt config are written
 
 # %%
@@ -56,14 +57,11 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from headlab import data, metrics, perplexity, plots, records, tasks
-from headlab.models import load_model
+from headlab import chapter, data, metrics, perplexity, plots, records, tasks
 
 t_start = time.time()
-params = {k: v for k, v in dict(globals()).items() if k in {
-    "model", "device", "dtype", "data_source", "split_seed", "n_dev", "n_test", "formats", "shot_counts",
-    "shot_seeds", "n_generate", "ppl_tokens", "ppl_context", "ppl_stride", "n_boot", "batch_size"}}
-lm = load_model(model, device=None if device == "auto" else device, dtype=dtype)
+params = chapter.parameters(globals())
+lm = chapter.load(params)
 pd.Series(lm.describe()).to_frame("model")
 
 # %% [markdown]
@@ -171,22 +169,20 @@ pd.DataFrame([{"tokens_scored": len(nll), "windows": int(window.max()) + 1, "per
 # %%
 cal = report[report["decision"] == "calibrated"].set_index("metric")
 arg = report[report["decision"] == "argmax"].set_index("metric")
-fmt_ci = lambda r: f"{r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"  # noqa: E731
-gen_chosen = gen_table.iloc[0]
-display(Markdown(f"""
-- Prompt chosen on dev: **{chosen.format}**, **{chosen.k} shots** (draw {chosen.shot_seed}),
-  calibrated threshold {chosen.threshold:+.2f} (dev ROC-AUC {best['roc_auc']:.3f}, best of {len(grid)}).
-- Test ({len(y)} prompts): calibrated accuracy **{fmt_ci(cal.loc['accuracy'])}**, macro-F1
-  {fmt_ci(cal.loc['macro_f1'])}; argmax accuracy {fmt_ci(arg.loc['accuracy'])} with
-  {pred_argmax.mean():.0%} of prompts predicted positive; ROC-AUC **{fmt_ci(cal.loc['roc_auc'])}**;
-  mean logit difference toward the correct label {fmt_ci(cal.loc['logit_diff'])}.
-- Chance check (calibrated): {"; ".join(warnings_cal) if warnings_cal else "clear of chance"}.
-- Greedy 3-token generation on {int(gen_chosen['n'])} test prompts: accuracy
-  {gen_chosen['generation_accuracy']:.3f} vs {gen_chosen['logit_argmax_accuracy']:.3f} for the label-token
-  argmax (they agree on {gen_chosen['agreement_gen_vs_argmax']:.0%} of prompts), at
-  {gen_chosen['generation_seconds'] / len(sub):.2f} s per prompt.
-- Wikipedia perplexity: **{ppl}** over {len(nll):,} tokens.
-"""))
+gen = gen_table.iloc[0]
+chapter.bullets([
+    f"Prompt chosen on dev: **{chosen.format}**, **{chosen.k} shots** (draw {chosen.shot_seed}), calibrated "
+    f"threshold {chosen.threshold:+.2f} (dev ROC-AUC {best['roc_auc']:.3f}, best of {len(grid)}).",
+    f"Test ({len(y)} prompts): calibrated accuracy **{chapter.fmt_ci(cal.loc['accuracy'])}**, macro-F1 "
+    f"{chapter.fmt_ci(cal.loc['macro_f1'])}; argmax accuracy {chapter.fmt_ci(arg.loc['accuracy'])} with "
+    f"{pred_argmax.mean():.0%} of prompts predicted positive; ROC-AUC **{chapter.fmt_ci(cal.loc['roc_auc'])}**; "
+    f"mean logit difference toward the correct label {chapter.fmt_ci(cal.loc['logit_diff'])}.",
+    f"Chance check (calibrated): {'; '.join(warnings_cal) or 'clear of chance'}.",
+    f"Greedy 3-token generation on {int(gen['n'])} test prompts: accuracy {gen['generation_accuracy']:.3f} vs "
+    f"{gen['logit_argmax_accuracy']:.3f} for the label-token argmax (they agree on "
+    f"{gen['agreement_gen_vs_argmax']:.0%} of prompts), at {gen['generation_seconds'] / len(sub):.2f} s per prompt.",
+    f"Wikipedia perplexity: **{ppl}** over {len(nll):,} tokens.",
+])
 
 # %%
 records.write_config(results_dir, params, lm, elapsed_seconds=time.time() - t_start,

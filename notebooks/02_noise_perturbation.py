@@ -63,6 +63,7 @@ extra_noise_modes: dict = {}  # further {mode: levels}, e.g. {"fraction_of_max":
 layers: list = []  # layers to sweep; []: all
 batch_size: int = 64  # (head, prompt) rows per forward pass
 n_boot: int = 1000  # bootstrap resamples for the ranking intervals
+torch_threads: int = 0  # CPU threads for torch (0: torch's default; 1 is faster on a busy machine)
 results_dir: str = "results/noise"  # shards, tables and the run's config
 
 # %%
@@ -73,16 +74,12 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from headlab import metrics, plots, records, sweeps, tasks, widgets
-from headlab.models import load_model
+from headlab import chapter, metrics, plots, records, sweeps, tasks, widgets
 
 t_start = time.time()
-params = {k: v for k, v in dict(globals()).items() if k in {
-    "model", "device", "dtype", "device_map", "data_source", "split_seed", "prompt_config", "n_prompts", "noise_mode",
-    "noise_levels", "noise_seeds", "ablations", "extra_noise_modes", "layers", "batch_size", "n_boot"}}
+params = chapter.parameters(globals())
 # No attention weights are needed here, so the faster fused attention is used.
-lm = load_model(model, device=None if device == "auto" else device, dtype=dtype, attn_implementation="sdpa",
-                device_map=device_map or None)
+lm = chapter.load(params, attn_implementation="sdpa")
 pd.Series(lm.describe()).to_frame("model")
 
 # %% [markdown]
@@ -207,27 +204,26 @@ widgets.sweep_explorer(heads)
 # ## What we saw
 
 # %%
-top = ranking.head(5)
-top_txt = ", ".join(f"L{r.layer}H{r.head} ({r.effect:+.2f} [{r.effect_low:+.2f}, {r.effect_high:+.2f}])"
-                    for r in top.itertuples())
 above = int((ranking["effect_low"] > 0).sum())
 st = stability[(stability["mode"] == noise_mode) & np.isclose(stability["level"], main_level)] if len(stability) else stability
-rho_txt = (f"Spearman {st['spearman'].mean():.2f}, Kendall {st['kendall'].mean():.2f}, "
-           f"top-10 overlap {st['top10_overlap'].mean():.1f}/10" if len(st) else "one seed only")
-abl_txt = "; ".join(f"{m} ablation Spearman ρ = {compare['noise'].corr(compare[f'{m}_ablation'], method='spearman'):.2f}"
-                    for m in ablations)
+worst = ranking.loc[ranking["accuracy_drop"].idxmax()]
 cal = clean.set_index("metric")
-display(Markdown(f"""
-- Clean: accuracy {cal.loc['accuracy', 'value']:.3f}, mean logit difference {cal.loc['logit_diff', 'value']:.2f}
-  on {len(task.labels)} prompts.
-- Sweep: {len(heads):,} (setting, head) rows, {n_pairs:,} perturbed prompts in {sweep_seconds:.0f} s.
-- Top heads under {noise_mode} noise at level {main_level:g} (logit-difference drop, 95% CI): {top_txt}.
-- {above} of {len(ranking)} heads have a drop whose whole interval is above zero.
-- Largest accuracy drop of any head: {ranking['accuracy_drop'].max() * 100:.1f} points
-  (L{ranking.loc[ranking['accuracy_drop'].idxmax(), 'layer']}H{ranking.loc[ranking['accuracy_drop'].idxmax(), 'head']}).
-- Rank stability between seeds: {rho_txt}.
-- Noise vs ablation: {abl_txt or 'no ablation run'}.
-"""))
+chapter.bullets([
+    f"Clean: accuracy {cal.loc['accuracy', 'value']:.3f}, mean logit difference "
+    f"{cal.loc['logit_diff', 'value']:.2f} on {len(task.labels)} prompts.",
+    f"Sweep: {len(heads):,} (setting, head) rows, {n_pairs:,} perturbed prompts in {sweep_seconds:.0f} s.",
+    f"Top heads under {noise_mode} noise at level {main_level:g} (logit-difference drop, 95% CI): "
+    f"{chapter.head_list(ranking, 'effect', 5, ci=True, fmt='+.2f')}.",
+    f"{above} of {len(ranking)} heads have a drop whose whole interval is above zero.",
+    f"Largest accuracy drop of any head: {worst['accuracy_drop'] * 100:.1f} points "
+    f"({chapter.head_label(worst['layer'], worst['head'])}).",
+    "Rank stability between seeds: " + (
+        f"Spearman {st['spearman'].mean():.2f}, Kendall {st['kendall'].mean():.2f}, "
+        f"top-10 overlap {st['top10_overlap'].mean():.1f}/10" if len(st) else "one seed only") + ".",
+    "Noise vs ablation: " + ("; ".join(
+        f"{m} ablation Spearman ρ = {compare['noise'].corr(compare[f'{m}_ablation'], method='spearman'):.2f}"
+        for m in ablations) or "no ablation run") + ".",
+])
 
 # %%
 records.write_config(results_dir, params, lm, elapsed_seconds=time.time() - t_start,
@@ -237,7 +233,7 @@ records.save_frames(results_dir, heads=heads, prompts=per_prompt, ranking=rankin
 records.write_summary(  # headline numbers: one row per run in `headlab grid` summaries
     results_dir, n_prompts=len(task.labels), clean_accuracy=float(cal.loc["accuracy", "value"]),
     clean_logit_diff=float(cal.loc["logit_diff", "value"]),
-    top_head=f"L{ranking['layer'].iloc[0]}H{ranking['head'].iloc[0]}", top_effect=float(ranking["effect"].iloc[0]),
+    top_head=chapter.head_label(ranking["layer"].iloc[0], ranking["head"].iloc[0]), top_effect=float(ranking["effect"].iloc[0]),
     heads_ci_above_zero=above, max_accuracy_drop=float(ranking["accuracy_drop"].max()),
     seed_spearman=float(st["spearman"].mean()) if len(st) else None, sweep_seconds=sweep_seconds)
 print(f"results in {results_dir}/ ; total {time.time() - t_start:.0f} s")

@@ -54,6 +54,7 @@ modes: list = ["zero", "mean"]  # "zero" and/or "mean" ablation of the head's ou
 layer_ranges: list = ["full"]  # "full", "top_half" (layers n//2..n-1), "bottom_half" (0..n//2-1)
 n_boot: int = 1000  # bootstrap resamples for the intervals
 batch_size: int = 8  # sequences per forward pass (results do not depend on it)
+torch_threads: int = 0  # CPU threads for torch (0: torch's default; 1 is faster on a busy machine)
 results_dir: str = "results/induction"  # shards, tables (scores.csv for reuse) and the run's config
 
 # %%
@@ -65,14 +66,11 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from headlab import ablation, attention, induction, perplexity, plots, records
-from headlab.models import load_model
+from headlab import ablation, attention, chapter, induction, perplexity, plots, records
 
 t_start = time.time()
-params = {k: v for k, v in dict(globals()).items() if k in {
-    "model", "device", "dtype", "device_map", "n_sequences", "seq_len", "lags", "seed", "n_permutations", "max_heads",
-    "head_type", "k_list", "modes", "layer_ranges", "n_boot", "batch_size", "results_dir"}}
-lm = load_model(model, device=None if device == "auto" else device, dtype=dtype, device_map=device_map or None)
+params = chapter.parameters(globals())
+lm = chapter.load(params)
 pd.Series(lm.describe()).to_frame("model")
 
 # %% [markdown]
@@ -131,7 +129,7 @@ both.head(10).round(3)
 pats = attention.attention_patterns(lm, heldout.tokens[:1])[0]  # (L, H, s, s)
 shown = pd.concat([scores.head(4), scores.iloc[[len(scores) // 2]]])  # top 4 and a median head
 fig = plots.attention_patterns(np.stack([pats[r.layer, r.head].numpy() for r in shown.itertuples()]),
-                               [f"L{r.layer}H{r.head} (rank {r.rank}, score {r.induction_score:.2f})"
+                               [f"{chapter.head_label(r.layer, r.head)} (rank {r.rank}, score {r.induction_score:.2f})"
                                 for r in shown.itertuples()], marks=[heldout.start + seq_len], ncols=5)
 
 # %%
@@ -214,12 +212,12 @@ versus["icl"].round(3) if len(versus["icl"]) else "(needs both head types)"
 # ## What we saw
 
 # %%
-top5 = ", ".join(f"L{r.layer}H{r.head} ({r.induction_score:.2f})" for r in scores.head(5).itertuples())
 clean = pd.DataFrame({k: v.numpy() for k, v in induction.repeat_metrics(
     rows, perplexity.token_losses(lm, rows.tokens, batch_size=batch_size)).items()}).assign(lag=rows.lags.numpy())
 by_lag_clean = clean.groupby("lag")["p_correct"].mean()
 lines = [
-    f"Top induction heads of {lm.spec} ({n_sequences} sequences of {probe.tokens.shape[1]} tokens): {top5}; "
+    f"Top induction heads of {lm.spec} ({n_sequences} sequences of {probe.tokens.shape[1]} tokens): "
+    f"{chapter.head_list(scores, 'induction_score', 5, fmt='.2f')}; "
     f"{int((scores['induction_score'] > 0.3).sum())} heads score above 0.3; the top 10 sit in layers "
     f"{', '.join(map(str, sorted(set(scores['layer'][:10]))))} of 0-{lm.n_layers - 1}.",
     f"Held-out sequences: Spearman ρ = {rho:.2f} between the two score tables, {overlap}/10 top heads shared.",
@@ -238,7 +236,7 @@ lines += [
     for r, v in zip(versus["p_correct"].to_dict("records"), versus["icl"].to_dict("records")) if r["k"] in ks
 ]
 lines.append(f"Run time: scores {score_seconds:.0f} s, ablation sweep {sweep_seconds:.0f} s ({n_sets} head sets).")
-display(Markdown("\n".join(f"- {line}" for line in lines)))
+chapter.bullets(lines)
 
 # %%
 records.write_config(results_dir, params, lm, elapsed_seconds=time.time() - t_start,
@@ -248,7 +246,7 @@ records.save_frames(results_dir, scores=scores, scores_heldout=again, ablation=r
                     induction_vs_random_p=versus["p_correct"], induction_vs_random_icl=versus["icl"])
 vs_max = versus["p_correct"][versus["p_correct"]["k"] == max(k_list)] if len(versus["p_correct"]) else None
 records.write_summary(  # headline numbers: one row per run in `headlab grid` summaries
-    results_dir, top_head=f"L{scores['layer'].iloc[0]}H{scores['head'].iloc[0]}",
+    results_dir, top_head=chapter.head_label(scores["layer"].iloc[0], scores["head"].iloc[0]),
     top_induction_score=float(scores["induction_score"].iloc[0]),
     heads_above_0_3=int((scores["induction_score"] > 0.3).sum()), heldout_spearman=float(rho),
     clean_p_correct=float(clean["p_correct"].mean()), clean_icl=float(clean["icl"].mean()), k_max=int(max(k_list)),

@@ -55,18 +55,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-from IPython.display import Markdown, display
 
-from headlab import attention, bias, data, metrics, plots, records, widgets
-from headlab.models import load_model
+from headlab import attention, bias, chapter, data, metrics, plots, records, widgets
 
 t_start = time.time()
-params = {k: v for k, v in dict(globals()).items() if k in {
-    "model", "device", "dtype", "n_texts", "text_tokens", "n_reviews", "n_permutations", "fdr", "n_boot",
-    "n_show", "seed", "batch_size", "torch_threads", "bertviz_prompt", "results_dir"}}
-if torch_threads:
-    torch.set_num_threads(torch_threads)
-lm = load_model(model, device=None if device == "auto" else device, dtype=dtype, attn_implementation="eager")
+params = chapter.parameters(globals())
+lm = chapter.load(params, attn_implementation="eager")
 tok = lm.tokenizer
 timings = {}
 pd.Series(lm.describe()).to_frame("model")
@@ -131,7 +125,8 @@ show = pd.concat([entropy.head(n_show), entropy.tail(n_show)])
 sample = seqs[0][:40]
 pats = attention.attention_patterns(lm, sample[None])[0]  # (L, H, s, s)
 fig = plots.attention_patterns(np.stack([pats[r.layer, r.head].numpy() for r in show.itertuples()]),
-                               [f"L{r.layer}H{r.head}: entropy {r.entropy:.2f}, first token {r.first_token:.2f}"
+                               [f"{chapter.head_label(r.layer, r.head)}: entropy {r.entropy:.2f}, "
+                                f"first token {r.first_token:.2f}"
                                 for r in show.itertuples()], ncols=n_show)
 
 # %% [markdown]
@@ -250,7 +245,7 @@ instruction.head(10).round(4)
 fig, axes = plt.subplots(1, 2, figsize=(10, max(3.5, 0.2 * L + 1.8)), gridspec_kw={"width_ratios": [1, 1.2]})
 plots.head_heatmap(instruction, "diff", "attention surplus on directive words (instruction − plain)", ax=axes[0])
 top_instr = instruction.head(15).iloc[::-1]
-axes[1].barh([f"L{r.layer}H{r.head}" for r in top_instr.itertuples()], top_instr["diff"],
+axes[1].barh([chapter.head_label(r.layer, r.head) for r in top_instr.itertuples()], top_instr["diff"],
              xerr=[top_instr["diff"] - top_instr["diff_low"], top_instr["diff_high"] - top_instr["diff"]],
              color="#4c72b0", capsize=2)
 axes[1].axvline(0, color="black", lw=0.8)
@@ -289,42 +284,35 @@ widgets.head_view(attention.attention_patterns(lm, bv_ids[None])[0], tok.convert
 # ## What we saw
 
 # %%
-def heads(frame, n, col, ci=None):
-    return ", ".join(f"L{r['layer']}H{r['head']} ({r[col]:.3f}" + (f" [{r[ci + '_low']:.3f}, {r[ci + '_high']:.3f}])" if ci else ")")
-                     for r in frame.head(n).to_dict("records"))
-
-
 low, high = entropy.head(3), entropy.iloc[::-1].head(3)
 sig = sentiment[sentiment["q"] <= fdr]
 sig_adj = sentiment[sentiment["q_adjusted"] <= fdr]
 fw = sentiment[sentiment["p_familywise"] <= 0.05]
-instr_sig = instruction[instruction["diff_low"] > 0]
 sink = entropy.head(n_show)["first_token"]
-lines = [
-    f"Entropy ({len(seqs)} Wikipedia openings of {text_tokens} tokens): lowest {heads(low, 3, 'entropy', 'entropy')}; "
-    f"highest {heads(high, 3, 'entropy', 'entropy')}. Layer means run from {by_layer['mean'].min():.2f} (layer "
-    f"{by_layer['mean'].idxmin()}) to {by_layer['mean'].max():.2f} (layer {by_layer['mean'].idxmax()}); "
+chapter.bullets([
+    f"Entropy ({len(seqs)} Wikipedia openings of {text_tokens} tokens): lowest "
+    f"{chapter.head_list(low, 'entropy', 3, ci=True)}; highest {chapter.head_list(high, 'entropy', 3, ci=True)}. "
+    f"Layer means run from {by_layer['mean'].min():.2f} (layer {by_layer['mean'].idxmin()}) to "
+    f"{by_layer['mean'].max():.2f} (layer {by_layer['mean'].idxmax()}); "
     f"{int((entropy['entropy'] < 0.3).sum())} heads have mean entropy below 0.3.",
     f"The {n_show} lowest-entropy heads put on average {sink.mean():.2f} of their attention on the first token "
     f"(all heads: {entropy['first_token'].mean():.2f}); Spearman ρ between entropy and first-token attention "
     f"over heads = {entropy['entropy'].corr(entropy['first_token'], method='spearman'):.2f}.",
-    f"Sentiment ({len(rev)} reviews with lexicon words): the largest |r| is {heads(sentiment, 1, 'r')}; "
-    f"{len(sig)} heads have BH q ≤ {fdr} on the raw mass"
-    + (f" ({heads(sig, 5, 'r')})" if len(sig) else "")
-    + f", {len(fw)} pass the family-wise max-|r| test at 0.05; after regressing out the number of "
-    f"sentiment tokens and the length, {len(sig_adj)} heads have q ≤ {fdr}"
-    + (f" ({heads(sig_adj, 5, 'r_adjusted')})" if len(sig_adj) else "")
-    + f". The label itself correlates with the number of sentiment tokens at r = {lex['corr(label, # sentiment tokens)']:.2f}. "
-    f"Of the {len(fw)} family-wise significant heads, {int((fw['r'] < 0).sum())} have r < 0 (more attention on sentiment "
-    f"words in negative reviews); with count and length regressed out, "
-    f"{int((sentiment['p_familywise_adjusted'] <= 0.05).sum())} heads pass the family-wise test.",
-    f"Instruction surplus ({len(pairs)} pairs): top heads {heads(instruction, 5, 'diff', 'diff')}; "
-    f"{len(instr_sig)} of {len(instruction)} heads have a 95% interval above 0, "
+    f"Sentiment ({len(rev)} reviews with lexicon words): the largest |r| is {chapter.head_list(sentiment, 'r', 1)}; "
+    f"{len(sig)} heads have BH q ≤ {fdr} on the raw mass" + (f" ({chapter.head_list(sig, 'r', 5)})" if len(sig) else "")
+    + f", {len(fw)} pass the family-wise max-|r| test at 0.05; after regressing out the number of sentiment tokens "
+    f"and the length, {len(sig_adj)} heads have q ≤ {fdr}"
+    + (f" ({chapter.head_list(sig_adj, 'r_adjusted', 5)})" if len(sig_adj) else "")
+    + f". The label itself correlates with the number of sentiment tokens at r = "
+    f"{lex['corr(label, # sentiment tokens)']:.2f}. Of the {len(fw)} family-wise significant heads, "
+    f"{int((fw['r'] < 0).sum())} have r < 0 (more attention on sentiment words in negative reviews); with count and "
+    f"length regressed out, {int((sentiment['p_familywise_adjusted'] <= 0.05).sum())} heads pass the family-wise test.",
+    f"Instruction surplus ({len(pairs)} pairs): top heads {chapter.head_list(instruction, 'diff', 5, ci=True)}; "
+    f"{int((instruction['diff_low'] > 0).sum())} of {len(instruction)} heads have a 95% interval above 0, "
     f"{int((instruction['diff_high'] < 0).sum())} below 0.",
     f"Run time: entropy {timings['entropy']:.0f} s, sentiment {timings['sentiment']:.0f} s, "
     f"instruction {timings['instruction']:.0f} s.",
-]
-display(Markdown("\n".join(f"- {line}" for line in lines)))
+])
 
 # %%
 records.write_config(results_dir, params, lm, elapsed_seconds=time.time() - t_start, timings=timings)

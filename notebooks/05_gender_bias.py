@@ -60,18 +60,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-from IPython.display import Markdown, display
 
-from headlab import ablation, attention, bias, data, engine, metrics, plots, records
-from headlab.models import load_model
+from headlab import ablation, attention, bias, chapter, data, engine, metrics, plots, records
 
 t_start = time.time()
-params = {k: v for k, v in dict(globals()).items() if k in {
-    "model", "device", "dtype", "split", "max_pairs", "k_list", "n_random", "modes", "n_reference",
-    "reference_tokens", "n_boot", "seed", "batch_size", "torch_threads", "results_dir"}}
-if torch_threads:
-    torch.set_num_threads(torch_threads)
-lm = load_model(model, device=None if device == "auto" else device, dtype=dtype, attn_implementation="eager")
+params = chapter.parameters(globals())
+lm = chapter.load(params, attn_implementation="eager")
 tok = lm.tokenizer
 timings = {}
 pd.Series(lm.describe()).to_frame("model")
@@ -254,18 +248,14 @@ versus.round(4)
 # ## What we saw
 
 # %%
-def head_list(frame, n):
-    return ", ".join(f"L{r['layer']}H{r['head']} ({r['diff']:+.4f} [{r['diff_low']:+.4f}, {r['diff_high']:+.4f}], "
-                     f"d_z {r['effect_size']:+.2f})"
-                     for r in frame.head(n).to_dict("records"))
-
-
+top5 = ", ".join(f"{chapter.head_label(r.layer, r.head)} ({chapter.fmt_ci(r.diff, r.diff_low, r.diff_high, '+.4f')}, "
+                 f"d_z {r.effect_size:+.2f})" for r in ranked.head(5).itertuples())
 main_row = overview[(overview["data"] == "winobias") & (overview["contrast"] == "pro − anti")
                     & (overview["measure"] == "on_pronoun")].iloc[0]
 b, g, pp = clean_ci["bias"], clean_ci["gender"], clean_ci["p_pair"]
 lines = [
     f"{len(wb)} WinoBias {split} pairs and {len(wg)} Winogender pairs were compared. Most differential heads "
-    f"(pro − anti attention on the pronoun by |d_z|, mean over pairs [95% CI]): {head_list(ranked, 5)}.",
+    f"(pro − anti attention on the pronoun by |d_z|, mean over pairs [95% CI]): {top5}.",
     f"{main_row['heads with CI > 0']} heads attend more to the pronoun in pro-stereotyped sentences and "
     f"{main_row['heads with CI < 0']} less (95% intervals excluding 0, of {len(ranked)}; no multiple-comparison "
     f"correction). {float(male_a.float().mean()):.0%} of the pro-stereotyped pronouns are masculine, so pro − anti is "
@@ -284,7 +274,7 @@ for r in versus.to_dict("records"):
                  f"{r['random 2.5%']:+.3f} to {r['random 97.5%']:+.3f}; {r['random sets with |change| ≥ top']} random sets "
                  f"moved it at least as much), {verdict}; gender preference change {r['top: gender change']:+.3f}.")
 lines.append(f"Run time: attention {timings['attention']:.0f} s, ablation sweep {timings['ablation']:.0f} s ({n_sets} head sets).")
-display(Markdown("\n".join(f"- {line}" for line in lines)))
+chapter.bullets(lines)
 
 # %%
 records.write_config(results_dir, params, lm, elapsed_seconds=time.time() - t_start, timings=timings)

@@ -60,6 +60,7 @@ rank_by: str = "mean_abs"  # ranking of the "top" neurons: "mean_abs" or "max"
 n_boot: int = 1000  # bootstrap resamples for the intervals
 seed: int = 0  # article split and random neuron sets
 batch_size: int = 8  # rows / prompts per forward pass (results do not depend on it)
+torch_threads: int = 0  # CPU threads for torch (0: torch's default; 1 is faster on a busy machine)
 results_dir: str = "results/ffn_neurons"  # tables, shards and the run's config
 
 # %%
@@ -71,16 +72,11 @@ import pandas as pd
 import torch
 from IPython.display import HTML, Markdown, display
 
-from headlab import ablation, data, engine, lens, metrics, neurons, plots, records, tasks, widgets
-from headlab.models import load_model
+from headlab import ablation, chapter, data, engine, lens, metrics, neurons, plots, records, tasks, widgets
 
 t_start = time.time()
-params = {k: v for k, v in dict(globals()).items() if k in {
-    "model", "device", "dtype", "seq_len", "n_capture_rows", "n_heldout_rows", "n_heldout_articles",
-    "rows_per_article", "skip_first", "k_examples", "n_top", "show_layers", "data_source", "split_seed",
-    "prompt_config", "n_lens_prompts", "ablation_layers", "k_list", "modes", "n_permutations", "rank_by",
-    "n_boot", "seed", "batch_size", "results_dir"}}
-lm = load_model(model, device=None if device == "auto" else device, dtype=dtype)
+params = chapter.parameters(globals())
+lm = chapter.load(params)
 pd.Series(lm.describe()).to_frame("model")
 
 # %% [markdown]
@@ -283,8 +279,8 @@ lines = [
     f"interval stays above 0.5 {since(auc_layer)}, the accuracy interval (correct label beats the other) "
     f"{since(acc_layer)}; the correct label is the top token for most prompts {since(top1_layer)}. "
     f"At the last layer: p(correct) "
-    f"{last['p_correct']:.3f}, accuracy {last['accuracy']:.3f} [{last['accuracy_low']:.3f}, "
-    f"{last['accuracy_high']:.3f}], ROC-AUC {last['roc_auc']:.3f}, median rank {last['median_rank']:.0f}.",
+    f"{last['p_correct']:.3f}, accuracy "
+    f"{chapter.fmt_ci(last['accuracy'], last['accuracy_low'], last['accuracy_high'])}, ROC-AUC {last['roc_auc']:.3f}, median rank {last['median_rank']:.0f}.",
 ]
 lines += [
     f"{r.mode} ablation of layer {r.layer}, k = {r.k}: held-out loss {r.top_value:+.4f} nats "
@@ -296,7 +292,7 @@ n_sep = int((versus["top_low"] > versus["random_high"]).sum())
 lines.append(f"In {n_sep} of {len(versus)} (mode, layer, k) settings the top neurons' interval lies entirely above "
              f"the random neurons' interval.")
 lines.append(f"Run time: capture {capture_seconds:.0f} s, lens {lens_seconds:.0f} s, ablation {ablation_seconds:.0f} s.")
-display(Markdown("\n".join(f"- {line}" for line in lines)))
+chapter.bullets(lines)
 
 # %%
 records.write_config(results_dir, params, lm, elapsed_seconds=time.time() - t_start,

@@ -88,21 +88,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from IPython.display import Markdown, display
 
-from headlab import attention, data, metrics, perplexity, plots, records, shards, tasks, weight_sweep, weights
-from headlab.models import load_model, weight_names
+from headlab import attention, chapter, data, metrics, perplexity, plots, records, shards, tasks, weight_sweep, weights
+from headlab.models import weight_names
 
 t_start = time.time()
-if torch_threads > 0:
-    torch.set_num_threads(torch_threads)
-params = {k: v for k, v in dict(globals()).items() if k in {
-    "model", "device", "dtype", "ppl_tokens", "ppl_context", "heatmap_tokens", "ablation_modes",
-    "ablation_layers", "calib_tokens", "sparsities", "head_ranking", "head_random_seeds", "noise_levels",
-    "noise_seeds", "bit_formats", "bits", "bit_trials", "bit_tokens", "break_factor", "n_super_candidates",
-    "prompt_config", "n_prompts", "block_tokens", "n_boot", "seed", "batch_size", "torch_threads"}}
-lm = load_model(model, device=None if device == "auto" else device, dtype=dtype, attn_implementation="sdpa")
+params = chapter.parameters(globals())
+lm = chapter.load(params, attn_implementation="sdpa")
 checksum_start = weights.state_checksum(lm)
 shard_dir = Path(results_dir) / "shards"
 timings = {}
@@ -378,7 +371,7 @@ med = ablation[ablation["mode"] == ablation_modes[0]]["ppl_ratio"].median()
 s_at = sentiment.set_index(["setting", "metric"])["value"]
 sent_txt = "; ".join(f"{s}: accuracy {s_at[(s, 'accuracy')]:.2f}, ROC-AUC {s_at[(s, 'roc_auc')]:.2f}"
                      for s in ["dense", "magnitude 50%", "Wanda 50%"])
-bits_txt = "; ".join(f"{r.fmt} {r.bit}: {r.broken}/{r.trials} = {r.p_break:.2f} [{r.low:.2f}, {r.high:.2f}]"
+bits_txt = "; ".join(f"{r.fmt} {r.bit}: {r.broken}/{r.trials} = {chapter.fmt_ci(r.p_break, r.low, r.high, '.2f')}"
                      for r in breaks.itertuples())
 c0, s0, k0 = cands.iloc[0], superw.iloc[0], superw.iloc[1]
 zero_abl = ablation[ablation["mode"] == "zero"].set_index(["layer", "matrix"])["ppl_ratio"]
@@ -416,7 +409,7 @@ lines = [
     f"MLP of layer {int(c0.layer)} (its down projection, {heat_windows.n_scored} tokens): x{mlp_whole:.2f}.",
     "Weights restored bit-exactly after every edit (state-dict SHA-256 unchanged).",
 ]
-display(Markdown("\n".join(f"- {line}" for line in lines)))
+chapter.bullets(lines)
 
 # %%
 timings["total"] = time.time() - t_start

@@ -40,17 +40,12 @@ import time
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import torch
 from IPython.display import Markdown, display
 
-from headlab import atlas, attention, plots, widgets
-from headlab.models import load_model
+from headlab import atlas, attention, chapter, plots, records, widgets
 
 t_start = time.time()
-if torch_threads:
-    torch.set_num_threads(torch_threads)
-params = {k: v for k, v in dict(globals()).items() if k in {
-    "model", "results_root", "text", "n_top", "torch_threads", "results_dir"}}
+params = chapter.parameters(globals())
 
 # %% [markdown]
 # ## The joined table
@@ -117,7 +112,7 @@ plt.show()
 # positive).
 
 # %%
-top = pd.DataFrame({name: [f"L{int(r['layer'])}H{int(r['head'])} ({r[name]:.3g})"
+top = pd.DataFrame({name: [f"{chapter.head_label(r['layer'], r['head'])} ({r[name]:.3g})"
                            for _, r in table.nlargest(n_top, name).iterrows()] for name in measures},
                    index=pd.RangeIndex(1, n_top + 1, name="rank"))
 top
@@ -130,7 +125,7 @@ top
 # book the widget shows its initial head, the one ranked first by the first measure found.
 
 # %%
-lm = load_model(model, attn_implementation="eager")
+lm = chapter.load(params, attn_implementation="eager")
 ids = lm.tokenizer(text, return_tensors="pt").input_ids
 patterns = attention.attention_patterns(lm, ids)[0]  # (layers, heads, s, s)
 tokens = lm.tokenizer.convert_ids_to_tokens(ids[0])
@@ -155,11 +150,9 @@ tops = {name: {(int(r.layer), int(r["head"])) for _, r in table.nlargest(n_top, 
 counts = pd.Series([h for s in tops.values() for h in s]).value_counts()
 multi = counts[counts > 1]
 lines.append("Heads in the top " + str(n_top) + " of more than one measure: " + (", ".join(
-    f"L{L}H{H} ({', '.join(m for m, s in tops.items() if (L, H) in s)})" for (L, H) in multi.index) or "none") + ".")
-display(Markdown("\n".join(f"- {line}" for line in lines)))
+    f"{chapter.head_label(L, H)} ({', '.join(m for m, s in tops.items() if (L, H) in s)})" for (L, H) in multi.index) or "none") + ".")
+chapter.bullets(lines)
 
 # %%
-from headlab import records  # noqa: E402
-
 records.write_config(results_dir, params, lm, elapsed_seconds=time.time() - t_start, sources=found.sources)
 records.write_summary(results_dir, n_measures=len(measures), n_heads=len(table), n_missing=len(found.missing))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from headlab import chapter, grid
+from headlab.metrics import CI
 from headlab.models import load_model
 
 from conftest import build_tiny
@@ -78,6 +79,10 @@ def test_what_we_saw_helpers():
     assert chapter.head_label(5, 3) == "L5H3"
     assert chapter.fmt_ci(0.8123, 0.75, 0.87) == "0.812 [0.750, 0.870]"
     assert chapter.fmt_ci(1.5, -1, 2, "+.1f") == "+1.5 [-1.0, +2.0]"
+    assert chapter.fmt_ci(CI(0.5, 0.25, 0.75)) == "0.500 [0.250, 0.750]"
+    report = pd.DataFrame({"metric": ["accuracy"], "value": [0.5], "ci_low": [0.25], "ci_high": [0.75]})
+    assert chapter.fmt_ci(report.set_index("metric").loc["accuracy"], fmt=".2f") == "0.50 [0.25, 0.75]"
+    assert chapter.fmt_ci({"value": 1, "low": 0, "high": 2}, fmt=".0f") == "1 [0, 2]"
     assert chapter.head_list(frame, "effect", ci=True, fmt=".2f") == "L5H3 (0.81 [0.75, 0.87]), L2H0 (-0.10 [-0.20, 0.00])"
     assert chapter.head_list(frame, "effect", n=1) == "L5H3 (0.812)"
     assert chapter.bullets(["a", None, "", "b"]).data == "- a\n- b"

@@ -94,5 +94,8 @@ def test_every_chapter_runs_on_a_tiny_model(tiny_model_dir: Path, tmp_path: Path
         t0 = time.time()
         execute_chapter(NOTEBOOKS / f"{name}.py", tmp_path / "executed", params, cwd=tmp_path)
         seconds[name] = round(time.time() - t0, 1)
-        assert (Path(params["results_dir"]) / "config.json").is_file(), f"{name} wrote no config.json"
+        # chapter.parameters(globals()) saw exactly the declared names, with the injected values
+        recorded = json.loads((Path(params["results_dir"]) / "config.json").read_text())["parameters"]
+        assert list(recorded) == list(defaults), name
+        assert {k: recorded[k] for k in params} == params, name
     print(f"\nsmoke seconds ({tiny_model_dir.name}): {json.dumps(seconds)}")
