@@ -32,8 +32,9 @@ book: setup  ## execute every chapter with papermill and render the offline HTML
 test: setup chromium  ## the whole test suite (includes the `slow` tests on the real GGUF model)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# without the tiers that need `headlab fetch`: `slow` (the real model) and `data` (the data sets)
 test-fast: $(VENV)/.installed chromium
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not data" $(PYTEST_ARGS)
 
 bench: setup
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

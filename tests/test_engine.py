@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import plain_last_logprobs, sentiment_label_ids
 from headlab import engine, perplexity
 from headlab.engine import recompute
 from headlab.tasks import FORMATS, build_fewshot_prefix
@@ -30,19 +31,6 @@ def _prompts(lm, fmt_name: str = "plain", instruction_only: bool = False):
     fmt = FORMATS[fmt_name]
     prefix = fmt.instruction if instruction_only else build_fewshot_prefix(SHOTS, fmt)
     return engine.encode_prompts(lm, prefix, [fmt.query(t) for t in QUERY_TEXTS])
-
-
-def _labels(lm):
-    return engine.label_token_ids(lm, ["negative", "positive"])
-
-
-def _plain_last_logprobs(lm, enc, label_ids):
-    """Reference: one unbatched, uncached forward of each full prompt."""
-    rows = []
-    for i in range(len(enc)):
-        logits = lm.model(enc.full(i)[None].to(lm.device)).logits[0, -1].float()
-        rows.append(torch.log_softmax(logits, -1)[label_ids])
-    return torch.stack(rows)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,7 +80,7 @@ def test_label_token_ids_duplicate_raises(tiny_factory):
 # label_logprobs
 # --------------------------------------------------------------------------------------------------
 def test_prefix_cache_equals_no_cache(tiny_lm):
-    enc, labels = _prompts(tiny_lm), _labels(tiny_lm)
+    enc, labels = _prompts(tiny_lm), sentiment_label_ids(tiny_lm)
     assert len(enc.prefix) > 20 and len({len(q) for q in enc.queries}) > 2
     cached = engine.label_logprobs(tiny_lm, enc, labels, batch_size=3, use_prefix_cache=True)
     plain = engine.label_logprobs(tiny_lm, enc, labels, batch_size=3, use_prefix_cache=False)
@@ -105,7 +93,7 @@ def test_prefix_cache_equals_no_cache(tiny_lm):
 
 @pytest.mark.parametrize("use_prefix_cache", [True, False])
 def test_batch_invariance(tiny_lm, use_prefix_cache):
-    enc, labels = _prompts(tiny_lm), _labels(tiny_lm)
+    enc, labels = _prompts(tiny_lm), sentiment_label_ids(tiny_lm)
     alone = engine.label_logprobs(tiny_lm, enc, labels, batch_size=1, use_prefix_cache=use_prefix_cache)
     batched = engine.label_logprobs(tiny_lm, enc, labels, batch_size=len(enc),
                                     use_prefix_cache=use_prefix_cache)
@@ -117,9 +105,9 @@ def test_batch_invariance(tiny_lm, use_prefix_cache):
 
 
 def test_matches_plain_forward(tiny_lm):
-    enc, labels = _prompts(tiny_lm), _labels(tiny_lm)
+    enc, labels = _prompts(tiny_lm), sentiment_label_ids(tiny_lm)
     got = engine.label_logprobs(tiny_lm, enc, labels, batch_size=4)
-    torch.testing.assert_close(got, _plain_last_logprobs(tiny_lm, enc, labels), atol=1e-4, rtol=0)
+    torch.testing.assert_close(got, plain_last_logprobs(tiny_lm, enc, labels), atol=1e-4, rtol=0)
 
 
 def test_forward_last_returns_full_vocab_logits(tiny_lm):
@@ -145,26 +133,26 @@ def test_prefix_cache_with_sliding_window_shorter_than_prefix(tiny_factory, arch
     in key *indices*, so pads placed between the cached prefix and a query would push prefix tokens
     out of the window; batch_size=2 pairs queries of different lengths."""
     lm = tiny_factory(arch, **overrides)
-    enc, labels = _prompts(lm), _labels(lm)
+    enc, labels = _prompts(lm), sentiment_label_ids(lm)
     assert len(enc.prefix) > 6 * 3
     cached = engine.label_logprobs(lm, enc, labels, batch_size=2, use_prefix_cache=True)
-    plain = _plain_last_logprobs(lm, enc, labels)
+    plain = plain_last_logprobs(lm, enc, labels)
     torch.testing.assert_close(cached, plain, atol=1e-4, rtol=0)
 
 
 def test_instruction_only_and_empty_prefix(tiny_factory):
     lm = tiny_factory("qwen2")
-    labels = _labels(lm)
+    labels = sentiment_label_ids(lm)
     for enc in (_prompts(lm, "instructed", instruction_only=True), _prompts(lm, "plain", instruction_only=True)):
         got = engine.label_logprobs(lm, enc, labels, batch_size=2)
-        torch.testing.assert_close(got, _plain_last_logprobs(lm, enc, labels), atol=1e-4, rtol=0)
+        torch.testing.assert_close(got, plain_last_logprobs(lm, enc, labels), atol=1e-4, rtol=0)
     empty = engine.encode_prompts(lm, "", ["Review: ok\nSentiment:"])
     assert len(empty.prefix) <= 1
 
 
 def test_label_logprobs_empty_and_bad_batch(tiny_factory):
     lm = tiny_factory("llama")
-    enc, labels = _prompts(lm), _labels(lm)
+    enc, labels = _prompts(lm), sentiment_label_ids(lm)
     assert engine.label_logprobs(lm, enc.subset([]), labels).shape == (0, 2)
     with pytest.raises(ValueError, match="batch_size"):
         engine.label_logprobs(lm, enc, labels, batch_size=0)
@@ -172,7 +160,7 @@ def test_label_logprobs_empty_and_bad_batch(tiny_factory):
 
 def test_logprob_difference_is_logit_difference(tiny_factory):
     lm = tiny_factory("gpt2")
-    enc, labels = _prompts(lm), _labels(lm)
+    enc, labels = _prompts(lm), sentiment_label_ids(lm)
     lp = engine.label_logprobs(lm, enc, labels)
     logits = torch.stack([lm.model(enc.full(i)[None]).logits[0, -1] for i in range(len(enc))])
     torch.testing.assert_close(lp[:, 1] - lp[:, 0], logits[:, labels[1]] - logits[:, labels[0]],

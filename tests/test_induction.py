@@ -12,17 +12,13 @@ import torch
 from beartype import beartype
 from jaxtyping import jaxtyped
 
-from conftest import ARCHS
+from conftest import ARCHS, causal_uniform
 from headlab import ablation, attention, induction, metrics, perplexity
 from headlab.interventions import ablate_heads
 from headlab.models import wrap_model
 
 T, START = 6, 1  # segment length and BOS offset of the hand-built patterns
 S = START + 2 * T
-
-
-def _causal_uniform(s: int) -> torch.Tensor:
-    return torch.tril(torch.ones(s, s)) / torch.arange(1, s + 1)[:, None]
 
 
 def _point_at(targets: dict[int, int], s: int) -> torch.Tensor:
@@ -42,7 +38,7 @@ def test_induction_score_of_known_patterns():
     score = jaxtyped(typechecker=beartype)(induction.induction_score)
     perfect = _point_at({q: q - T + 1 for q in range(START + T, S)}, S)
     assert score(perfect, T, START).item() == pytest.approx(1.0)
-    uniform = _causal_uniform(S)
+    uniform = causal_uniform(S)
     expected = torch.tensor([1 / (q + 1) for q in range(START + T, S)]).mean()
     assert score(uniform, T, START).item() == pytest.approx(expected.item())
     prev = _point_at({q: q - 1 for q in range(1, S)}, S)
@@ -55,7 +51,7 @@ def test_induction_score_of_known_patterns():
 
 def test_induction_score_rejects_bad_period():
     with pytest.raises(ValueError, match="period"):
-        induction.induction_score(_causal_uniform(S), T + 1, START)
+        induction.induction_score(causal_uniform(S), T + 1, START)
 
 
 def test_scores_frame_ranks_heads():

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
-from conftest import ARCHS
+from conftest import ARCHS, plain_last_logprobs, sentiment_label_ids
 
 from headlab import edits as edits_module
 from headlab import engine, interventions, shards, sweeps, tasks
@@ -22,7 +22,7 @@ SHOTS = pd.DataFrame({
     "text": ["a gripping, funny and warm film.", "the plot is dull and the acting is worse."],
     "label": ["positive", "negative"],
 })
-#: Query lengths 4, 20, 10, 10, 5 tokens with the test tokenizer: padding in every mixed batch, and two
+#: Query lengths 4, 20, 11, 11, 5 tokens with the test tokenizer: padding in every mixed batch, and two
 #: prompts of equal length (so equal-length batching for sliding windows really forms a batch).
 QUERY_TEXTS = [
     "great",
@@ -37,20 +37,6 @@ QUERY_LABELS = ["positive", "negative", "positive", "negative", "negative"]
 def _prompts(lm):
     fmt = FORMATS["plain"]
     return engine.encode_prompts(lm, build_fewshot_prefix(SHOTS, fmt), [fmt.query(t) for t in QUERY_TEXTS])
-
-
-def _labels(lm):
-    return engine.label_token_ids(lm, ["negative", "positive"])
-
-
-@torch.inference_mode()
-def _plain_last_logprobs(lm, enc, label_ids):
-    """Reference: one unbatched, uncached forward of each full prompt."""
-    rows = []
-    for i in range(len(enc)):
-        logits = lm.model(enc.full(i)[None].to(lm.device)).logits[0, -1].float()
-        rows.append(torch.log_softmax(logits, -1)[label_ids].cpu())
-    return torch.stack(rows)
 
 
 def _mixed_edits():
@@ -102,7 +88,7 @@ def _model_state(lm):
 def llama(tiny_factory):
     """A tiny llama, its prompts and clean run (shared; tests must not modify the model)."""
     lm = tiny_factory("llama")
-    enc, labels = _prompts(lm), _labels(lm)
+    enc, labels = _prompts(lm), sentiment_label_ids(lm)
     return lm, enc, labels, engine.clean_run(lm, enc, labels)
 
 
@@ -115,7 +101,7 @@ def test_sweep_heads_matches_plain_forward_with_edit(tiny_factory, arch, shared_
     """Both attention paths (the shared-prefix attention, default wherever the model has no sliding
     window, and transformers' own attention over per-row caches) equal the plain forward."""
     lm = tiny_factory(arch)
-    enc, labels = _prompts(lm), _labels(lm)
+    enc, labels = _prompts(lm), sentiment_label_ids(lm)
     assert len({len(q) for q in enc.queries}) > 2  # batches need padding
     clean = engine.clean_run(lm, enc, labels, batch_size=3)
     edits = _mixed_edits()
@@ -135,10 +121,10 @@ def test_sweep_heads_exact_with_sliding_window_shorter_than_prompt(tiny_factory,
     """A window of 6 keys (far shorter than prefix + query): queries of different lengths must not share
     a forward (pads between the cached prefix and a query would count against the window)."""
     lm = tiny_factory(arch, sliding_window=6)
-    enc, labels = _prompts(lm), _labels(lm)
+    enc, labels = _prompts(lm), sentiment_label_ids(lm)
     assert lm.sliding_window == 6 and scoring.needs_equal_lengths(lm, enc)
     clean = engine.clean_run(lm, enc, labels, batch_size=4)
-    torch.testing.assert_close(clean.logprobs, _plain_last_logprobs(lm, enc, labels), atol=1e-4, rtol=0)
+    torch.testing.assert_close(clean.logprobs, plain_last_logprobs(lm, enc, labels), atol=1e-4, rtol=0)
     edits = _mixed_edits()
     got = engine.sweep_heads(lm, clean, edits, batch_size=4, edits_per_group=16)
     torch.testing.assert_close(got, _reference(lm, clean, edits), atol=1e-4, rtol=0)
@@ -147,10 +133,10 @@ def test_sweep_heads_exact_with_sliding_window_shorter_than_prompt(tiny_factory,
 @pytest.mark.parametrize("arch", ARCHS)
 def test_noop_edit_reproduces_clean_run(tiny_factory, arch):
     lm = tiny_factory(arch)
-    enc, labels = _prompts(lm), _labels(lm)
+    enc, labels = _prompts(lm), sentiment_label_ids(lm)
     clean = engine.clean_run(lm, enc, labels, batch_size=2)
     torch.testing.assert_close(clean.logprobs, engine.label_logprobs(lm, enc, labels), atol=1e-5, rtol=0)
-    torch.testing.assert_close(clean.logprobs, _plain_last_logprobs(lm, enc, labels), atol=1e-4, rtol=0)
+    torch.testing.assert_close(clean.logprobs, plain_last_logprobs(lm, enc, labels), atol=1e-4, rtol=0)
     noop = [HeadEdit("noise", 0, 0, 0.0, 5), HeadEdit("noise", 1, 3, 0.0, 6)]
     got = engine.sweep_heads(lm, clean, noop, batch_size=3)
     torch.testing.assert_close(got, clean.logprobs[None].expand(2, -1, -1), atol=1e-5, rtol=0)
@@ -205,7 +191,7 @@ def test_noise_heads_adds_prefix_and_sample_draws(llama):
 @pytest.mark.parametrize("arch,overrides", [("llama", {}), ("gemma2", {"sliding_window": 6})])
 def test_sweep_heads_batch_invariance(tiny_factory, arch, overrides):
     lm = tiny_factory(arch, **overrides)
-    enc, labels = _prompts(lm), _labels(lm)
+    enc, labels = _prompts(lm), sentiment_label_ids(lm)
     clean = engine.clean_run(lm, enc, labels, batch_size=64)
     edits = _mixed_edits()
     base = engine.sweep_heads(lm, clean, edits, batch_size=1, edits_per_group=1)
@@ -275,7 +261,7 @@ def test_sweep_heads_restores_model_after_exception(tiny_factory, monkeypatch, f
     """An error inside the sweep's hooks (here: in the noise draw of the prefix pass or of the query
     pass of a layer-1 edit, while block 0 is short-circuited) leaves no hook and no patched forward."""
     lm = tiny_factory("llama")
-    enc, labels = _prompts(lm), _labels(lm)
+    enc, labels = _prompts(lm), sentiment_label_ids(lm)
     clean = engine.clean_run(lm, enc, labels)
     edits = [HeadEdit("zero", 0, 1), HeadEdit("noise", 1, 2, 1.0, 0)]
     expected = engine.sweep_heads(lm, clean, edits)
@@ -305,7 +291,7 @@ def test_sweep_heads_restores_model_after_exception(tiny_factory, monkeypatch, f
 
 def test_shared_prefix_attention_refused_for_reachable_sliding_window(tiny_factory):
     lm = tiny_factory("mistral", sliding_window=6)
-    enc, labels = _prompts(lm), _labels(lm)
+    enc, labels = _prompts(lm), sentiment_label_ids(lm)
     clean = engine.clean_run(lm, enc, labels)
     with pytest.raises(ValueError, match="sliding_window=6"):
         engine.sweep_heads(lm, clean, [HeadEdit("zero", 0, 0)], shared_prefix_attention=True)
@@ -344,7 +330,7 @@ def test_sweep_heads_keeps_existing_block_forward(tiny_factory):
             return args, kwargs
 
     lm = tiny_factory("llama")
-    enc, labels = _prompts(lm), _labels(lm)
+    enc, labels = _prompts(lm), sentiment_label_ids(lm)
     clean = engine.clean_run(lm, enc, labels)
     block = lm.layers[0]
     add_hook_to_module(block, Count())
