@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from headlab import data
 from headlab.interventions import capture
 from headlab.models import LoadedModel
 
@@ -27,6 +28,7 @@ __all__ = [
     "attention_entropy",
     "attention_patterns",
     "attention_scores",
+    "encode_lexicon",
     "encode_spans",
     "head_output_means",
     "head_write_norms",
@@ -368,5 +370,26 @@ def encode_spans(tokenizer: Any, text: str, spans: Sequence[tuple[int, int]],
             raise ValueError(f"span ({a}, {b}) is not a non-empty range inside the text of length {len(text)}.")
         out.append([i for i, (s, e) in enumerate(offsets) if e > s and s < b and e > a])
     return torch.tensor(enc["input_ids"], dtype=torch.long), out
+
+
+def encode_lexicon(tokenizer: Any, texts: Sequence[str], labels: Sequence[int],
+                   lexicon: Mapping[str, frozenset[str]] | None = None) -> pd.DataFrame:
+    """Tokenise texts and mark the tokens of their lexicon words (:func:`headlab.data.lexicon_spans`).
+
+    Texts without a lexicon word are left out.
+
+    Returns:
+        One row per kept text: ``ids`` (token ids), ``keys`` (sorted positions of the lexicon words'
+        tokens), ``label`` (from ``labels``) and ``n_<polarity>`` (lexicon words of each polarity).
+    """
+    lexicon = data.SENTIMENT_LEXICON if lexicon is None else lexicon
+    rows = []
+    for text, label in zip(texts, labels, strict=True):
+        spans = data.lexicon_spans(text, lexicon)
+        if spans:
+            ids, pos = encode_spans(tokenizer, text, [(a, b) for a, b, _ in spans])
+            rows.append({"ids": ids, "keys": sorted({p for ps in pos for p in ps}), "label": int(label),
+                         **{f"n_{pol}": sum(p == pol for *_, p in spans) for pol in lexicon}})
+    return pd.DataFrame(rows, columns=["ids", "keys", "label", *(f"n_{pol}" for pol in lexicon)])
 
 

@@ -18,6 +18,7 @@ from numpy.typing import ArrayLike
 __all__ = [
     "CI",
     "first_sustained_layer",
+    "head_label_test",
     "layer_readout",
     "accuracy",
     "benjamini_hochberg",
@@ -379,6 +380,45 @@ def residualize(values: ArrayLike, covariates: ArrayLike) -> np.ndarray:
     design = np.column_stack([np.ones(len(z)), z])
     coef, *_ = np.linalg.lstsq(design, x, rcond=None)
     return x - design @ coef
+
+
+def head_label_test(values: ArrayLike, labels: ArrayLike, covariates: ArrayLike | None = None,
+                    n_perm: int = 1000, seed: int = 0, value: str = "mass",
+                    label_names: tuple[str, str] = ("negative", "positive")) -> pd.DataFrame:
+    """Which heads' per-item measure tracks a binary label: a permutation test for every head.
+
+    For each head, the Pearson correlation over items of ``values`` with ``labels``, its permutation
+    p-value, Benjamini-Hochberg q-value and family-wise (max-|r|) p-value
+    (:func:`permutation_correlation`, :func:`benjamini_hochberg`); with ``covariates`` the same again on
+    the measure with the covariates regressed out (:func:`residualize`), in the ``*_adjusted`` columns.
+
+    Args:
+        values: ``(n_items, n_layers, n_heads)``, e.g. attention mass on sentiment words per review.
+        labels: ``(n_items,)`` 0/1 labels.
+        covariates: ``(n_items,)`` or ``(n_items, c)`` nuisance variables (e.g. number of marked tokens,
+            text length), or None.
+        n_perm, seed: label shuffles (the same for every head) and their seed.
+        value, label_names: name the mean columns ``{value}_{label_names[1]}`` / ``{value}_{label_names[0]}``.
+
+    Returns:
+        One row per head (``layer``, ``head``, the two label means, ``r``, ``p``, ``q``, ``p_familywise``
+        and the adjusted columns), sorted by ``|r|``, largest first.
+    """
+    v = np.asarray(values)
+    if v.ndim != 3:
+        raise ValueError(f"values must be (n_items, n_layers, n_heads); got shape {v.shape}.")
+    n, n_layers, n_heads = v.shape
+    y = np.asarray(labels)
+    x = v.reshape(n, -1)  # (n, L*H), layer-major
+    r, p, pfw = permutation_correlation(x, y, n_perm, seed=seed)
+    frame = pd.DataFrame({"layer": np.repeat(range(n_layers), n_heads), "head": np.tile(range(n_heads), n_layers),
+                          f"{value}_{label_names[1]}": x[y == 1].mean(0), f"{value}_{label_names[0]}": x[y == 0].mean(0),
+                          "r": r, "p": p, "q": benjamini_hochberg(p), "p_familywise": pfw})
+    if covariates is not None:
+        r_adj, p_adj, pfw_adj = permutation_correlation(residualize(x, covariates), y, n_perm, seed=seed)
+        frame = frame.assign(r_adjusted=r_adj, p_adjusted=p_adj, q_adjusted=benjamini_hochberg(p_adj),
+                             p_familywise_adjusted=pfw_adj)
+    return frame.reindex(frame["r"].abs().sort_values(ascending=False).index).reset_index(drop=True)
 
 
 def layer_readout(logprobs: ArrayLike, ranks: ArrayLike, labels: ArrayLike, n_boot: int = 1000,

@@ -150,34 +150,20 @@ fig = plots.attention_patterns(np.stack([pats[r.layer, r.head].numpy() for r in 
 # The mass also depends on how many sentiment words a review has and how long it is. If positive
 # reviews simply contain more lexicon words, every head that looks at them would correlate with the
 # label. So the same test is repeated on the mass with the number of sentiment tokens and the review
-# length regressed out (`headlab.metrics.residualize`).
+# length regressed out (`headlab.metrics.residualize`). Both tests, per head, are
+# `headlab.metrics.head_label_test`; the reviews and their sentiment-word tokens come from
+# `headlab.attention.encode_lexicon`.
 
 # %%
 reviews = data.split_frame(data.load_sentiment(), {"probe": n_reviews}, seed=seed)["probe"]
-enc_reviews = []
-for r in reviews.itertuples():
-    spans = data.lexicon_spans(r.text)
-    if spans:
-        ids, pos = attention.encode_spans(tok, r.text, [(a, b) for a, b, _ in spans])
-        enc_reviews.append({"ids": ids, "keys": sorted({p for ps in pos for p in ps}), "label": int(r.label == "positive"),
-                            "n_positive": sum(p == "positive" for *_, p in spans), "n_negative": sum(p == "negative" for *_, p in spans)})
-rev = pd.DataFrame(enc_reviews)
+rev = attention.encode_lexicon(tok, reviews["text"], reviews["label"] == "positive")  # reviews with a lexicon word
 t0 = time.time()
 mass = attention.span_attention(lm, list(rev["ids"]), [[len(i) - 1] for i in rev["ids"]], list(rev["keys"]),
                                 batch_size=batch_size)  # (n, L, H)
 timings["sentiment"] = time.time() - t0
 y = rev["label"].to_numpy()
-X = mass.reshape(len(rev), -1).numpy()
 n_keys, n_tok = rev["keys"].map(len).to_numpy(), rev["ids"].map(len).to_numpy()
-r_raw, p_raw, pfw_raw = metrics.permutation_correlation(X, y, n_permutations, seed=seed)
-X_adj = metrics.residualize(X, np.column_stack([n_keys, n_tok]))
-r_adj, p_adj, pfw_adj = metrics.permutation_correlation(X_adj, y, n_permutations, seed=seed)
-sentiment = pd.DataFrame({"layer": np.repeat(range(L), H), "head": np.tile(range(H), L),
-                          "mass_positive": X[y == 1].mean(0), "mass_negative": X[y == 0].mean(0),
-                          "r": r_raw, "p": p_raw, "q": metrics.benjamini_hochberg(p_raw), "p_familywise": pfw_raw,
-                          "r_adjusted": r_adj, "p_adjusted": p_adj, "q_adjusted": metrics.benjamini_hochberg(p_adj),
-                          "p_familywise_adjusted": pfw_adj})
-sentiment = sentiment.reindex(sentiment["r"].abs().sort_values(ascending=False).index).reset_index(drop=True)
+sentiment = metrics.head_label_test(mass.numpy(), y, np.column_stack([n_keys, n_tok]), n_permutations, seed=seed)
 lex = pd.Series({"lexicon words (positive / negative)": " / ".join(str(len(v)) for v in data.SENTIMENT_LEXICON.values()),
                  "reviews with a lexicon word": f"{len(rev)} of {len(reviews)}",
                  "positive reviews": int(y.sum()), "negative reviews": int(len(y) - y.sum()),

@@ -179,6 +179,18 @@ def test_encode_spans_finds_the_tokens_of_a_word(tokenizer):
         attention.encode_spans(tokenizer, text, [(5, 5)])
 
 
+def test_encode_lexicon_marks_the_lexicon_words_and_drops_texts_without(tokenizer):
+    texts = ["a gripping, funny and warm film.", "the cat sat on the mat.", "dull and boring, but clever."]
+    rev = attention.encode_lexicon(tokenizer, texts, [1, 0, 0])
+    assert list(rev.columns) == ["ids", "keys", "label", "n_positive", "n_negative"]
+    assert list(rev["label"]) == [1, 0] and list(rev["n_positive"]) == [2, 1] and list(rev["n_negative"]) == [0, 2]
+    for (ids, keys), words in zip(zip(rev["ids"], rev["keys"]), [{"gripping", "warm"}, {"dull", "boring", "clever"}]):
+        marked = "|".join(tokenizer.decode(ids[k]) for k in keys)  # every token overlapping a lexicon word
+        unmarked = tokenizer.decode(ids[[i for i in range(len(ids)) if i not in keys]])
+        assert all(w in marked.replace("|", "") for w in words) and not any(w in unmarked for w in words)
+    assert attention.encode_lexicon(tokenizer, ["the cat"], [1]).empty
+
+
 def test_encode_pairs_keeps_only_aligned_single_token_differences(tokenizer):
     pairs = pd.DataFrame([
         {"a": "the cat is bad", "b": "the cat is good", "a_span": (11, 14), "b_span": (11, 15),
@@ -224,6 +236,33 @@ def test_permutation_correlation():
     assert r[0] == pytest.approx(np.corrcoef(x[:, 0], y)[0, 1])
     with pytest.raises(ValueError, match="finite"):
         metrics.permutation_correlation(np.full((5, 1), np.nan), np.arange(5.0))
+
+
+def test_head_label_test_is_the_permutation_pipeline_per_head():
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 20)
+    values = rng.standard_normal((40, 2, 3)).astype(np.float32)  # (n, L, H)
+    values[:, 1, 2] += 2.0 * y  # L1H2 tracks the label
+    length = rng.integers(5, 50, 40)
+    values[:, 0, 1] = 0.1 * length + 0.01 * rng.standard_normal(40)  # L0H1 tracks only the length
+    table = metrics.head_label_test(values, y, length, n_perm=199, seed=3)
+    assert len(table) == 6 and (table["layer"].iloc[0], table["head"].iloc[0]) == (1, 2)
+    assert table["r"].abs().is_monotonic_decreasing
+    row = table.set_index(["layer", "head"]).loc[(1, 2)]
+    x = values.reshape(40, -1)
+    assert row["r"] == pytest.approx(np.corrcoef(x[:, 5], y)[0, 1])
+    assert row["mass_positive"] == pytest.approx(x[y == 1, 5].mean())
+    r, p, pfw = metrics.permutation_correlation(x, y, 199, seed=3)
+    ra, pa, _ = metrics.permutation_correlation(metrics.residualize(x, length), y, 199, seed=3)
+    by_col = table.assign(col=table["layer"] * 3 + table["head"]).set_index("col").sort_index()
+    np.testing.assert_allclose(by_col["p"], p)
+    np.testing.assert_allclose(by_col["q"], metrics.benjamini_hochberg(p))
+    np.testing.assert_allclose(by_col["p_familywise"], pfw)
+    np.testing.assert_allclose(by_col["r_adjusted"], ra)
+    np.testing.assert_allclose(by_col["p_adjusted"], pa)
+    assert "r_adjusted" not in metrics.head_label_test(values, y, n_perm=9).columns
+    with pytest.raises(ValueError, match=r"\(n_items, n_layers, n_heads\)"):
+        metrics.head_label_test(x, y)
 
 
 def test_benjamini_hochberg_by_hand():
