@@ -191,7 +191,7 @@ ax.axhline(-np.log10(1 / (1 + n_permutations)), color="grey", lw=0.6, ls=":", la
 ax.set_xlabel("Pearson r with the label (1 = positive)")
 ax.set_ylabel("-log10 permutation p")
 ax.legend(fontsize=7)
-ax.set_title("sentiment heads: effect against evidence (270 heads each)")
+ax.set_title(f"sentiment heads: effect against evidence ({len(sentiment)} heads each)")
 fig.tight_layout()
 
 # %% [markdown]

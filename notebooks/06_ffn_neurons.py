@@ -77,6 +77,8 @@ from headlab import ablation, chapter, data, engine, lens, metrics, neurons, plo
 t_start = time.time()
 params = chapter.parameters(globals())
 lm = chapter.load(params)
+if bad := sorted({*show_layers, *ablation_layers} - set(range(lm.n_layers))):  # defaults are for 30 layers
+    raise ValueError(f"show_layers / ablation_layers name layers {bad}; {lm.spec} has layers 0-{lm.n_layers - 1}.")
 pd.Series(lm.describe()).to_frame("model")
 
 # %% [markdown]
