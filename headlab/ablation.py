@@ -1,25 +1,48 @@
-"""Set ablation: ablate a chosen set of components (the top-k by some score, or k at random) and score.
+"""Set ablation: ablate a set of components (the top-k by a score, or k at random) and compare the two.
 
-Chapter 03 ablates the top-k induction heads against k random heads on repeated random tokens,
-chapter 05 the top-k heads of a per-head score against random heads on label tokens, chapter 06 a
-layer's top-k FFN neurons against k random neurons of that layer on held-out text. Each grid point is
-one resumable shard (:mod:`headlab.shards`).
+One generic sweep, :func:`set_ablation_sweep`, serves every chapter. It chooses the sets from a
+:class:`Pool`, scores each with a caller-given :data:`Scorer`, computes the clean model once and saves
+every grid point as a resumable shard (:mod:`headlab.shards`). Chapters differ only in the pool and the
+scorer:
+
+* 03: heads ranked by induction score, scored on repeated random tokens
+  (:func:`induction_ablation_sweep` = :func:`head_pool` + :func:`repeated_tokens_scorer`);
+* 05: heads ranked by any per-head score, scored on label tokens
+  (:func:`ranked_ablation_sweep` = :func:`head_pool` + :func:`label_scorer`);
+* 06: a layer's FFN neurons ranked by activation, scored by next-token loss on text
+  (:func:`neuron_ablation_sweep` = :func:`neuron_pools` + :func:`text_loss_scorer`).
+
+Every sweep returns rows with the same columns: ``model, mode, <pool column>, set_type, k,
+permutation, sequence``, the scorer's values, each value's change from the clean model
+(``<value>_change``) and the ablated ``members`` (``"L3H1 L5H2"``; neurons ``"L3N7"``).
+:func:`top_vs_random` compares the top set with the random sets (permutation p-value, band, verdict)
+in one table for all three chapters; :func:`ablation_summary` gives the curves' means and intervals.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+from jaxtyping import Float, Int
+from numpy.typing import ArrayLike
+from torch import Tensor
 
-from headlab import engine, metrics, neurons, perplexity
+from headlab import engine, metrics, perplexity
 from headlab.edits import seed_for
-from headlab.induction import repeat_metrics
+from headlab.engine import EncodedPrompts
+from headlab.induction import RepeatedTokens, repeat_metrics
 from headlab.interventions import ablate_heads, ablate_neurons
+from headlab.models import LoadedModel
+from headlab.neurons import NeuronStats
 from headlab.shards import ShardStore, config_hash, run_grid
 
 #: Layer ranges heads are chosen from. ``bottom_half``: layers ``0 .. n//2 - 1`` (nearer the input);
@@ -28,13 +51,24 @@ from headlab.shards import ShardStore, config_hash, run_grid
 #: a stack with the output on top.
 LAYER_RANGES = ("full", "top_half", "bottom_half")
 
-
-#: ``induction``: the k heads with the highest induction score in the range; ``random``: k heads drawn
-#: uniformly from the range (induction heads included), a new draw per permutation.
-HEAD_TYPES = ("induction", "random")
-
+#: ``top``: the k highest-scoring units of the pool (one set per k); ``random``: k units drawn at
+#: random from the pool, a new draw per permutation.
+SET_TYPES = ("top", "random")
 
 ABLATION_MODES = ("zero", "mean")
+
+#: What "at least as extreme as the top set" means in :func:`compare_to_random`.
+ALTERNATIVES = ("less", "greater", "two-sided")
+
+#: A set of components: ``{layer: sorted indices}`` (heads or neurons), as
+#: :func:`headlab.interventions.ablate_heads` and :func:`~headlab.interventions.ablate_neurons` take it.
+Members = dict[int, list[int]]
+
+#: ``(mode, members) -> {value name: (n_items,) array}``; empty ``members`` is the clean model (``mode``
+#: is then irrelevant). A scorer must give each item the same value whatever else is scored with it.
+Scorer = Callable[[str, Members], Mapping[str, ArrayLike]]
+
+_ROW_COLUMNS = ("model", "mode", "set_type", "k", "permutation", "sequence", "members")
 
 
 def layer_range(n_layers: int, name: str) -> range:
@@ -46,172 +80,469 @@ def layer_range(n_layers: int, name: str) -> range:
     return ranges[name]
 
 
-def ablation_heads(scores: pd.DataFrame, layer_range_name: str, head_type: str, k: int,
-                   permutation: int = 0, seed: int = 0) -> dict[int, list[int]]:
-    """The heads ablated at one point of :func:`induction_ablation_sweep`.
-
-    Args:
-        scores: one row per head of the model with ``layer``, ``head`` and ``induction_score``
-            (:func:`headlab.attention.scores_frame`, or its CSV export read back).
-        layer_range_name: one of :data:`LAYER_RANGES`.
-        head_type: ``"induction"``: the ``k`` highest-scoring heads of the range (ties: lower layer,
-            then lower head); ``"random"``: ``k`` heads of the range drawn without replacement by a
-            generator keyed by ``(seed, permutation, k)`` only.
-        k: number of heads (0: none).
-
-    Returns:
-        ``{layer: sorted heads}`` for :func:`headlab.interventions.ablate_heads` (empty for ``k = 0``).
-    """
-    if head_type not in HEAD_TYPES:
-        raise ValueError(f"head_type={head_type!r}; choose one of {HEAD_TYPES}.")
-    n_layers = int(scores["layer"].max()) + 1
-    pool = scores[scores["layer"].isin(list(layer_range(n_layers, layer_range_name)))]
-    if not 0 <= k <= len(pool):
-        raise ValueError(f"k={k} heads requested but layer range {layer_range_name!r} has {len(pool)} heads.")
-    if head_type == "induction":
-        chosen = pool.sort_values(["induction_score", "layer", "head"], ascending=[False, True, True],
-                                  kind="stable").head(k)
-    else:
-        pool = pool.sort_values(["layer", "head"])
-        gen = torch.Generator().manual_seed(seed_for(seed, "random-heads", permutation, k))
-        chosen = pool.iloc[torch.randperm(len(pool), generator=gen)[:k].numpy()]
-    out: dict[int, list[int]] = {}
-    for layer, head in sorted(zip(chosen["layer"].astype(int), chosen["head"].astype(int))):
-        out.setdefault(layer, []).append(head)
+def by_layer(units: Iterable[tuple[int, int]]) -> Members:
+    """``(layer, index)`` pairs as ``{layer: sorted indices}`` (layers in order)."""
+    out: Members = {}
+    for layer, index in sorted((int(a), int(b)) for a, b in units):
+        out.setdefault(layer, []).append(index)
     return out
 
 
-def _heads_label(heads: dict[int, list[int]]) -> str:
-    return " ".join(f"L{layer}H{h}" for layer, hs in sorted(heads.items()) for h in hs)
+def members_label(members: Members, letter: str = "H") -> str:
+    """``{3: [1], 5: [2]}`` -> ``"L3H1 L5H2"`` (``letter="N"`` for neurons)."""
+    return " ".join(f"L{layer}{letter}{i}" for layer, idx in sorted(members.items()) for i in idx)
 
 
-def _check_ablation_grid(n_heads_in: dict[str, int], modes: list, layer_ranges: list, head_types: list,
-                         k_list: list, n_permutations: int, max_heads: int, means: Any) -> None:
-    """Fail before any work on a bad grid, naming the bad value and the allowed ones."""
-    for name, values, allowed in (("mode", modes, ABLATION_MODES), ("head type", head_types, HEAD_TYPES),
-                                  ("layer range", layer_ranges, LAYER_RANGES)):
-        bad = [v for v in values if v not in allowed]
-        if bad or not values:
-            raise ValueError(f"{name}(s) {bad or values} invalid; choose from {allowed}.")
-    bad_k = [k for k in k_list if int(k) != k or k < 0 or k > max_heads]
-    if bad_k or not k_list:
-        raise ValueError(f"k_list entries {bad_k or k_list} invalid; each k must be an integer 0 <= k <= "
-                         f"max_heads={max_heads}.")
-    for rng in layer_ranges:
-        if max(k_list) > n_heads_in[rng]:
-            raise ValueError(f"k={max(k_list)} exceeds the {n_heads_in[rng]} heads of layer range {rng!r}.")
-    if n_permutations < 1:
-        raise ValueError(f"n_permutations={n_permutations} must be >= 1.")
-    if "mean" in modes and means is None:
-        raise ValueError("mode 'mean' needs `means` (see headlab.attention.head_output_means).")
+# --------------------------------------------------------------------------------------------------
+# Choosing sets
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Pool:
+    """The components a set is chosen from (heads of a layer range, neurons of a layer) and their score.
+
+    Attributes:
+        units: ``(layer, index)`` of every component (index: head or neuron), sorted.
+        scores: one per unit; the top set is the ``k`` largest (ties: lower layer, then lower index;
+            NaN last).
+        stream: names the random draws: a random set depends only on ``(seed, stream, permutation, k)``,
+            so it is the same whatever the grid, the other ``k``, the chunking or the batch.
+        exclude_top: draw random sets from the units outside the top-``k`` set (else from all units,
+            the top set included: then the top set is one of the possible random draws).
+        letter: unit letter in set labels (``"H"``: ``L3H1``, ``"N"``: ``L3N1``).
+    """
+
+    units: tuple[tuple[int, int], ...]
+    scores: tuple[float, ...]
+    stream: str
+    exclude_top: bool = False
+    letter: str = "H"
+
+    def __post_init__(self) -> None:
+        if len(self.units) != len(self.scores):
+            raise ValueError(f"{len(self.units)} units but {len(self.scores)} scores.")
+        if list(self.units) != sorted(set(self.units)):
+            raise ValueError("units must be distinct and sorted by (layer, index).")
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def max_k(self, set_type: str) -> int:
+        """The largest set of ``set_type`` the pool can give."""
+        return len(self) // 2 if set_type == "random" and self.exclude_top else len(self)
+
+    def _top_units(self, k: int) -> list[tuple[int, int]]:
+        layer, index = np.array(self.units, dtype=np.int64).reshape(-1, 2).T
+        order = np.lexsort((index, layer, -np.asarray(self.scores, dtype=float)))  # NaN last
+        return [self.units[i] for i in order[:k]]
+
+    def choose(self, set_type: str, k: int, permutation: int = 0, seed: int = 0) -> Members:
+        """The set of ``set_type`` and size ``k`` (``permutation`` and ``seed`` key random draws only)."""
+        if set_type not in SET_TYPES:
+            raise ValueError(f"set_type={set_type!r}; choose one of {SET_TYPES}.")
+        if not 0 <= k <= self.max_k(set_type):
+            raise ValueError(f"k={k}: a {set_type} set of this pool ({len(self)} units) has "
+                             f"0..{self.max_k(set_type)} units.")
+        top = self._top_units(k)
+        if set_type == "top":
+            return by_layer(top)
+        excluded = set(top) if self.exclude_top else set()
+        candidates = [u for u in self.units if u not in excluded]
+        gen = torch.Generator().manual_seed(seed_for(seed, self.stream, permutation, k))
+        return by_layer(candidates[i] for i in torch.randperm(len(candidates), generator=gen)[:k].tolist())
+
+    def top(self, k: int) -> Members:
+        """The ``k`` highest-scoring units."""
+        return self.choose("top", k)
+
+    def random(self, k: int, permutation: int = 0, seed: int = 0) -> Members:
+        """``k`` units drawn uniformly without replacement, keyed by ``(seed, stream, permutation, k)``."""
+        return self.choose("random", k, permutation, seed)
+
+    def key(self) -> dict[str, Any]:
+        """What the pool's sets depend on (part of the shard keys)."""
+        return {"stream": self.stream, "exclude_top": self.exclude_top,
+                "units": config_hash({"u": self.units, "s": [round(float(s), 8) for s in self.scores]})}
 
 
-def induction_ablation_sweep(
-    lm: Any,
-    batch: Any,
-    scores: pd.DataFrame,
-    out_dir: str | Path,
-    *,
-    modes: Iterable[str] = ("zero",),
-    layer_ranges: Iterable[str] = ("full",),
-    head_types: Iterable[str] = HEAD_TYPES,
-    k_list: Iterable[int] = (0, 1, 5, 10),
-    n_permutations: int = 20,
-    max_heads: int = 50,
-    seed: int = 0,
-    means: dict | None = None,
-    batch_size: int = 8,
-    perm_chunk: int = 10,
-    progress: bool = True,
-) -> pd.DataFrame:
-    """Ablate the top-k induction heads or k random heads and score repeated random tokens.
-
-    Each grid point (mode, layer range, head type, k, chunk of ``perm_chunk`` permutations) is one
-    resumable shard. Per permutation the chosen heads (:func:`ablation_heads`) are ablated in one
-    batched pass over all rows of ``batch`` (:func:`headlab.perplexity.token_losses`); the induction
-    head set does not depend on the permutation, so it runs as permutation 0 only, and so does k = 0
-    (the clean model, computed once and shared by every k = 0 point).
+def head_pool(scores: pd.DataFrame, column: str, layers: str = "full") -> Pool:
+    """The heads of a layer range ranked by a per-head score; random heads are drawn from the whole
+    range (top heads included), keyed by ``(seed, permutation, k)``.
 
     Args:
-        lm: the model.
-        batch: :class:`headlab.induction.RepeatedTokens` to score (rows may have different lags).
-        scores: per-head ``layer, head, induction_score`` (ranks the induction heads).
+        scores: one row per head of the model with ``layer``, ``head`` and ``column``.
+        column: the score ranking the heads (largest first).
+        layers: one of :data:`LAYER_RANGES`.
+    """
+    missing = [c for c in ("layer", "head", column) if c not in scores.columns]
+    if missing:
+        raise ValueError(f"scores lack column(s) {missing}; they have {list(scores.columns)}.")
+    rng = layer_range(int(scores["layer"].max()) + 1, layers)
+    sel = scores[scores["layer"].isin(list(rng))].sort_values(["layer", "head"])
+    return Pool(tuple(zip(sel["layer"].astype(int), sel["head"].astype(int))),
+                tuple(sel[column].astype(float)), stream="random-heads", exclude_top=False, letter="H")
+
+
+def neuron_pools(stats: NeuronStats, layers: Iterable[int], by: str = "mean_abs") -> dict[int, Pool]:
+    """One pool per layer: its neurons ranked by ``by`` (a :meth:`~headlab.neurons.NeuronStats.frame`
+    column); random neurons are drawn from the layer's neurons *outside* the top-k set."""
+    frame = stats.frame()
+    allowed = [c for c in frame.columns if c not in ("layer", "neuron")]
+    if by not in allowed:
+        raise ValueError(f"by={by!r}; choose one of {allowed}.")
+    pools = {}
+    for layer in layers:
+        stats.slot(int(layer))  # raises for layers without statistics
+        sel = frame[frame["layer"] == layer].sort_values("neuron")
+        pools[int(layer)] = Pool(tuple((int(layer), int(n)) for n in sel["neuron"]),
+                                 tuple(sel[by].astype(float)),
+                                 stream=f"random-neurons/L{int(layer)}", exclude_top=True, letter="N")
+    return pools
+
+
+# --------------------------------------------------------------------------------------------------
+# Scorers: what one set does to the model's output, one value per item
+# --------------------------------------------------------------------------------------------------
+def repeated_tokens_scorer(lm: LoadedModel, batch: RepeatedTokens,
+                           means: Mapping[int, Float[Tensor, "H dh"]] | None = None,
+                           batch_size: int = 8) -> Scorer:
+    """Heads ablated, repeated random tokens scored: ``p_correct, loss_early, loss_late, icl`` per row
+    (:func:`headlab.induction.repeat_metrics` of :func:`headlab.perplexity.token_losses`)."""
+
+    def score(mode: str, heads: Members) -> dict[str, np.ndarray]:
+        nll = perplexity.token_losses(lm, batch.tokens, heads, mode, means, batch_size)
+        return {name: v.numpy() for name, v in repeat_metrics(batch, nll).items()}
+
+    return score
+
+
+def label_scorer(lm: LoadedModel, enc: EncodedPrompts, label_ids: Sequence[int],
+                 measures: Mapping[str, Callable[[Float[Tensor, "n labels"]], ArrayLike]],
+                 means: Mapping[int, Float[Tensor, "H dh"]] | None = None, batch_size: int = 16) -> Scorer:
+    """Heads ablated, prompts scored on label tokens (:func:`headlab.engine.label_logprobs`); each
+    measure turns the ``(n_prompts, n_labels)`` log-probabilities into one value per prompt."""
+    if not measures:
+        raise ValueError("measures is empty; give at least one name -> function of the log-probabilities.")
+
+    def score(mode: str, heads: Members) -> dict[str, np.ndarray]:
+        with ablate_heads(lm, heads, mode, means) if heads else nullcontext():
+            lp = engine.label_logprobs(lm, enc, list(label_ids), batch_size=batch_size)
+        return {name: np.asarray(fn(lp), dtype=float) for name, fn in measures.items()}
+
+    return score
+
+
+def text_loss_scorer(lm: LoadedModel, ids: Int[Tensor, "n s"], layers: Sequence[int],
+                     means: Mapping[int, Float[Tensor, " N"]] | None = None, batch_size: int = 8) -> Scorer:
+    """Neurons ablated, mean next-token ``loss`` (nats) of every row of ``ids``.
+
+    The first call runs the clean model once and keeps the residual stream entering each of ``layers``
+    (:func:`headlab.perplexity.losses_keeping_inputs`); an ablated set then recomputes from its lowest
+    layer only (:func:`headlab.perplexity.losses_from`), which must be one of ``layers``.
+    """
+    layers = sorted(int(x) for x in layers)
+    kept: dict[str, Any] = {}
+
+    def score(mode: str, chosen: Members) -> dict[str, np.ndarray]:
+        if not kept:
+            nll, kept["hidden"] = perplexity.losses_keeping_inputs(lm, ids, layers, batch_size)
+            kept["clean"] = nll.double().mean(1).numpy()
+        if not chosen:
+            return {"loss": kept["clean"]}
+        first = min(chosen)
+        if first not in layers:
+            raise ValueError(f"neurons of layer {first} ablated but only layers {layers} were kept.")
+        with ablate_neurons(lm, chosen, mode, means):
+            nll = perplexity.losses_from(lm, ids, first, kept["hidden"], batch_size)
+        return {"loss": nll.double().mean(1).numpy()}
+
+    return score
+
+
+# --------------------------------------------------------------------------------------------------
+# The generic sweep
+# --------------------------------------------------------------------------------------------------
+def _check_choices(name: str, values: list, allowed: Sequence) -> None:
+    bad = [v for v in values if v not in allowed]
+    if bad or not values:
+        raise ValueError(f"{name}(s) {bad or values} invalid; choose from {tuple(allowed)}.")
+
+
+def set_ablation_sweep(
+    score: Scorer,
+    pools: Mapping[Any, Pool],
+    out_dir: str | Path,
+    *,
+    key: Mapping[str, Any],
+    items: pd.DataFrame,
+    pool_column: str = "pool",
+    modes: Iterable[str] = ("zero",),
+    set_types: Iterable[str] = SET_TYPES,
+    k_list: Iterable[int] = (0, 5, 10),
+    n_random: int = 100,
+    seed: int = 0,
+    perm_chunk: int = 1,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Ablate the top-k or k random units of every pool and score each set; resumable.
+
+    Grid: mode x pool x set type x k x permutation (the top set, and k = 0, have permutation 0 only).
+    Each point, or chunk of ``perm_chunk`` random sets, is one shard; a rerun reads the shards already
+    saved, so a killed sweep resumes where it stopped and ends with the same table. The clean model
+    (k = 0) is scored once, lazily, and shared by every k = 0 row and every ``<value>_change``; a set
+    that recurs (the same top heads in two layer ranges) is scored once per call.
+
+    Args:
+        score: the :data:`Scorer` (e.g. :func:`repeated_tokens_scorer`, :func:`label_scorer`,
+            :func:`text_loss_scorer`).
+        pools: pool name -> :class:`Pool` (a layer range's heads, a layer's neurons).
         out_dir: shard folder.
-        modes: ``"zero"`` and/or ``"mean"`` (see :func:`headlab.interventions.ablate_heads`).
-        layer_ranges: entries of :data:`LAYER_RANGES`.
-        head_types: entries of :data:`HEAD_TYPES`.
-        k_list: numbers of heads to ablate (0 = no ablation), each ``<= max_heads``.
-        n_permutations: random head sets per k (seed 002 used 300).
-        max_heads: the largest k allowed (seed 002's ``--max_heads_abl``).
-        seed: keys the random head sets together with the permutation index and k.
-        means: ``{layer: (n_heads, head_dim)}`` reference means for ``"mean"``
-            (:func:`headlab.attention.head_output_means`).
-        batch_size: rows per forward pass (results do not depend on it).
-        perm_chunk: permutations per shard.
+        key: everything else the values depend on (model fingerprint, hashes of tokens, means): part
+            of every shard's key, so a change never reuses stale shards.
+        items: one row per scored item, ``len(items)`` = the length of every value array; its columns
+            (e.g. ``lag``) are copied into every set's rows.
+        pool_column: name of the pool column of the rows (``"layer_range"``, ``"layer"``).
+        modes: ``"zero"`` and/or ``"mean"``, passed to ``score``.
+        set_types: entries of :data:`SET_TYPES`.
+        k_list: set sizes (0: the clean model).
+        n_random: random sets per (mode, pool, k > 0); :func:`top_vs_random` says how many a band needs.
+        seed: keys the random sets (with the pool's stream, the permutation and k).
+        perm_chunk: random sets per shard.
 
     Returns:
-        One row per (mode, layer_range, head_type, k, permutation, sequence) with the sequence's
-        ``lag``, ``p_correct``, ``loss_early``, ``loss_late``, ``icl`` (see
-        :func:`headlab.induction.repeat_metrics`) and the ablated ``heads`` (``"L3H1 L5H2"``).
+        One row per (mode, pool, set_type, k, permutation, sequence) with ``mode``, ``pool_column``,
+        ``set_type``, ``k``, ``permutation``, ``sequence`` (item index), the item columns, every value,
+        ``<value>_change`` (value - clean value) and ``members`` (:func:`members_label`).
     """
-    modes, layer_ranges, head_types = list(modes), list(layer_ranges), list(head_types)
+    modes, set_types = list(modes), list(set_types)
+    _check_choices("mode", modes, ABLATION_MODES)
+    _check_choices("set type", set_types, SET_TYPES)
+    k_list = list(k_list)
+    bad_k = [k for k in k_list if int(k) != k or k < 0]
+    if bad_k or not k_list:
+        raise ValueError(f"k_list entries {bad_k or k_list} invalid; each k must be an integer >= 0.")
     k_list = sorted({int(k) for k in k_list})
-    n_in = {r: int(scores["layer"].isin(list(layer_range(lm.n_layers, r))).sum()) for r in LAYER_RANGES}
-    _check_ablation_grid(n_in, modes, layer_ranges, head_types, k_list, n_permutations, max_heads, means)
-    if perm_chunk < 1:
-        raise ValueError(f"perm_chunk={perm_chunk} must be >= 1.")
-    if len(scores) != lm.n_layers * lm.n_heads:
-        raise ValueError(f"scores has {len(scores)} rows; expected one per head "
-                         f"({lm.n_layers} layers x {lm.n_heads} heads).")
-    ranking = scores.sort_values(["layer", "head"])["induction_score"].round(6).tolist()
-    base = {"model": lm.fingerprint or lm.spec, "seed": seed,
-            "tokens": config_hash({"t": batch.tokens.tolist(), "lags": batch.lags.tolist()}),
-            "scores": config_hash({"s": ranking})}
-    if means is not None and "mean" in modes:
-        base["means"] = config_hash({"m": [means[layer].double().round(decimals=6).tolist()
-                                           for layer in sorted(means)]})
-    store = ShardStore(out_dir, base)
-    points = []
-    for mode in modes:
-        for rng in layer_ranges:
-            for ht in head_types:
-                for k in k_list:
-                    n_perm = 1 if ht == "induction" or k == 0 else n_permutations
-                    for a in range(0, n_perm, perm_chunk):
-                        points.append({"mode": mode, "layer_range": rng, "head_type": ht, "k": k,
-                                       "perm_start": a, "perm_stop": min(n_perm, a + perm_chunk)})
-    memo: dict[tuple, Any] = {}
+    if not pools:
+        raise ValueError("pools is empty.")
+    for name, pool in pools.items():
+        for st in set_types:
+            if max(k_list) > pool.max_k(st):
+                raise ValueError(f"k={max(k_list)} exceeds the largest {st} set ({pool.max_k(st)}) of "
+                                 f"{pool_column} {name!r} ({len(pool)} units).")
+    if n_random < 1 or perm_chunk < 1:
+        raise ValueError(f"n_random={n_random} and perm_chunk={perm_chunk} must be >= 1.")
+    if pool_column in _ROW_COLUMNS or pool_column in items.columns:
+        raise ValueError(f"pool_column={pool_column!r} clashes with a row or item column.")
+    store = ShardStore(out_dir, {**key, "seed": seed, "pools": {str(n): p.key() for n, p in pools.items()}})
+    points = [{"mode": m, pool_column: name, "set_type": st, "k": k, "perm_start": a,
+               "perm_stop": min(n_sets, a + perm_chunk)}
+              for m in modes for name in pools for st in set_types for k in k_list
+              for n_sets in [1 if st == "top" or k == 0 else n_random] for a in range(0, n_sets, perm_chunk)]
+    memo: dict[tuple[str, str], dict[str, np.ndarray]] = {}
 
-    def losses(mode: str, heads: dict[int, list[int]]) -> Any:
-        key = (mode if heads else "clean", _heads_label(heads))
-        if key not in memo:
-            memo[key] = perplexity.token_losses(lm, batch.tokens, heads, mode, means, batch_size)
-        return memo[key]
+    def scored(mode: str, members: Members) -> dict[str, np.ndarray]:
+        memo_key = (mode if members else "clean", members_label(members))
+        if memo_key not in memo:
+            values = {name: np.asarray(v) for name, v in score(mode, members).items()}
+            bad = {n: v.shape for n, v in values.items() if v.shape != (len(items),)}
+            clash = set(values) & ({*_ROW_COLUMNS, pool_column, *items.columns})
+            if not values or bad or clash:
+                raise ValueError(f"score returned {bad or clash or 'nothing'}; it must return "
+                                 f"{{name: ({len(items)},) array}} with names unlike the row columns.")
+            memo[memo_key] = values
+        return memo[memo_key]
 
     def compute(point: dict[str, Any]) -> dict[str, pd.DataFrame]:
+        pool, clean = pools[point[pool_column]], scored(point["mode"], {})
         frames = []
         for perm in range(point["perm_start"], point["perm_stop"]):
-            heads = ablation_heads(scores, point["layer_range"], point["head_type"], point["k"], perm, seed)
-            m = repeat_metrics(batch, losses(point["mode"], heads))
+            members = pool.choose(point["set_type"], point["k"], perm, seed)
+            values = scored(point["mode"], members)
             frames.append(pd.DataFrame({
-                "model": lm.spec, "mode": point["mode"], "layer_range": point["layer_range"],
-                "head_type": point["head_type"], "k": point["k"], "permutation": perm,
-                "sequence": np.arange(len(batch)), "lag": batch.lags.numpy(),
-                **{name: v.numpy() for name, v in m.items()}, "heads": _heads_label(heads)}))
+                "mode": point["mode"], pool_column: point[pool_column], "set_type": point["set_type"],
+                "k": point["k"], "permutation": perm, "sequence": np.arange(len(items)),
+                **{c: items[c].to_numpy() for c in items.columns}, **values,
+                **{f"{n}_change": v - clean[n] for n, v in values.items()},
+                "members": members_label(members, pool.letter)}))
         return {"rows": pd.concat(frames, ignore_index=True)}
 
     return run_grid(points, compute, store, progress=progress)["rows"]
 
 
-def ablation_summary(rows: pd.DataFrame, value: str,
-                     by: Iterable[str] = ("mode", "layer_range", "head_type", "k"),
+# --------------------------------------------------------------------------------------------------
+# The three chapters' sweeps
+# --------------------------------------------------------------------------------------------------
+def _head_pools(lm: LoadedModel, scores: pd.DataFrame, column: str, layer_ranges: Iterable[str],
+                modes: Iterable[str], means: Mapping | None) -> dict[str, Pool]:
+    if len(scores) != lm.n_layers * lm.n_heads:
+        raise ValueError(f"scores has {len(scores)} rows; expected one per head "
+                         f"({lm.n_layers} layers x {lm.n_heads} heads).")
+    if "mean" in modes and means is None:
+        raise ValueError("mode 'mean' needs `means` (see headlab.attention.head_output_means).")
+    return {r: head_pool(scores, column, r) for r in layer_ranges}
+
+
+def _model_key(lm: LoadedModel, means: Mapping[int, Tensor] | None, modes: Iterable[str]) -> dict[str, Any]:
+    key: dict[str, Any] = {"model": lm.fingerprint or lm.spec}
+    if means is not None and "mean" in modes:
+        key["means"] = config_hash({"m": [means[layer].double().round(decimals=6).tolist()
+                                          for layer in sorted(means)]})
+    return key
+
+
+def induction_ablation_sweep(
+    lm: LoadedModel,
+    batch: RepeatedTokens,
+    scores: pd.DataFrame,
+    out_dir: str | Path,
+    *,
+    modes: Iterable[str] = ("zero",),
+    layer_ranges: Iterable[str] = ("full",),
+    set_types: Iterable[str] = SET_TYPES,
+    k_list: Iterable[int] = (0, 1, 5, 10),
+    n_random: int = 100,
+    max_heads: int = 50,
+    seed: int = 0,
+    means: Mapping[int, Float[Tensor, "H dh"]] | None = None,
+    batch_size: int = 8,
+    perm_chunk: int = 10,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Chapter 03: the top-k induction heads or k random heads ablated, repeated random tokens scored.
+
+    :func:`set_ablation_sweep` over one :func:`head_pool` per layer range (ranked by
+    ``induction_score``) with :func:`repeated_tokens_scorer`: each set is ablated in one batched pass
+    over all rows of ``batch``.
+
+    Args:
+        batch: the rows to score (they may have different lags).
+        scores: per-head ``layer, head, induction_score`` (:func:`headlab.attention.scores_frame`).
+        layer_ranges: entries of :data:`LAYER_RANGES`.
+        max_heads: the largest k allowed (seed 002's ``--max_heads_abl``).
+        means: ``{layer: (n_heads, head_dim)}`` for ``"mean"`` (:func:`headlab.attention.head_output_means`).
+        batch_size: rows per forward pass (results do not depend on it).
+        Others: as in :func:`set_ablation_sweep` (seed 002 used 300 random sets).
+
+    Returns:
+        :func:`set_ablation_sweep` rows with ``model``, ``layer_range``, the row's ``lag`` and
+        ``p_correct, loss_early, loss_late, icl`` (:func:`headlab.induction.repeat_metrics`) with changes.
+    """
+    k_list, modes = list(k_list), list(modes)
+    if [k for k in k_list if k > max_heads]:
+        raise ValueError(f"k_list {k_list} has entries above max_heads={max_heads}.")
+    pools = _head_pools(lm, scores, "induction_score", layer_ranges, modes, means)
+    key = {**_model_key(lm, means, modes),
+           "tokens": config_hash({"t": batch.tokens.tolist(), "lags": batch.lags.tolist()})}
+    rows = set_ablation_sweep(repeated_tokens_scorer(lm, batch, means, batch_size), pools, out_dir, key=key,
+                              items=pd.DataFrame({"lag": batch.lags.numpy()}), pool_column="layer_range",
+                              modes=modes, set_types=set_types, k_list=k_list, n_random=n_random, seed=seed,
+                              perm_chunk=perm_chunk, progress=progress)
+    return rows.assign(model=lm.spec)[["model", *rows.columns]]
+
+
+def ranked_ablation_sweep(
+    lm: LoadedModel,
+    enc: EncodedPrompts,
+    label_ids: Sequence[int],
+    scores: pd.DataFrame,
+    column: str,
+    measures: Mapping[str, Callable[[Float[Tensor, "n labels"]], ArrayLike]],
+    out_dir: str | Path,
+    *,
+    modes: Iterable[str] = ("zero",),
+    layer_ranges: Iterable[str] = ("full",),
+    set_types: Iterable[str] = SET_TYPES,
+    k_list: Iterable[int] = (0, 5, 10),
+    n_random: int = 100,
+    seed: int = 0,
+    means: Mapping[int, Float[Tensor, "H dh"]] | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Chapter 05: the top-k heads of a per-head score or k random heads ablated, prompts scored on
+    label tokens.
+
+    :func:`set_ablation_sweep` over :func:`head_pool` (ranked by ``column``) with :func:`label_scorer`.
+
+    Args:
+        enc: prompts (:func:`headlab.engine.encode_prompts`).
+        label_ids: label token ids scored at the last position of every prompt.
+        scores: one row per head with ``layer``, ``head`` and ``column`` (largest first).
+        measures: name -> function of the ``(n_prompts, n_labels)`` log-probabilities returning
+            ``(n_prompts,)`` values (e.g. a log-probability difference between two labels).
+        Others: as in :func:`induction_ablation_sweep`.
+
+    Returns:
+        :func:`set_ablation_sweep` rows (``sequence`` = prompt) with ``model``, ``layer_range``, each
+        measure and its change ``<measure>_change``.
+    """
+    modes = list(modes)
+    pools = _head_pools(lm, scores, column, layer_ranges, modes, means)
+    key = {**_model_key(lm, means, modes), "labels": list(label_ids), "measures": sorted(measures),
+           "prompts": config_hash({"q": [q.tolist() for q in enc.queries], "p": enc.prefix.tolist()})}
+    rows = set_ablation_sweep(label_scorer(lm, enc, label_ids, measures, means, batch_size), pools, out_dir,
+                              key=key, items=pd.DataFrame(index=range(len(enc))), pool_column="layer_range",
+                              modes=modes, set_types=set_types, k_list=k_list, n_random=n_random, seed=seed,
+                              progress=progress)
+    return rows.assign(model=lm.spec)[["model", *rows.columns]]
+
+
+def neuron_ablation_sweep(
+    lm: LoadedModel,
+    ids: Int[Tensor, "n s"],
+    stats: NeuronStats,
+    out_dir: str | Path,
+    *,
+    layers: Iterable[int],
+    k_list: Iterable[int] = (16, 64),
+    modes: Iterable[str] = ("zero", "mean"),
+    set_types: Iterable[str] = SET_TYPES,
+    n_random: int = 100,
+    by: str = "mean_abs",
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Chapter 06: a layer's top-k neurons or k random other neurons ablated, next-token loss on text.
+
+    :func:`set_ablation_sweep` over :func:`neuron_pools` with :func:`text_loss_scorer`, one layer at a
+    time. Mean ablation uses ``stats.means()``: the statistics must come from a corpus *disjoint* from
+    ``ids``.
+
+    Args:
+        ids: ``(n, s)`` held-out token rows.
+        stats: :class:`headlab.neurons.NeuronStats` of the reference corpus (ranks neurons, gives means).
+        layers: layers whose neurons are ablated (one layer at a time).
+        k_list: neurons ablated at once, each at most half the layer (random sets avoid the top set).
+        by: ranking of the top set (a :meth:`~headlab.neurons.NeuronStats.frame` column).
+        batch_size: rows per forward pass (results do not depend on it).
+        Others: as in :func:`set_ablation_sweep`.
+
+    Returns:
+        :func:`set_ablation_sweep` rows with ``model``, ``layer``, the row's mean next-token ``loss``
+        (nats) and ``loss_change`` (loss - clean loss).
+    """
+    layers, modes = [int(x) for x in layers], list(modes)
+    pools = neuron_pools(stats, layers, by)
+    key = {"model": lm.fingerprint or lm.spec, "by": by, "tokens": config_hash({"t": ids.tolist()}),
+           "stats": config_hash({"n": stats.count, "m": stats.mean.double().round(decimals=5).tolist()})}
+    rows = set_ablation_sweep(text_loss_scorer(lm, ids, layers, stats.means(), batch_size), pools, out_dir,
+                              key=key, items=pd.DataFrame(index=range(len(ids))), pool_column="layer",
+                              modes=modes, set_types=set_types, k_list=k_list, n_random=n_random, seed=seed,
+                              progress=progress)
+    return rows.assign(model=lm.spec)[["model", *rows.columns]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Summaries: curves, and the top set against the random sets
+# --------------------------------------------------------------------------------------------------
+def ablation_summary(rows: pd.DataFrame, value: str, by: Iterable[str] = ("mode", "set_type", "k"),
                      n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Mean of ``value`` per group of :func:`induction_ablation_sweep` rows with a 95% interval.
+    """Mean of ``value`` per group of sweep rows with a 95% interval (the curves of the chapters).
 
     Within a group the values form a (permutation x sequence) matrix; the interval resamples random
-    head sets and sequences independently (:func:`headlab.metrics.bootstrap_two_way`), so for random
-    heads it covers both the choice of heads and the choice of sequences, for the single induction
-    set the sequences only.
+    sets and sequences independently (:func:`headlab.metrics.bootstrap_two_way`), so for random sets
+    it covers both the choice of units and the choice of sequences, for the single top set the
+    sequences only.
 
     Returns:
         One row per group: the ``by`` columns, ``value``, ``low``, ``high``, ``n_permutations``,
@@ -231,229 +562,132 @@ def ablation_summary(rows: pd.DataFrame, value: str,
     return pd.DataFrame(out)
 
 
-def induction_vs_random(rows: pd.DataFrame, value: str) -> pd.DataFrame:
-    """Top-k induction heads against the distribution of k random heads, per (mode, layer range, k > 0).
+def random_sets_needed(level: float = 0.95) -> int:
+    """Fewest random sets whose spread can be a central ``level`` band: 39 for 95%.
+
+    The lowest and highest of ``n`` random sets bracket one more random set with probability
+    ``(n - 1) / (n + 1)`` (5 sets: 67%, 8 sets: 78%), so a 95% band needs ``n >= 39``; quantiles of
+    fewer sets interpolate inside their range and cover less than they claim.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level={level} must be in (0, 1).")
+    return math.ceil(round((1 + level) / (1 - level), 9))
+
+
+def compare_to_random(top: float, random: ArrayLike, alternative: str = "two-sided", level: float = 0.95,
+                      strict: bool = False) -> dict[str, Any]:
+    """One value of the top set against the same value of ``n`` random sets: a permutation test.
+
+    Null hypothesis: the top set is one more random set. ``p_value = (1 + #{random sets at least as
+    extreme as the top set}) / (n + 1)``, so its resolution and smallest value is ``1 / (n + 1)``
+    (``p_resolution``): 99 random sets resolve p = 0.01, 5 sets cannot go below 0.17. "At least as
+    extreme": ``"less"``: random <= top; ``"greater"``: random >= top; ``"two-sided"``: |random| >=
+    |top| (for changes from the clean model: moved at least as far, either way).
+
+    The band ``random_low`` .. ``random_high`` (described in ``band``): the central ``level``
+    quantiles of the random values when ``n >=`` :func:`random_sets_needed` (39 for 95%; use >= 100
+    for a stable band and p resolution 0.01). With fewer sets no ``level`` band exists: the band is
+    their min-max range, ``band`` states its real coverage ``(n - 1) / (n + 1)``, and a warning is
+    issued (``strict=True``: ValueError instead).
+
+    The ``verdict`` follows from the test at alpha = ``1 - level``: e.g. "top set lower than random
+    (p = 0.01, 99 random sets)", "not distinguishable from random (p = 0.42, 99 random sets)", or
+    "too few random sets to test ..." when even the most extreme outcome cannot reach alpha
+    (``1 / (n + 1) > alpha``: fewer than 19 sets for alpha = 0.05).
 
     Returns:
-        Columns ``mode, layer_range, k``, ``induction`` (mean over sequences), ``random`` (mean over
-        permutations of the per-permutation mean), ``random_p2.5`` / ``random_p97.5`` (spread of the
-        per-permutation means), ``difference`` (induction - random) and ``frac_random_below``: the
-        share of random head sets whose mean ``value`` is below the induction set's.
+        ``top, random_mean, random_low, random_high, band, difference`` (top - random_mean),
+        ``p_value, p_resolution, n_random_sets, verdict``.
     """
-    per_perm = (rows[rows["k"] > 0].groupby(["mode", "layer_range", "head_type", "k", "permutation"])[value]
-                .mean().reset_index())
+    r = np.asarray(random, dtype=float).reshape(-1)
+    r = r[np.isfinite(r)]
+    n = len(r)
+    if alternative not in ALTERNATIVES:
+        raise ValueError(f"alternative={alternative!r}; choose one of {ALTERNATIVES}.")
+    if n == 0:
+        raise ValueError("no finite random-set values to compare with.")
+    needed, alpha = random_sets_needed(level), 1 - level
+    tol = 1e-12 * max(1.0, abs(top))
+    extreme = {"less": r <= top + tol, "greater": r >= top - tol,
+               "two-sided": np.abs(r) >= abs(top) - tol}[alternative]
+    p = (1 + int(extreme.sum())) / (n + 1)
+    if n >= needed:
+        low, high = np.quantile(r, [(1 - level) / 2, (1 + level) / 2])
+        band = f"central {level:.0%} of {n} random sets"
+    else:
+        msg = (f"{n} random sets cannot give a {level:.0%} band (their range covers about "
+               f"{(n - 1) / (n + 1):.0%} of random sets); use at least {needed}, better 100")
+        if strict:
+            raise ValueError(msg + ".")
+        warnings.warn(msg + "; reporting their min-max range instead.", UserWarning, stacklevel=2)
+        low, high = r.min(), r.max()
+        band = f"range of {n} random sets (covers ~{(n - 1) / (n + 1):.0%}, not {level:.0%})"
+    direction = {"less": "lower than", "greater": "higher than",
+                 "two-sided": "larger in size than"}[alternative]
+    tested = f"p = {p:.2g}, {n} random sets"
+    if 1 / (n + 1) > alpha:
+        verdict = (f"too few random sets to test: with {n} the smallest possible p is {1 / (n + 1):.2g} > "
+                   f"{alpha:.2g} (need at least {math.ceil(round(1 / alpha - 1, 9))})")
+    elif p <= alpha:
+        verdict = f"top set {direction} random ({tested})"
+    else:
+        verdict = f"not distinguishable from random ({tested})"
+    return {"top": float(top), "random_mean": float(r.mean()), "random_low": float(low),
+            "random_high": float(high), "band": band, "difference": float(top - r.mean()), "p_value": p,
+            "p_resolution": 1 / (n + 1), "n_random_sets": n, "verdict": verdict}
+
+
+def top_vs_random(rows: pd.DataFrame, values: Mapping[str, str], by: Sequence[str] = ("mode", "k"), *,
+                  level: float = 0.95, strict: bool = False, n_boot: int = 1000,
+                  seed: int = 0) -> pd.DataFrame:
+    """The top set against the random sets of the same size, for chapters 03, 05 and 06 alike.
+
+    Per group of ``by`` (rows with ``k = 0`` left out: both are the clean model) every set is reduced
+    to its mean over the items, and the top set's mean is tested against the random sets' means by
+    :func:`compare_to_random` (p-value with resolution ``1 / (n + 1)``, band, verdict; a warning, or
+    with ``strict`` an error, when fewer than :func:`random_sets_needed` sets (39 for 95%) are asked
+    to give a band). Groups without a top set or without random sets are left out.
+
+    Args:
+        rows: sweep rows (:func:`set_ablation_sweep`) with ``by``, ``set_type``, ``permutation``,
+            ``sequence`` and the value columns.
+        values: value column -> alternative (:data:`ALTERNATIVES`), e.g. ``{"p_correct": "less"}``.
+        by: the columns of one comparison, e.g. ``("mode", "layer_range", "k")``.
+        level: band coverage and ``1 - level`` = the test's alpha.
+        n_boot, seed: bootstrap over items of the top set's interval.
+
+    Returns:
+        One row per (group, value): the ``by`` columns, ``measure`` (the value column), ``alternative``,
+        ``top`` (top set's mean over items), ``top_low``/``top_high`` (its ``level`` bootstrap interval
+        over items), ``random_mean``, ``random_low``, ``random_high``, ``band``, ``difference``,
+        ``p_value``, ``p_resolution``, ``n_random_sets``, ``n_items``, ``verdict``.
+    """
+    by = list(by)
+    missing = [c for c in [*by, "set_type", "permutation", "sequence", *values] if c not in rows.columns]
+    if missing:
+        raise ValueError(f"rows lack column(s) {missing}; they have {list(rows.columns)}.")
+    for alternative in values.values():
+        if alternative not in ALTERNATIVES:
+            raise ValueError(f"alternative={alternative!r}; choose one of {ALTERNATIVES}.")
+    rows = rows[rows["k"] > 0] if "k" in rows.columns else rows
     out = []
-    for (mode, rng, k), g in per_perm.groupby(["mode", "layer_range", "k"], sort=True):
-        ind = g.loc[g["head_type"] == "induction", value]
-        rnd = g.loc[g["head_type"] == "random", value].to_numpy()
-        if ind.empty or len(rnd) == 0:
+    for key, g in rows.groupby(by, sort=True):
+        top_rows, rnd_rows = g[g["set_type"] == "top"], g[g["set_type"] == "random"]
+        if top_rows.empty or rnd_rows.empty:
             continue
-        iv = float(ind.iloc[0])
-        out.append({"mode": mode, "layer_range": rng, "k": k, "induction": iv, "random": float(rnd.mean()),
-                    "random_p2.5": float(np.quantile(rnd, 0.025)),
-                    "random_p97.5": float(np.quantile(rnd, 0.975)),
-                    "difference": iv - float(rnd.mean()), "frac_random_below": float((rnd < iv).mean()),
-                    "n_permutations": len(rnd)})
-    return pd.DataFrame(out)
-
-
-def top_heads(scores: pd.DataFrame, column: str, k: int) -> dict[int, list[int]]:
-    """The ``k`` heads with the largest ``column`` (ties: lower layer, then lower head) as
-    ``{layer: sorted heads}`` for :func:`headlab.interventions.ablate_heads`."""
-    if column not in scores.columns:
-        raise ValueError(f"column {column!r} not in the scores; they have {list(scores.columns)}.")
-    if not 0 <= k <= len(scores):
-        raise ValueError(f"k={k} must be between 0 and the {len(scores)} heads of the table.")
-    chosen = scores.sort_values([column, "layer", "head"], ascending=[False, True, True], kind="stable").head(k)
-    out: dict[int, list[int]] = {}
-    for layer, head in sorted(zip(chosen["layer"].astype(int), chosen["head"].astype(int))):
-        out.setdefault(layer, []).append(head)
-    return out
-
-
-def ranked_ablation_sweep(
-    lm: Any,
-    enc: Any,
-    label_ids: list[int],
-    scores: pd.DataFrame,
-    column: str,
-    measures: dict[str, Callable[[Any], Any]],
-    out_dir: str | Path,
-    *,
-    modes: Iterable[str] = ("zero",),
-    k_list: Iterable[int] = (0, 5, 10),
-    n_permutations: int = 10,
-    seed: int = 0,
-    means: dict | None = None,
-    batch_size: int = 16,
-    progress: bool = True,
-) -> pd.DataFrame:
-    """Ablate the top-k heads of a per-head score, or k random heads, and score prompts on label tokens.
-
-    Per (mode, head type, k, permutation) the chosen heads are ablated together
-    (:func:`headlab.interventions.ablate_heads`) while :func:`headlab.engine.label_logprobs` scores
-    every prompt; each measure turns the ``(n_prompts, n_labels)`` log-probabilities into one value
-    per prompt. ``"top"`` heads are :func:`top_heads` of ``column`` (one set, permutation 0);
-    ``"random"`` heads are drawn uniformly from all heads by :func:`ablation_heads` (a new set per
-    permutation, keyed by ``(seed, permutation, k)``). ``k = 0`` is the clean model. Each setting is a
-    resumable shard.
-
-    Args:
-        lm: the model.
-        enc: prompts (:func:`headlab.engine.encode_prompts`).
-        label_ids: label token ids scored at the last position of every prompt.
-        scores: one row per head with ``layer``, ``head`` and ``column``.
-        column: the score ranking the heads (largest first).
-        measures: name -> function of the ``(n_prompts, n_labels)`` log-probability tensor returning
-            ``(n_prompts,)`` values (e.g. a log-probability difference between two labels).
-        out_dir: shard folder.
-        modes: ``"zero"`` and/or ``"mean"`` (``means`` needed, see
-            :func:`headlab.attention.head_output_means`).
-        k_list: numbers of heads to ablate.
-        n_permutations: random head sets per k.
-
-    Returns:
-        One row per (mode, head_type, k, permutation, sequence = prompt) with each measure, its change
-        from the clean model (``<measure>_change``) and the ablated ``heads``.
-    """
-    modes, k_list = list(modes), sorted({int(k) for k in k_list})
-    n_heads_total = lm.n_layers * lm.n_heads
-    if len(scores) != n_heads_total:
-        raise ValueError(f"scores has {len(scores)} rows; expected one per head ({n_heads_total}).")
-    bad = [m for m in modes if m not in ABLATION_MODES]
-    if bad or not modes:
-        raise ValueError(f"mode(s) {bad or modes} invalid; choose from {ABLATION_MODES}.")
-    bad_k = [k for k in k_list if not 0 <= k <= n_heads_total]
-    if bad_k or not k_list:
-        raise ValueError(f"k_list entries {bad_k or k_list} invalid; each must be in 0..{n_heads_total}.")
-    if n_permutations < 1:
-        raise ValueError(f"n_permutations={n_permutations} must be >= 1.")
-    if "mean" in modes and means is None:
-        raise ValueError("mode 'mean' needs `means` (see headlab.attention.head_output_means).")
-    if not measures:
-        raise ValueError("measures is empty; give at least one name -> function of the log-probabilities.")
-    ranking = scores.sort_values(["layer", "head"])[column].round(8).tolist()
-    base = {"model": lm.fingerprint or lm.spec, "seed": seed, "labels": list(label_ids),
-            "prompts": config_hash({"q": [q.tolist() for q in enc.queries], "p": enc.prefix.tolist()}),
-            "scores": config_hash({"s": ranking}), "measures": sorted(measures)}
-    if means is not None and "mean" in modes:
-        base["means"] = config_hash({"m": [means[layer].double().round(decimals=6).tolist() for layer in sorted(means)]})
-    store = ShardStore(out_dir, base)
-    clean_lp = engine.label_logprobs(lm, enc, label_ids, batch_size=batch_size)
-    clean = {name: np.asarray(fn(clean_lp), dtype=float) for name, fn in measures.items()}
-    points = [{"mode": mode, "head_type": ht, "k": k, "permutation": perm}
-              for mode in modes for ht in ("top", "random") for k in k_list
-              for perm in range(1 if ht == "top" or k == 0 else n_permutations)]
-
-    def compute(point: dict[str, Any]) -> dict[str, pd.DataFrame]:
-        if point["head_type"] == "top":
-            heads = top_heads(scores, column, point["k"])
-        else:
-            heads = ablation_heads(scores, "full", "random", point["k"],
-                                   point["permutation"], seed)
-        if heads:
-            with ablate_heads(lm, heads, point["mode"], means):
-                lp = engine.label_logprobs(lm, enc, label_ids, batch_size=batch_size)
-        else:
-            lp = clean_lp
-        frame = pd.DataFrame({**point, "model": lm.spec, "sequence": np.arange(len(enc)),
-                              "heads": _heads_label(heads)})
-        for name, fn in measures.items():
-            v = np.asarray(fn(lp), dtype=float)
-            frame[name] = v
-            frame[f"{name}_change"] = v - clean[name]
-        return {"rows": frame}
-
-    return run_grid(points, compute, store, progress=progress)["rows"]
-
-
-NEURON_SET_KINDS = ("top", "random")
-
-
-def neuron_ablation_sets(stats: Any, layer: int, k: int, kind: str, permutation: int = 0, seed: int = 0,
-                         by: str = "mean_abs") -> list[int]:
-    """The neurons ablated for one grid point: layer ``layer``'s ``k`` neurons with the largest ``by``
-    (``kind="top"``), or ``k`` neurons drawn uniformly from the layer's *other* neurons
-    (``kind="random"``; the draw depends on ``seed, layer, k, permutation``)."""
-    if kind not in NEURON_SET_KINDS:
-        raise ValueError(f"kind={kind!r}; choose one of {NEURON_SET_KINDS}.")
-    top = neurons.top_neurons(stats, by, k)
-    top = sorted(int(n) for n in top.loc[top["layer"] == layer, "neuron"])
-    if kind == "top":
-        return top
-    return neurons.random_neurons(stats.d_mlp, k, seed, layer, permutation, exclude=top)
-
-
-def neuron_ablation_sweep(
-    lm: Any,
-    ids: Any,
-    stats: Any,
-    out_dir: str | Path,
-    *,
-    layers: Iterable[int],
-    k_list: Iterable[int] = (16, 64),
-    modes: Iterable[str] = ("zero", "mean"),
-    n_permutations: int = 3,
-    by: str = "mean_abs",
-    seed: int = 0,
-    batch_size: int = 8,
-    progress: bool = True,
-) -> pd.DataFrame:
-    """Next-token loss on held-out rows with a layer's top-k neurons or k random neurons ablated.
-
-    Each (mode, layer, k, kind, permutation) is one resumable shard; the top set does not depend on
-    the permutation and runs once. Mean ablation uses ``stats.means()``: the statistics must come
-    from a corpus *disjoint* from ``ids``.
-
-    Args:
-        lm: the model.
-        ids: ``(n, s)`` held-out token rows.
-        stats: :class:`headlab.neurons.NeuronStats` over the reference corpus (ranks neurons, gives means).
-        out_dir: shard folder.
-        layers: layers whose neurons are ablated (one layer at a time).
-        k_list: numbers of neurons ablated at once (each >= 1).
-        modes: ``"zero"`` and/or ``"mean"``.
-        n_permutations: random sets per (layer, k).
-        by: ranking of the top set (a :meth:`~headlab.neurons.NeuronStats.frame` column).
-        seed: keys the random sets.
-        batch_size: rows per forward pass (results do not depend on it).
-
-    Returns:
-        One row per (mode, layer, k, kind, permutation, sequence): mean next-token ``loss`` of the row,
-        its ``clean_loss`` and ``delta`` = loss - clean_loss (nats), and the ablated ``neurons``.
-    """
-    layers, k_list, modes = [int(x) for x in layers], sorted({int(k) for k in k_list}), list(modes)
-    bad_modes = [m for m in modes if m not in ABLATION_MODES]
-    if bad_modes:
-        raise ValueError(f"modes {bad_modes} not allowed; choose from {ABLATION_MODES}.")
-    bad_k = [k for k in k_list if not 1 <= k <= stats.d_mlp // 2]
-    if bad_k:
-        raise ValueError(f"k_list entries {bad_k} out of range 1..{stats.d_mlp // 2} (half the layer, so that "
-                         "random sets can avoid the top set).")
-    for layer in layers:
-        stats.slot(layer)  # raises for layers without statistics
-    if n_permutations < 1:
-        raise ValueError(f"n_permutations={n_permutations} must be >= 1.")
-    means = stats.means()
-    base = {"model": lm.fingerprint or lm.spec, "seed": seed, "by": by,
-            "tokens": config_hash({"t": ids.tolist()}),
-            "stats": config_hash({"n": stats.count, "m": stats.mean.double().round(decimals=5).tolist()})}
-    store = ShardStore(out_dir, base)
-    points = [{"mode": m, "layer": layer, "k": k, "kind": kind, "permutation": p}
-              for m in modes for layer in layers for k in k_list for kind in NEURON_SET_KINDS
-              for p in range(1 if kind == "top" else n_permutations)]
-    clean: dict[str, Any] = {}
-
-    def compute(point: dict[str, Any]) -> dict[str, pd.DataFrame]:
-        if "loss" not in clean:  # the clean pass also keeps the input of every ablated layer
-            nll, clean["hidden"] = perplexity.losses_keeping_inputs(lm, ids, layers, batch_size)
-            clean["loss"] = nll.double().mean(1).numpy()
-        chosen = neuron_ablation_sets(stats, point["layer"], point["k"], point["kind"], point["permutation"],
-                                      seed, by)
-        with ablate_neurons(lm, {point["layer"]: chosen}, point["mode"], means):
-            loss = perplexity.losses_from(lm, ids, point["layer"], clean["hidden"], batch_size).double().mean(1).numpy()
-        return {"rows": pd.DataFrame({
-            "model": lm.spec, **point, "sequence": np.arange(len(ids)), "loss": loss,
-            "clean_loss": clean["loss"], "delta": loss - clean["loss"], "neurons": " ".join(map(str, chosen))})}
-
-    return run_grid(points, compute, store, progress=progress)["rows"]
+        if top_rows["permutation"].nunique() != 1:
+            raise ValueError(f"group {key} has {top_rows['permutation'].nunique()} top sets; "
+                             "add the missing columns to `by`.")
+        top_rows = top_rows.sort_values("sequence")
+        for measure, alternative in values.items():
+            ci = metrics.bootstrap_two_way(top_rows[measure].to_numpy()[None, :], n_boot=n_boot, level=level,
+                                           seed=seed)  # (1 set, items): resamples items
+            per_set = rnd_rows.groupby("permutation")[measure].mean()
+            out.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "measure": measure,
+                        "alternative": alternative,
+                        **compare_to_random(ci.value, per_set.to_numpy(), alternative, level, strict),
+                        "top_low": ci.low, "top_high": ci.high, "n_items": len(top_rows)})
+    columns = [*by, "measure", "alternative", "top", "top_low", "top_high", "random_mean", "random_low",
+               "random_high", "band", "difference", "p_value", "p_resolution", "n_random_sets", "n_items",
+               "verdict"]
+    return pd.DataFrame(out, columns=columns)

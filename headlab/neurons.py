@@ -39,7 +39,6 @@ __all__ = [
     "neuron_stats",
     "output_weights",
     "promoted_tokens",
-    "random_neurons",
     "snippet_activations",
     "top_examples",
     "top_neurons",
@@ -392,14 +391,3 @@ def promoted_tokens(lm: LoadedModel, layer: int, neuron: int, k: int = 10) -> pd
             rows.append({"direction": direction, "rank": r, "token": lm.tokenizer.decode([i]), "token_id": i,
                          "logit": v if direction == "promoted" else -v})
     return pd.DataFrame(rows)
-
-
-def random_neurons(d_mlp: int, k: int, seed: int, layer: int, draw: int,
-                   exclude: Sequence[int] = ()) -> list[int]:
-    """``k`` distinct neurons drawn uniformly from ``0..d_mlp-1`` minus ``exclude``; the draw depends
-    only on ``(seed, layer, k, draw)``."""
-    pool = np.setdiff1d(np.arange(d_mlp), np.asarray(list(exclude), dtype=int))
-    if k > len(pool):
-        raise ValueError(f"k={k} random neurons requested but only {len(pool)} are available.")
-    rng = np.random.default_rng([seed, layer, k, draw])
-    return sorted(rng.choice(pool, size=k, replace=False).tolist())

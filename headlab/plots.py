@@ -176,7 +176,7 @@ def position_loss(frame: pd.DataFrame, x: str = "position", y: str = "loss", hue
     return fig
 
 
-def ablation_curves(summary: pd.DataFrame, x: str, ylabel: str, hue: str = "head_type",
+def ablation_curves(summary: pd.DataFrame, x: str, ylabel: str, hue: str = "set_type",
                     col: str = "mode", row: str | None = "layer_range", title: str = "",
                     logx: bool = False) -> Figure:
     """Lines of ``value`` against ``x`` with ``low``/``high`` bands (from

@@ -282,15 +282,15 @@ def test_ranked_ablation_sweep(tiny_factory, tmp_path):
     scores = pd.DataFrame({"layer": np.repeat(range(lm.n_layers), lm.n_heads),
                            "head": np.tile(range(lm.n_heads), lm.n_layers)})
     scores["score"] = np.arange(len(scores))[::-1] * 1.0  # L0H0 first
-    assert ablation.top_heads(scores, "score", 3) == {0: [0, 1, 2]}
+    assert ablation.head_pool(scores, "score").top(3) == {0: [0, 1, 2]}
     measures = {"diff": lambda lp: (lp[:, 0] - lp[:, 1]).numpy()}
-    kw = dict(k_list=[0, 2], n_permutations=3, seed=0, batch_size=2, progress=False)
+    kw = dict(k_list=[0, 2], n_random=3, seed=0, batch_size=2, progress=False)
     rows = ablation.ranked_ablation_sweep(lm, enc, labels, scores, "score", measures, tmp_path / "s", **kw)
     assert len(rows) == (1 + 1 + 1 + 3) * len(enc)  # top k=0, top k=2, random k=0, random k=2 x 3
     clean = rows[rows["k"] == 0]
     assert np.allclose(clean["diff_change"], 0.0)
-    top = rows[(rows["head_type"] == "top") & (rows["k"] == 2)]
-    assert set(top["heads"]) == {"L0H0 L0H1"}
+    top = rows[(rows["set_type"] == "top") & (rows["k"] == 2)]
+    assert set(top["members"]) == {"L0H0 L0H1"}
     with ablate_heads(lm, {0: [0, 1]}):
         lp = engine.label_logprobs(lm, enc, labels)
     np.testing.assert_allclose(top["diff"], (lp[:, 0] - lp[:, 1]).numpy(), atol=1e-5)

@@ -176,30 +176,32 @@ def _scores(n_layers: int = 4, n_heads: int = 3) -> pd.DataFrame:
     return attention.scores_frame({"induction": torch.rand(n_layers, n_heads, generator=gen)})
 
 
-def test_ablation_heads_choice():
+def test_head_pool_choice():
     scores = _scores()
     top = scores.head(2)
     want = {}
     for layer, head in sorted(zip(top["layer"], top["head"])):
         want.setdefault(layer, []).append(head)
-    assert ablation.ablation_heads(scores, "full", "induction", 2) == want
-    assert ablation.ablation_heads(scores, "full", "random", 0) == {}
-    r = ablation.ablation_heads(scores, "top_half", "random", 3, permutation=5, seed=1)
+    full = ablation.head_pool(scores, "induction_score")
+    upper = ablation.head_pool(scores, "induction_score", "top_half")
+    assert full.top(2) == want
+    assert full.random(0) == {}
+    r = upper.random(3, permutation=5, seed=1)
     assert sum(map(len, r.values())) == 3 and set(r) <= {2, 3}
-    assert r == ablation.ablation_heads(scores, "top_half", "random", 3, permutation=5, seed=1)
-    draws = {str(ablation.ablation_heads(scores, "full", "random", 3, permutation=p)) for p in range(10)}
+    assert r == upper.random(3, permutation=5, seed=1)
+    draws = {str(full.random(3, permutation=p)) for p in range(10)}
     assert len(draws) > 5
-    assert set(ablation.ablation_heads(scores, "bottom_half", "induction", 6)) == {0, 1}
+    assert set(ablation.head_pool(scores, "induction_score", "bottom_half").top(6)) == {0, 1}
     with pytest.raises(ValueError, match="layer range"):
-        ablation.ablation_heads(scores, "middle", "random", 1)
-    with pytest.raises(ValueError, match="head_type"):
-        ablation.ablation_heads(scores, "full", "best", 1)
-    with pytest.raises(ValueError, match="has 6 heads"):
-        ablation.ablation_heads(scores, "top_half", "induction", 7)
+        ablation.head_pool(scores, "induction_score", "middle")
+    with pytest.raises(ValueError, match="set_type"):
+        full.choose("best", 1)
+    with pytest.raises(ValueError, match="k=7"):
+        upper.top(7)
 
 
-GRID = dict(modes=("zero", "mean"), layer_ranges=("full", "top_half"), head_types=("induction", "random"),
-            k_list=(0, 1, 3), n_permutations=3, max_heads=4, seed=0, perm_chunk=2)
+GRID = dict(modes=("zero", "mean"), layer_ranges=("full", "top_half"), set_types=("top", "random"),
+            k_list=(0, 1, 3), n_random=3, max_heads=4, seed=0, perm_chunk=2)
 
 
 def _sweep_inputs(tiny_factory):
@@ -215,7 +217,7 @@ def test_sweep_resumes_to_the_same_table(tiny_factory, tmp_path, monkeypatch):
     full = ablation.induction_ablation_sweep(lm, batch, scores, tmp_path / "a", means=means, batch_size=3,
                                           progress=False, **GRID)
     n_points = len(list((tmp_path / "a").glob("*.json")))
-    # induction: 1 shard per (mode, range, k); random: k=0 one shard, k>0 two chunks (perms 0-1, 2)
+    # top: 1 shard per (mode, range, k); random: k=0 one shard, k>0 two chunks (perms 0-1, 2)
     assert n_points == 2 * 2 * (3 + 1 + 2 * 2)
     assert len(full) == 2 * 2 * (3 * 1 + (1 + 3 + 3)) * len(batch)
     clean = full[full["k"] == 0]
@@ -240,8 +242,10 @@ def test_sweep_resumes_to_the_same_table(tiny_factory, tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(resumed, full, check_exact=False, rtol=1e-5, atol=1e-6)
     summary = ablation.ablation_summary(full, "p_correct", n_boot=50)
     assert (summary["low"] <= summary["value"] + 1e-12).all() and (summary["value"] <= summary["high"] + 1e-12).all()
-    vs = ablation.induction_vs_random(full, "p_correct")
-    assert len(vs) == 2 * 2 * 2 and vs["frac_random_below"].between(0, 1).all()
+    with pytest.warns(UserWarning, match="3 random sets cannot give a 95% band"):
+        vs = ablation.top_vs_random(full, {"p_correct": "less"}, by=("mode", "layer_range", "k"), n_boot=50)
+    assert len(vs) == 2 * 2 * 2 and (vs["n_random_sets"] == 3).all() and vs["p_value"].between(0.25, 1).all()
+    assert vs["verdict"].str.startswith("too few random sets to test").all()
 
 
 def test_sweep_is_batch_invariant(tiny_factory, tmp_path):
@@ -255,7 +259,7 @@ def test_sweep_is_batch_invariant(tiny_factory, tmp_path):
     # a sequence's result does not depend on which other sequences are scored with it
     alone = ablation.induction_ablation_sweep(lm, batch.subset([2]), scores, tmp_path / "c", means=means,
                                            batch_size=1, progress=False, **grid)
-    cols = ["p_correct", "loss_early", "loss_late", "heads"]
+    cols = ["p_correct", "loss_early", "loss_late", "members"]
     pd.testing.assert_frame_equal(alone[cols], whole[whole["sequence"] == 2][cols].reset_index(drop=True),
                                   check_exact=False, rtol=1e-5, atol=1e-6)
 
@@ -263,8 +267,9 @@ def test_sweep_is_batch_invariant(tiny_factory, tmp_path):
 def test_sweep_rejects_bad_grid(tiny_factory, tmp_path):
     lm, batch, scores, means = _sweep_inputs(tiny_factory)
     bad = [({"modes": ("zero", "inf")}, "mode"), ({"layer_ranges": ("top",)}, "layer range"),
-           ({"head_types": ("best",)}, "head type"), ({"k_list": (0, 5)}, "max_heads"),
-           ({"k_list": (0, 5), "max_heads": 20}, "exceeds"), ({"n_permutations": 0}, "n_permutations")]
+           ({"set_types": ("best",)}, "set type"), ({"k_list": (0, 5)}, "max_heads"),
+           ({"k_list": (0, 5), "max_heads": 20}, "exceeds"), ({"n_random": 0}, "n_random"),
+           ({"k_list": (0, 1.5)}, "integer")]
     for override, match in bad:
         with pytest.raises(ValueError, match=match):
             ablation.induction_ablation_sweep(lm, batch, scores, tmp_path, means=means, progress=False,

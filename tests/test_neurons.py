@@ -305,22 +305,28 @@ def test_neuron_ablation_sweep_resumes_and_is_batch_invariant(tiny_factory, tmp_
     lm = tiny_factory(arch)
     ids = _rows(4, 10)
     stats = neurons.neuron_stats(lm, _rows(4, 10, seed=9))  # reference rows, disjoint from ids
-    kw = dict(layers=[1], k_list=[2, 5], modes=["zero", "mean"], n_permutations=2, seed=0)
+    kw = dict(layers=[1], k_list=[2, 5], modes=["zero", "mean"], n_random=2, seed=0)
     rows = ablation.neuron_ablation_sweep(lm, ids, stats, tmp_path / "a", batch_size=3, progress=False, **kw)
     assert len(rows) == 2 * 2 * (1 + 2) * 4  # modes x k x (top + 2 random) x sequences
+
+    def chosen(frame):
+        return [int(u.split("N")[1]) for u in frame["members"].iloc[0].split()]
+
     top2 = neurons.top_neurons(stats, "mean_abs", 2)
-    assert rows[(rows["kind"] == "top") & (rows["k"] == 2)]["neurons"].iloc[0] == " ".join(
-        map(str, sorted(top2.loc[top2["layer"] == 1, "neuron"])))
-    rnd = rows[rows["kind"] == "random"]
-    assert not set(" ".join(rnd[rnd["k"] == 2]["neurons"]).split()) & set(
-        rows[(rows["kind"] == "top") & (rows["k"] == 2)]["neurons"].iloc[0].split())
+    top_set = rows[(rows["set_type"] == "top") & (rows["k"] == 2)]
+    assert chosen(top_set) == sorted(top2.loc[top2["layer"] == 1, "neuron"])
+    assert top_set["members"].iloc[0].startswith("L1N")
+    rnd = rows[(rows["set_type"] == "random") & (rows["k"] == 2)]
+    assert not {u for m in rnd["members"] for u in m.split()} & set(top_set["members"].iloc[0].split())
     # the zero-ablation loss of one set equals a plain forward with the neurons zeroed
-    one = rows[(rows["mode"] == "zero") & (rows["kind"] == "top") & (rows["k"] == 5)]
-    chosen = [int(n) for n in one["neurons"].iloc[0].split()]
-    with ablate_neurons(lm, {1: chosen}):
+    one = rows[(rows["mode"] == "zero") & (rows["set_type"] == "top") & (rows["k"] == 5)]
+    with ablate_neurons(lm, {1: chosen(one)}):
         want = perplexity.token_losses(lm, ids).double().mean(1).numpy()
     np.testing.assert_allclose(one["loss"].to_numpy(), want, rtol=1e-5)
-    assert rows.groupby(["mode", "k", "kind", "permutation"])["delta"].apply(lambda d: (d.abs() > 0).any()).all()
+    clean = perplexity.token_losses(lm, ids).double().mean(1).numpy()
+    np.testing.assert_allclose((one["loss"] - one["loss_change"]).to_numpy(), clean, rtol=1e-5)
+    by_set = rows.groupby(["mode", "k", "set_type", "permutation"])["loss_change"]
+    assert by_set.apply(lambda d: (d.abs() > 0).any()).all()
     # batch size does not matter; a second run reads every shard back
     again = ablation.neuron_ablation_sweep(lm, ids, stats, tmp_path / "b", batch_size=1, progress=False, **kw)
     np.testing.assert_allclose(again["loss"].to_numpy(), rows["loss"].to_numpy(), rtol=1e-5)
@@ -328,7 +334,7 @@ def test_neuron_ablation_sweep_resumes_and_is_batch_invariant(tiny_factory, tmp_
     resumed = ablation.neuron_ablation_sweep(lm, ids, stats, tmp_path / "a", progress=False, **kw)
     assert len(list((tmp_path / "a").iterdir())) == n_files
     pd.testing.assert_frame_equal(resumed, rows)
-    summary = ablation.ablation_summary(rows, "delta", by=("mode", "layer", "kind", "k"), n_boot=50)
+    summary = ablation.ablation_summary(rows, "loss_change", by=("mode", "layer", "set_type", "k"), n_boot=50)
     assert len(summary) == 2 * 2 * 2 and set(summary["n_permutations"]) == {1, 2}
     assert _no_hooks(lm)
 
@@ -338,21 +344,26 @@ def test_neuron_ablation_sweep_rejects_bad_input(tiny_factory, tmp_path):
     stats = neurons.neuron_stats(lm, _rows(2, 6), layers=[0])
     with pytest.raises(ValueError, match="not captured"):
         ablation.neuron_ablation_sweep(lm, _rows(2, 6), stats, tmp_path, layers=[1], k_list=[2])
-    with pytest.raises(ValueError, match="k_list entries \\[30\\]"):
+    with pytest.raises(ValueError, match="k=30 exceeds the largest random set \\(24\\)"):
         ablation.neuron_ablation_sweep(lm, _rows(2, 6), stats, tmp_path, layers=[0], k_list=[30])
-    with pytest.raises(ValueError, match="modes \\['noise'\\]"):
+    with pytest.raises(ValueError, match="mode\\(s\\) \\['noise'\\]"):
         ablation.neuron_ablation_sweep(lm, _rows(2, 6), stats, tmp_path, layers=[0], k_list=[2], modes=["noise"])
-    with pytest.raises(ValueError, match="kind='best'"):
-        ablation.neuron_ablation_sets(stats, 0, 2, "best")
+    with pytest.raises(ValueError, match="by='median'"):
+        ablation.neuron_ablation_sweep(lm, _rows(2, 6), stats, tmp_path, layers=[0], k_list=[2], by="median")
 
 
-def test_random_neurons():
-    a = neurons.random_neurons(100, 10, seed=0, layer=3, draw=0, exclude=range(50))
-    assert a == neurons.random_neurons(100, 10, seed=0, layer=3, draw=0, exclude=range(50))
-    assert len(set(a)) == 10 and min(a) >= 50
-    assert a != neurons.random_neurons(100, 10, seed=0, layer=3, draw=1, exclude=range(50))
-    with pytest.raises(ValueError, match="only 5"):
-        neurons.random_neurons(10, 6, 0, 0, 0, exclude=range(5))
+def test_neuron_pool_random_sets_avoid_the_top_set():
+    stats = neurons.NeuronStats.empty([3], 100, 1)
+    stats.update(0, torch.rand(7, 100, generator=torch.Generator().manual_seed(0)), torch.arange(7))
+    stats.add_count(7)
+    pool = ablation.neuron_pools(stats, [3])[3]
+    a = pool.random(10, permutation=0, seed=0)
+    assert a == pool.random(10, permutation=0, seed=0) and list(a) == [3] and len(a[3]) == 10
+    assert a != pool.random(10, permutation=1, seed=0)
+    assert not set(a[3]) & set(pool.top(10)[3])
+    assert pool.max_k("random") == 50 and pool.max_k("top") == 100
+    with pytest.raises(ValueError, match="k=51"):
+        pool.random(51)
 
 
 # --------------------------------------------------------------------------------------------------
