@@ -30,7 +30,8 @@ Forward passes
 Sweeps and statistics
 * :mod:`headlab.shards` -- resumable result shards keyed by configuration
 * :mod:`headlab.sweeps` -- head sweeps (noise and ablation of every head) and head rankings
-* :mod:`headlab.ablation` -- set ablation: top-k vs random-k heads or neurons
+* :mod:`headlab.ablation` -- set ablation: one resumable sweep of top-k vs random-k heads or neurons, and
+  the top-vs-random comparison (permutation p-value, band, verdict)
 * :mod:`headlab.weight_sweep` -- weight-sensitivity grids scored by perplexity
 * :mod:`headlab.metrics` -- accuracy, F1, ROC-AUC, bootstrap intervals, permutation tests, readouts
 * :mod:`headlab.atlas` -- the head atlas: every per-head measure the chapters saved, joined per model

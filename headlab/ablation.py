@@ -599,6 +599,23 @@ def compare_to_random(top: float, random: ArrayLike, alternative: str = "two-sid
         ``top, random_mean, random_low, random_high, band, difference`` (top - random_mean),
         ``p_value, p_resolution, n_random_sets, verdict``.
     """
+    result, thin = _compare(top, random, alternative, level)
+    _refuse_or_warn([thin] if thin else [], strict)
+    return result
+
+
+def _refuse_or_warn(problems: list[str], strict: bool) -> None:
+    """Refuse (``strict``) or warn once about bands that rest on too few random sets."""
+    if problems:
+        msg = "; ".join(dict.fromkeys(problems))
+        if strict:
+            raise ValueError(msg + ".")
+        warnings.warn(msg + "; reporting their min-max range instead.", UserWarning, stacklevel=3)
+
+
+def _compare(top: float, random: ArrayLike, alternative: str,
+             level: float) -> tuple[dict[str, Any], str | None]:
+    """:func:`compare_to_random`'s numbers, and the problem with its band (``None`` if supported)."""
     r = np.asarray(random, dtype=float).reshape(-1)
     r = r[np.isfinite(r)]
     n = len(r)
@@ -611,15 +628,13 @@ def compare_to_random(top: float, random: ArrayLike, alternative: str = "two-sid
     extreme = {"less": r <= top + tol, "greater": r >= top - tol,
                "two-sided": np.abs(r) >= abs(top) - tol}[alternative]
     p = (1 + int(extreme.sum())) / (n + 1)
+    thin = None
     if n >= needed:
         low, high = np.quantile(r, [(1 - level) / 2, (1 + level) / 2])
         band = f"central {level:.0%} of {n} random sets"
     else:
-        msg = (f"{n} random sets cannot give a {level:.0%} band (their range covers about "
-               f"{(n - 1) / (n + 1):.0%} of random sets); use at least {needed}, better 100")
-        if strict:
-            raise ValueError(msg + ".")
-        warnings.warn(msg + "; reporting their min-max range instead.", UserWarning, stacklevel=2)
+        thin = (f"{n} random sets cannot give a {level:.0%} band (their range covers about "
+                f"{(n - 1) / (n + 1):.0%} of random sets); use at least {needed}, better 100")
         low, high = r.min(), r.max()
         band = f"range of {n} random sets (covers ~{(n - 1) / (n + 1):.0%}, not {level:.0%})"
     direction = {"less": "lower than", "greater": "higher than",
@@ -634,7 +649,7 @@ def compare_to_random(top: float, random: ArrayLike, alternative: str = "two-sid
         verdict = f"not distinguishable from random ({tested})"
     return {"top": float(top), "random_mean": float(r.mean()), "random_low": float(low),
             "random_high": float(high), "band": band, "difference": float(top - r.mean()), "p_value": p,
-            "p_resolution": 1 / (n + 1), "n_random_sets": n, "verdict": verdict}
+            "p_resolution": 1 / (n + 1), "n_random_sets": n, "verdict": verdict}, thin
 
 
 def top_vs_random(rows: pd.DataFrame, values: Mapping[str, str], by: Sequence[str] = ("mode", "k"), *,
@@ -670,7 +685,7 @@ def top_vs_random(rows: pd.DataFrame, values: Mapping[str, str], by: Sequence[st
         if alternative not in ALTERNATIVES:
             raise ValueError(f"alternative={alternative!r}; choose one of {ALTERNATIVES}.")
     rows = rows[rows["k"] > 0] if "k" in rows.columns else rows
-    out = []
+    out, thin = [], []
     for key, g in rows.groupby(by, sort=True):
         top_rows, rnd_rows = g[g["set_type"] == "top"], g[g["set_type"] == "random"]
         if top_rows.empty or rnd_rows.empty:
@@ -683,10 +698,12 @@ def top_vs_random(rows: pd.DataFrame, values: Mapping[str, str], by: Sequence[st
             ci = metrics.bootstrap_two_way(top_rows[measure].to_numpy()[None, :], n_boot=n_boot, level=level,
                                            seed=seed)  # (1 set, items): resamples items
             per_set = rnd_rows.groupby("permutation")[measure].mean()
+            result, problem = _compare(ci.value, per_set.to_numpy(), alternative, level)
+            thin += [problem] if problem else []
             out.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "measure": measure,
-                        "alternative": alternative,
-                        **compare_to_random(ci.value, per_set.to_numpy(), alternative, level, strict),
-                        "top_low": ci.low, "top_high": ci.high, "n_items": len(top_rows)})
+                        "alternative": alternative, **result, "top_low": ci.low, "top_high": ci.high,
+                        "n_items": len(top_rows)})
+    _refuse_or_warn(thin, strict)
     columns = [*by, "measure", "alternative", "top", "top_low", "top_high", "random_mean", "random_low",
                "random_high", "band", "difference", "p_value", "p_resolution", "n_random_sets", "n_items",
                "verdict"]

@@ -48,7 +48,7 @@ lags: list = [8, 16, 32]  # repeat distances, each at most seq_len, cycled over 
 seed: int = 0  # seeds the random tokens and the random head sets
 n_permutations: int = 5  # random head sets per k (seed 002 used 300)
 max_heads: int = 50  # largest number of heads ablated at once (seed 002's --max_heads_abl)
-head_type: list = ["induction", "random"]  # which heads to ablate: top-k induction and/or k random
+head_type: list = ["top", "random"]  # which heads to ablate: the top-k by induction score and/or k random
 k_list: list = [0, 1, 5, 10, 20]  # numbers of heads ablated at once (0: no ablation)
 modes: list = ["zero", "mean"]  # "zero" and/or "mean" ablation of the head's output
 layer_ranges: list = ["full"]  # "full", "top_half" (layers n//2..n-1), "bottom_half" (0..n//2-1)
@@ -134,8 +134,9 @@ fig = plots.attention_patterns(np.stack([pats[r.layer, r.head].numpy() for r in 
 
 # %%
 k_show = min(5, max(k_list) if max(k_list) else 5)
-sets = {"clean": {}, f"top {k_show} induction": ablation.ablation_heads(scores, "full", "induction", k_show),
-        f"{k_show} random (permutation 0)": ablation.ablation_heads(scores, "full", "random", k_show, 0, seed)}
+pool = ablation.head_pool(scores, "induction_score")
+sets = {"clean": {}, f"top {k_show} induction": pool.top(k_show),
+        f"{k_show} random (permutation 0)": pool.random(k_show, 0, seed)}
 per_token = pd.concat([
     pd.DataFrame(perplexity.token_losses(lm, heldout.tokens, heads, "zero", batch_size=batch_size).numpy())
     .rename_axis("sequence").reset_index().melt("sequence", var_name="position", value_name="loss")
@@ -147,9 +148,9 @@ fig = plots.position_loss(per_token, marks=[heldout.start + seq_len],
 # ## Ablating top-k induction heads vs k random heads
 #
 # For every mode, layer range and $k$ the chosen heads are ablated together in one batched pass over
-# the sweep's rows. Induction heads are the $k$ best-scoring heads of the range; random heads are $k$
-# heads of the range drawn uniformly (induction heads may be among them), a new draw per permutation,
-# keyed by (seed, permutation, $k$). The rows repeat a segment of length *lag* (the distance from each
+# the sweep's rows (`headlab.ablation.induction_ablation_sweep`). The *top* set is the $k$ best-scoring
+# heads of the range; random heads are $k$ heads of the range drawn uniformly (induction heads may be
+# among them), a new draw per permutation, keyed by (seed, permutation, $k$). The rows repeat a segment of length *lag* (the distance from each
 # repeated token back to its earlier occurrence) after a random filler, so every row has the same
 # length. Per row we record the mean probability of the correct next token over the second copy
 # (`p_correct`) and the in-context score `icl` = loss on the second copy − loss on the same tokens in
@@ -160,22 +161,23 @@ fig = plots.position_loss(per_token, marks=[heldout.start + seq_len],
 means = attention.head_output_means(lm, reference.tokens, batch_size=batch_size)
 t0 = time.time()
 results = ablation.induction_ablation_sweep(
-    lm, rows, scores, Path(results_dir) / "shards", modes=modes, layer_ranges=layer_ranges, head_types=head_type,
-    k_list=k_list, n_permutations=n_permutations, max_heads=max_heads, seed=seed, means=means,
+    lm, rows, scores, Path(results_dir) / "shards", modes=modes, layer_ranges=layer_ranges, set_types=head_type,
+    k_list=k_list, n_random=n_permutations, max_heads=max_heads, seed=seed, means=means,
     batch_size=batch_size)
 sweep_seconds = time.time() - t0
-n_sets = results.groupby(["mode", "layer_range", "head_type", "k", "permutation"]).ngroups
+n_sets = results.groupby(["mode", "layer_range", "set_type", "k", "permutation"]).ngroups
 print(f"{len(results):,} rows from {n_sets} (setting, head set) combinations in {sweep_seconds:.0f} s")
 results.head()
 
 # %% [markdown]
 # ### Effect against the number of ablated heads
 #
-# Bands are 95% bootstrap intervals of the mean: over sequences for the induction set, over random head
+# Bands are 95% bootstrap intervals of the mean: over sequences for the top set, over random head
 # sets and sequences for random heads.
 
 # %%
-by_k = {v: ablation.ablation_summary(results, v, n_boot=n_boot, seed=seed) for v in ("p_correct", "icl")}
+by_k = {v: ablation.ablation_summary(results, v, by=("mode", "layer_range", "set_type", "k"), n_boot=n_boot,
+                                     seed=seed) for v in ("p_correct", "icl")}
 row_facet = "layer_range" if len(layer_ranges) > 1 else None
 fig = plots.ablation_curves(by_k["p_correct"], "k", "p(correct repeated token)", row=row_facet)
 
@@ -191,22 +193,24 @@ fig = plots.ablation_curves(by_k["icl"], "k", "loss late − early (nats)", row=
 # %%
 main_range = layer_ranges[0]
 by_lag = ablation.ablation_summary(results[(results["layer_range"] == main_range)],
-                                "p_correct", by=("mode", "head_type", "k", "lag"), n_boot=n_boot, seed=seed)
+                                   "p_correct", by=("mode", "set_type", "k", "lag"), n_boot=n_boot, seed=seed)
 fig = plots.ablation_curves(by_lag[by_lag["k"] > 0], "lag", "p(correct repeated token)", row="k",
                             title=f"layer range {main_range}")
 
 # %% [markdown]
 # ### Induction set against the random sets
 #
-# For each setting: the induction set's mean, the mean and the 2.5-97.5 percentile range of the random
-# sets' means, and the share of random sets that leave a *lower* value than the induction set.
+# For each setting (`headlab.ablation.top_vs_random`): the top set's mean over rows (`top`, with a 95%
+# bootstrap interval over rows), the random sets' mean and band (`band` says what the band is: a
+# central 95% band needs enough random sets, `headlab.ablation.random_sets_needed`; with fewer it is
+# their min-max range), and a permutation p-value: (1 + the number of random sets that leave
+# p(correct) at least as low, or icl at least as high, as the top set) / (1 + the number of random
+# sets), so its resolution is 1 / (n + 1). The verdict is that test at 0.05.
 
 # %%
-versus = {v: ablation.induction_vs_random(results, v) for v in ("p_correct", "icl")}
-versus["p_correct"].round(4) if len(versus["p_correct"]) else "(needs both head types)"
-
-# %%
-versus["icl"].round(3) if len(versus["icl"]) else "(needs both head types)"
+versus = ablation.top_vs_random(results, {"p_correct": "less", "icl": "greater"},
+                                by=("mode", "layer_range", "k"), n_boot=n_boot, seed=seed)
+versus.round(4) if len(versus) else "(needs both head types)"
 
 # %% [markdown]
 # ## What we saw
@@ -228,12 +232,13 @@ lines = [
 
 # %%
 ks = sorted({min(k for k in k_list if k > 0), max(k_list)}) if max(k_list) > 0 else []
+vs_p, vs_icl = (versus[versus["measure"] == m].to_dict("records") for m in ("p_correct", "icl"))
 lines += [
-    f"{r['mode']} ablation, {r['layer_range']} range, k = {r['k']}: p(correct) {r['induction']:.4f} with the top "
-    f"induction heads vs {r['random']:.4f} with random heads (random sets {r['random_p2.5']:.4f} to "
-    f"{r['random_p97.5']:.4f}; {round(r['frac_random_below'] * r['n_permutations'])} of {r['n_permutations']} went "
-    f"lower); icl {v['induction']:+.2f} vs {v['random']:+.2f} nats (clean {clean['icl'].mean():+.2f})."
-    for r, v in zip(versus["p_correct"].to_dict("records"), versus["icl"].to_dict("records")) if r["k"] in ks
+    f"{r['mode']} ablation, {r['layer_range']} range, k = {r['k']}: p(correct) {r['top']:.4f} with the top "
+    f"induction heads vs {r['random_mean']:.4f} with random heads ({r['band']}: {r['random_low']:.4f} to "
+    f"{r['random_high']:.4f}); {r['verdict']}; icl {v['top']:+.2f} vs {v['random_mean']:+.2f} nats "
+    f"(clean {clean['icl'].mean():+.2f})."
+    for r, v in zip(vs_p, vs_icl) if r["k"] in ks
 ]
 lines.append(f"Run time: scores {score_seconds:.0f} s, ablation sweep {sweep_seconds:.0f} s ({n_sets} head sets).")
 chapter.bullets(lines)
@@ -243,14 +248,15 @@ records.write_config(results_dir, params, lm, elapsed_seconds=time.time() - t_st
                      timings={"scores": score_seconds, "sweep": sweep_seconds})
 records.save_frames(results_dir, scores=scores, scores_heldout=again, ablation=results,
                     summary_k_p_correct=by_k["p_correct"], summary_k_icl=by_k["icl"], summary_lag=by_lag,
-                    induction_vs_random_p=versus["p_correct"], induction_vs_random_icl=versus["icl"])
-vs_max = versus["p_correct"][versus["p_correct"]["k"] == max(k_list)] if len(versus["p_correct"]) else None
+                    top_vs_random=versus)
+vs_max = versus[(versus["measure"] == "p_correct") & (versus["k"] == max(k_list))]
 records.write_summary(  # headline numbers: one row per run in `headlab grid` summaries
     results_dir, top_head=chapter.head_label(scores["layer"].iloc[0], scores["head"].iloc[0]),
     top_induction_score=float(scores["induction_score"].iloc[0]),
     heads_above_0_3=int((scores["induction_score"] > 0.3).sum()), heldout_spearman=float(rho),
     clean_p_correct=float(clean["p_correct"].mean()), clean_icl=float(clean["icl"].mean()), k_max=int(max(k_list)),
-    p_correct_induction_kmax=float(vs_max["induction"].iloc[0]) if vs_max is not None and len(vs_max) else None,
-    p_correct_random_kmax=float(vs_max["random"].iloc[0]) if vs_max is not None and len(vs_max) else None,
+    p_correct_induction_kmax=float(vs_max["top"].iloc[0]) if len(vs_max) else None,
+    p_correct_random_kmax=float(vs_max["random_mean"].iloc[0]) if len(vs_max) else None,
+    p_value_kmax=float(vs_max["p_value"].iloc[0]) if len(vs_max) else None,
     chapter_seconds=time.time() - t_start)
 print(f"results in {results_dir}/ (scores.csv: the per-head scores for reuse); total {time.time() - t_start:.0f} s")

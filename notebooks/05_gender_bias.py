@@ -214,34 +214,28 @@ ref_ids = torch.stack([torch.tensor(tok(t)["input_ids"][:reference_tokens])
 means = attention.head_output_means(lm, ref_ids, batch_size=batch_size) if "mean" in modes else None
 t0 = time.time()
 abl = ablation.ranked_ablation_sweep(lm, enc, label_ids, ranked, "abs_effect", bias_measures, Path(results_dir) / "shards",
-                                  modes=modes, k_list=k_list, n_permutations=n_random, seed=seed, means=means,
-                                  batch_size=batch_size)
+                                     modes=modes, k_list=k_list, n_random=n_random, seed=seed, means=means,
+                                     batch_size=batch_size)
 timings["ablation"] = time.time() - t0
-n_sets = abl.groupby(["mode", "head_type", "k", "permutation"]).ngroups
+n_sets = abl.groupby(["mode", "set_type", "k", "permutation"]).ngroups
 print(f"{n_sets} (mode, head set) combinations x {len(prompts)} prompts in {timings['ablation']:.0f} s")
 
 # %%
-summary = ablation.ablation_summary(abl, "bias_change", by=("mode", "head_type", "k"), n_boot=n_boot, seed=seed)
+summary = ablation.ablation_summary(abl, "bias_change", by=("mode", "set_type", "k"), n_boot=n_boot, seed=seed)
 fig = plots.ablation_curves(summary, "k", "change of log p(pro) − log p(anti)", row=None,
                             title="ablating the most differential heads vs random heads")
 
+# %% [markdown]
+# The top set against the random sets (`headlab.ablation.top_vs_random`), per mode and $k$ and for each
+# measure's change: the top set's mean change over prompts (`top`, with a 95% bootstrap interval over
+# prompts), the random sets' mean and band (`band` says what it is: with too few random sets for a
+# central 95% band, `headlab.ablation.random_sets_needed`, it is their min-max range), and a two-sided
+# permutation p-value: (1 + the number of random sets whose change is at least as large in size) /
+# (1 + the number of random sets), resolution 1 / (n + 1). The verdict is that test at 0.05.
+
 # %%
-per_set = abl[abl["k"] > 0].groupby(["mode", "head_type", "k", "permutation"])[["bias_change", "gender_change",
-                                                                                "p_pair_change"]].mean().reset_index()
-versus = []
-for (mode, k), g in per_set.groupby(["mode", "k"]):
-    top = g[g["head_type"] == "top"].iloc[0]
-    rnd = g[g["head_type"] == "random"]
-    ci = summary.set_index(["mode", "head_type", "k"]).loc[(mode, "top", k)]
-    versus.append({"mode": mode, "k": k, "top: bias change": top["bias_change"], "low": ci["low"], "high": ci["high"],
-                   "random: mean": rnd["bias_change"].mean(), "random 2.5%": rnd["bias_change"].quantile(0.025),
-                   "random 97.5%": rnd["bias_change"].quantile(0.975),
-                   "random sets with |change| ≥ top": f"{int((rnd['bias_change'].abs() >= abs(top['bias_change'])).sum())}"
-                                                      f"/{len(rnd)}",
-                   "top outside random 95%": not (rnd["bias_change"].quantile(0.025) <= top["bias_change"]
-                                                  <= rnd["bias_change"].quantile(0.975)),
-                   "top: gender change": top["gender_change"], "top: p(pair) change": top["p_pair_change"]})
-versus = pd.DataFrame(versus)
+versus = ablation.top_vs_random(abl, {"bias_change": "two-sided", "gender_change": "two-sided",
+                                      "p_pair_change": "two-sided"}, by=("mode", "k"), n_boot=n_boot, seed=seed)
 versus.round(4)
 
 # %% [markdown]
@@ -265,14 +259,12 @@ lines = [
     f"(> 0 prefers the stereotype; {float((clean['bias'] > 0).mean()):.0%} of prompts); log p(male) − log p(female) "
     f"= {g}; the pair's two pronouns together get probability {pp} at that position.",
 ]
-for r in versus.to_dict("records"):
-    verdict = ("outside the range of the random sets: these heads move the bias unlike random ones"
-               if r["top outside random 95%"] else
-               "inside the range of the random sets: attending differently does not make these heads causally special")
-    lines.append(f"{r['mode']} ablation of the top {r['k']} differential heads: bias change {r['top: bias change']:+.3f} "
-                 f"[{r['low']:+.3f}, {r['high']:+.3f}] vs {r['random: mean']:+.3f} for {r['k']} random heads (random sets "
-                 f"{r['random 2.5%']:+.3f} to {r['random 97.5%']:+.3f}; {r['random sets with |change| ≥ top']} random sets "
-                 f"moved it at least as much), {verdict}; gender preference change {r['top: gender change']:+.3f}.")
+gender_top = versus[versus["measure"] == "gender_change"].set_index(["mode", "k"])["top"]
+for r in versus[versus["measure"] == "bias_change"].to_dict("records"):
+    lines.append(f"{r['mode']} ablation of the top {r['k']} differential heads: bias change {r['top']:+.3f} "
+                 f"[{r['top_low']:+.3f}, {r['top_high']:+.3f}] vs {r['random_mean']:+.3f} for {r['k']} random heads "
+                 f"({r['band']}: {r['random_low']:+.3f} to {r['random_high']:+.3f}); {r['verdict']}; gender "
+                 f"preference change {gender_top[(r['mode'], r['k'])]:+.3f}.")
 lines.append(f"Run time: attention {timings['attention']:.0f} s, ablation sweep {timings['ablation']:.0f} s ({n_sets} head sets).")
 chapter.bullets(lines)
 

@@ -229,26 +229,33 @@ readout[["layer", "p_correct", "median_rank", "top1", "accuracy", "accuracy_low"
 # For each layer in `ablation_layers` and each $k$: the layer's $k$ neurons with the largest
 # mean |activation| on the reference text, or $k$ neurons drawn uniformly from the layer's other neurons
 # (`n_permutations` draws), are ablated together; *zero* sets their activation to 0, *mean* to their
-# mean over the reference text. `delta` is the change of the mean next-token loss on the held-out
-# rows (nats); intervals resample rows (and random sets). Every point is a resumable shard.
+# mean over the reference text (`headlab.ablation.neuron_ablation_sweep`). `loss_change` is the change
+# of the mean next-token loss on the held-out rows (nats); the curves' intervals resample rows (and
+# random sets). Every point is a resumable shard.
 
 # %%
 t0 = time.time()
 abl = ablation.neuron_ablation_sweep(lm, held_ids, stats, Path(results_dir) / "shards", layers=ablation_layers,
-                                  k_list=k_list, modes=modes, n_permutations=n_permutations, by=rank_by,
-                                  seed=seed, batch_size=batch_size)
+                                     k_list=k_list, modes=modes, n_random=n_permutations, by=rank_by,
+                                     seed=seed, batch_size=batch_size)
 ablation_seconds = time.time() - t0
-abl_summary = ablation.ablation_summary(abl, "delta", by=("mode", "layer", "kind", "k"), n_boot=n_boot, seed=seed)
-clean_loss = float(abl.groupby("sequence")["clean_loss"].first().mean())
-fig = plots.ablation_curves(abl_summary, "k", "Δ loss on held-out text (nats)", hue="kind", col="mode",
-                            row="layer", logx=True)
+abl_summary = ablation.ablation_summary(abl, "loss_change", by=("mode", "layer", "set_type", "k"), n_boot=n_boot,
+                                        seed=seed)
+clean_loss = float((abl["loss"] - abl["loss_change"]).groupby(abl["sequence"]).first().mean())
+fig = plots.ablation_curves(abl_summary, "k", "Δ loss on held-out text (nats)", col="mode", row="layer", logx=True)
+
+# %% [markdown]
+# The top set against the random sets (`headlab.ablation.top_vs_random`): the top set's loss change
+# (`top`, with a 95% bootstrap interval over rows), the random sets' mean and band (`band` says what
+# it is: with too few random sets for a central 95% band, `headlab.ablation.random_sets_needed`, it is
+# their min-max range), and a permutation p-value: (1 + the number of random sets that raise the loss
+# at least as much) / (1 + the number of random sets), resolution 1 / (n + 1). The verdict is that
+# test at 0.05.
 
 # %%
-versus = abl_summary.pivot_table(index=["mode", "layer", "k"], columns="kind", values=["value", "low", "high"])
-versus.columns = [f"{kind}_{stat}" for stat, kind in versus.columns]
-versus = versus.reset_index().assign(ratio=lambda d: d["top_value"] / d["random_value"])
-versus[["mode", "layer", "k", "top_value", "top_low", "top_high", "random_value", "random_low", "random_high",
-        "ratio"]].round(4)
+versus = ablation.top_vs_random(abl, {"loss_change": "greater"}, by=("mode", "layer", "k"), n_boot=n_boot,
+                                seed=seed)
+versus.round(4)
 
 # %% [markdown]
 # ## What we saw
@@ -285,14 +292,14 @@ lines = [
     f"{chapter.fmt_ci(last['accuracy'], last['accuracy_low'], last['accuracy_high'])}, ROC-AUC {last['roc_auc']:.3f}, median rank {last['median_rank']:.0f}.",
 ]
 lines += [
-    f"{r.mode} ablation of layer {r.layer}, k = {r.k}: held-out loss {r.top_value:+.4f} nats "
-    f"[{r.top_low:+.4f}, {r.top_high:+.4f}] for the top neurons vs {r.random_value:+.4f} "
-    f"[{r.random_low:+.4f}, {r.random_high:+.4f}] for random ones (clean {clean_loss:.3f})."
+    f"{r.mode} ablation of layer {r.layer}, k = {r.k}: held-out loss {r.top:+.4f} nats "
+    f"[{r.top_low:+.4f}, {r.top_high:+.4f}] for the top neurons vs {r.random_mean:+.4f} for random ones "
+    f"({r.band}: {r.random_low:+.4f} to {r.random_high:+.4f}; clean {clean_loss:.3f}); {r.verdict}."
     for r in versus.itertuples()
 ]
-n_sep = int((versus["top_low"] > versus["random_high"]).sum())
-lines.append(f"In {n_sep} of {len(versus)} (mode, layer, k) settings the top neurons' interval lies entirely above "
-             f"the random neurons' interval.")
+n_sig = int(versus["verdict"].str.startswith("top set").sum())
+lines.append(f"In {n_sig} of {len(versus)} (mode, layer, k) settings the top neurons raise the loss more than "
+             f"random ones (permutation test at 0.05).")
 lines.append(f"Run time: capture {capture_seconds:.0f} s, lens {lens_seconds:.0f} s, ablation {ablation_seconds:.0f} s.")
 chapter.bullets(lines)
 
