@@ -369,24 +369,65 @@ def set_ablation_sweep(
 
 
 # --------------------------------------------------------------------------------------------------
-# The three chapters' sweeps
+# Heads and neurons: the chapters' sweeps
 # --------------------------------------------------------------------------------------------------
-def _head_pools(lm: LoadedModel, scores: pd.DataFrame, column: str, layer_ranges: Iterable[str],
-                modes: Iterable[str], means: Mapping | None) -> dict[str, Pool]:
+def head_ablation_sweep(
+    lm: LoadedModel,
+    score: Scorer,
+    scores: pd.DataFrame,
+    column: str,
+    out_dir: str | Path,
+    *,
+    key: Mapping[str, Any],
+    items: pd.DataFrame,
+    modes: Iterable[str] = ("zero",),
+    layer_ranges: Iterable[str] = ("full",),
+    set_types: Iterable[str] = SET_TYPES,
+    k_list: Iterable[int] = (0, 5, 10),
+    n_random: int = 100,
+    max_heads: int | None = None,
+    seed: int = 0,
+    means: Mapping[int, Float[Tensor, "H dh"]] | None = None,
+    perm_chunk: int = 1,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """The top-k heads of a per-head score, or k random heads of a layer range, ablated and scored.
+
+    :func:`set_ablation_sweep` over one :func:`head_pool` per layer range; the shards are keyed by
+    the model, the score table and (mode ``"mean"``) ``means`` besides ``key``. A new measure is a
+    new ``score`` (e.g. :func:`repeated_tokens_scorer`, :func:`label_scorer`); the sweep is the same.
+
+    Args:
+        score: the :data:`Scorer`; it must ablate with the same ``means``.
+        scores: one row per head of the model with ``layer``, ``head`` and ``column`` (largest first).
+        key, items: what the values depend on besides the set, and the items' columns (as in
+            :func:`set_ablation_sweep`).
+        layer_ranges: entries of :data:`LAYER_RANGES`.
+        max_heads: the largest k allowed (``None``: the size of the range).
+        means: ``{layer: (n_heads, head_dim)}`` for ``"mean"``
+            (:func:`headlab.attention.head_output_means`).
+        Others: as in :func:`set_ablation_sweep`.
+
+    Returns:
+        :func:`set_ablation_sweep` rows with ``model`` first and the pool column ``layer_range``.
+    """
+    modes, k_list = list(modes), list(k_list)
+    if max_heads is not None and [k for k in k_list if k > max_heads]:
+        raise ValueError(f"k_list {k_list} has entries above max_heads={max_heads}.")
     if len(scores) != lm.n_layers * lm.n_heads:
         raise ValueError(f"scores has {len(scores)} rows; expected one per head "
                          f"({lm.n_layers} layers x {lm.n_heads} heads).")
-    if "mean" in modes and means is None:
-        raise ValueError("mode 'mean' needs `means` (see headlab.attention.head_output_means).")
-    return {r: head_pool(scores, column, r) for r in layer_ranges}
-
-
-def _model_key(lm: LoadedModel, means: Mapping[int, Tensor] | None, modes: Iterable[str]) -> dict[str, Any]:
-    key: dict[str, Any] = {"model": lm.fingerprint or lm.spec}
-    if means is not None and "mean" in modes:
-        key["means"] = config_hash({"m": [means[layer].double().round(decimals=6).tolist()
-                                          for layer in sorted(means)]})
-    return key
+    base = {**key, "model": lm.fingerprint or lm.spec}
+    if "mean" in modes:
+        if means is None:
+            raise ValueError("mode 'mean' needs `means` (see headlab.attention.head_output_means).")
+        base["means"] = config_hash({"m": [means[layer].double().round(decimals=6).tolist()
+                                           for layer in sorted(means)]})
+    pools = {r: head_pool(scores, column, r) for r in layer_ranges}
+    rows = set_ablation_sweep(score, pools, out_dir, key=base, items=items, pool_column="layer_range",
+                              modes=modes, set_types=set_types, k_list=k_list, n_random=n_random, seed=seed,
+                              perm_chunk=perm_chunk, progress=progress)
+    return rows.assign(model=lm.spec)[["model", *rows.columns]]
 
 
 def induction_ablation_sweep(
@@ -407,36 +448,19 @@ def induction_ablation_sweep(
     perm_chunk: int = 10,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Chapter 03: the top-k induction heads or k random heads ablated, repeated random tokens scored.
+    """Chapter 03: :func:`head_ablation_sweep` of the heads ranked by ``induction_score`` with
+    :func:`repeated_tokens_scorer` (each set ablated in one batched pass over all rows of ``batch``).
 
-    :func:`set_ablation_sweep` over one :func:`head_pool` per layer range (ranked by
-    ``induction_score``) with :func:`repeated_tokens_scorer`: each set is ablated in one batched pass
-    over all rows of ``batch``.
-
-    Args:
-        batch: the rows to score (they may have different lags).
-        scores: per-head ``layer, head, induction_score`` (:func:`headlab.attention.scores_frame`).
-        layer_ranges: entries of :data:`LAYER_RANGES`.
-        max_heads: the largest k allowed (seed 002's ``--max_heads_abl``).
-        means: ``{layer: (n_heads, head_dim)}`` for ``"mean"`` (:func:`headlab.attention.head_output_means`).
-        batch_size: rows per forward pass (results do not depend on it).
-        Others: as in :func:`set_ablation_sweep` (seed 002 used 300 random sets).
-
-    Returns:
-        :func:`set_ablation_sweep` rows with ``model``, ``layer_range``, the row's ``lag`` and
-        ``p_correct, loss_early, loss_late, icl`` (:func:`headlab.induction.repeat_metrics`) with changes.
+    ``max_heads`` is seed 002's ``--max_heads_abl`` (it used 300 random sets). Rows carry the row's
+    ``lag`` and ``p_correct, loss_early, loss_late, icl`` (:func:`headlab.induction.repeat_metrics`)
+    with their changes.
     """
-    k_list, modes = list(k_list), list(modes)
-    if [k for k in k_list if k > max_heads]:
-        raise ValueError(f"k_list {k_list} has entries above max_heads={max_heads}.")
-    pools = _head_pools(lm, scores, "induction_score", layer_ranges, modes, means)
-    key = {**_model_key(lm, means, modes),
-           "tokens": config_hash({"t": batch.tokens.tolist(), "lags": batch.lags.tolist()})}
-    rows = set_ablation_sweep(repeated_tokens_scorer(lm, batch, means, batch_size), pools, out_dir, key=key,
-                              items=pd.DataFrame({"lag": batch.lags.numpy()}), pool_column="layer_range",
-                              modes=modes, set_types=set_types, k_list=k_list, n_random=n_random, seed=seed,
-                              perm_chunk=perm_chunk, progress=progress)
-    return rows.assign(model=lm.spec)[["model", *rows.columns]]
+    key = {"tokens": config_hash({"t": batch.tokens.tolist(), "lags": batch.lags.tolist()})}
+    return head_ablation_sweep(
+        lm, repeated_tokens_scorer(lm, batch, means, batch_size), scores, "induction_score", out_dir, key=key,
+        items=pd.DataFrame({"lag": batch.lags.numpy()}), modes=modes, layer_ranges=layer_ranges,
+        set_types=set_types, k_list=k_list, n_random=n_random, max_heads=max_heads, seed=seed, means=means,
+        perm_chunk=perm_chunk, progress=progress)
 
 
 def ranked_ablation_sweep(
@@ -458,32 +482,14 @@ def ranked_ablation_sweep(
     batch_size: int = 16,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Chapter 05: the top-k heads of a per-head score or k random heads ablated, prompts scored on
-    label tokens.
-
-    :func:`set_ablation_sweep` over :func:`head_pool` (ranked by ``column``) with :func:`label_scorer`.
-
-    Args:
-        enc: prompts (:func:`headlab.engine.encode_prompts`).
-        label_ids: label token ids scored at the last position of every prompt.
-        scores: one row per head with ``layer``, ``head`` and ``column`` (largest first).
-        measures: name -> function of the ``(n_prompts, n_labels)`` log-probabilities returning
-            ``(n_prompts,)`` values (e.g. a log-probability difference between two labels).
-        Others: as in :func:`induction_ablation_sweep`.
-
-    Returns:
-        :func:`set_ablation_sweep` rows (``sequence`` = prompt) with ``model``, ``layer_range``, each
-        measure and its change ``<measure>_change``.
-    """
-    modes = list(modes)
-    pools = _head_pools(lm, scores, column, layer_ranges, modes, means)
-    key = {**_model_key(lm, means, modes), "labels": list(label_ids), "measures": sorted(measures),
+    """Chapter 05: :func:`head_ablation_sweep` of the heads ranked by ``column`` with :func:`label_scorer`
+    (prompts scored on ``label_ids``; each measure and its ``<measure>_change`` per prompt and set)."""
+    key = {"labels": list(label_ids), "measures": sorted(measures),
            "prompts": config_hash({"q": [q.tolist() for q in enc.queries], "p": enc.prefix.tolist()})}
-    rows = set_ablation_sweep(label_scorer(lm, enc, label_ids, measures, means, batch_size), pools, out_dir,
-                              key=key, items=pd.DataFrame(index=range(len(enc))), pool_column="layer_range",
-                              modes=modes, set_types=set_types, k_list=k_list, n_random=n_random, seed=seed,
-                              progress=progress)
-    return rows.assign(model=lm.spec)[["model", *rows.columns]]
+    return head_ablation_sweep(
+        lm, label_scorer(lm, enc, label_ids, measures, means, batch_size), scores, column, out_dir, key=key,
+        items=pd.DataFrame(index=range(len(enc))), modes=modes, layer_ranges=layer_ranges,
+        set_types=set_types, k_list=k_list, n_random=n_random, seed=seed, means=means, progress=progress)
 
 
 def neuron_ablation_sweep(
@@ -502,33 +508,20 @@ def neuron_ablation_sweep(
     batch_size: int = 8,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Chapter 06: a layer's top-k neurons or k random other neurons ablated, next-token loss on text.
+    """Chapter 06: a layer's top-k neurons or k random *other* neurons ablated, next-token loss on text.
 
-    :func:`set_ablation_sweep` over :func:`neuron_pools` with :func:`text_loss_scorer`, one layer at a
-    time. Mean ablation uses ``stats.means()``: the statistics must come from a corpus *disjoint* from
-    ``ids``.
-
-    Args:
-        ids: ``(n, s)`` held-out token rows.
-        stats: :class:`headlab.neurons.NeuronStats` of the reference corpus (ranks neurons, gives means).
-        layers: layers whose neurons are ablated (one layer at a time).
-        k_list: neurons ablated at once, each at most half the layer (random sets avoid the top set).
-        by: ranking of the top set (a :meth:`~headlab.neurons.NeuronStats.frame` column).
-        batch_size: rows per forward pass (results do not depend on it).
-        Others: as in :func:`set_ablation_sweep`.
-
-    Returns:
-        :func:`set_ablation_sweep` rows with ``model``, ``layer``, the row's mean next-token ``loss``
-        (nats) and ``loss_change`` (loss - clean loss).
+    :func:`set_ablation_sweep` over :func:`neuron_pools` (ranked by ``by``, one layer at a time) with
+    :func:`text_loss_scorer`. Mean ablation uses ``stats.means()``, so the statistics must come from a
+    corpus *disjoint* from the held-out rows ``ids``. Rows: ``model``, ``layer``, the row's mean
+    next-token ``loss`` (nats) and ``loss_change`` (loss - clean loss).
     """
-    layers, modes = [int(x) for x in layers], list(modes)
-    pools = neuron_pools(stats, layers, by)
+    layers = [int(x) for x in layers]
     key = {"model": lm.fingerprint or lm.spec, "by": by, "tokens": config_hash({"t": ids.tolist()}),
            "stats": config_hash({"n": stats.count, "m": stats.mean.double().round(decimals=5).tolist()})}
-    rows = set_ablation_sweep(text_loss_scorer(lm, ids, layers, stats.means(), batch_size), pools, out_dir,
-                              key=key, items=pd.DataFrame(index=range(len(ids))), pool_column="layer",
-                              modes=modes, set_types=set_types, k_list=k_list, n_random=n_random, seed=seed,
-                              progress=progress)
+    rows = set_ablation_sweep(
+        text_loss_scorer(lm, ids, layers, stats.means(), batch_size), neuron_pools(stats, layers, by),
+        out_dir, key=key, items=pd.DataFrame(index=range(len(ids))), pool_column="layer", modes=modes,
+        set_types=set_types, k_list=k_list, n_random=n_random, seed=seed, progress=progress)
     return rows.assign(model=lm.spec)[["model", *rows.columns]]
 
 
