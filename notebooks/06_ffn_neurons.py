@@ -297,9 +297,9 @@ lines += [
     f"({r.band}: {r.random_low:+.4f} to {r.random_high:+.4f}; clean {clean_loss:.3f}); {r.verdict}."
     for r in versus.itertuples()
 ]
-n_sig = int(versus["verdict"].str.startswith("top set").sum())
-lines.append(f"In {n_sig} of {len(versus)} (mode, layer, k) settings the top neurons raise the loss more than "
-             f"random ones (permutation test at 0.05).")
+n_sig, n_test = (int(versus["verdict"].str.startswith(s).sum()) for s in ("top set", ("top set", "not dist")))
+lines.append(f"In {n_sig} of the {n_test} (mode, layer, k) settings with enough random sets for a permutation test "
+             f"at 0.05 the top neurons raise the loss more than random ones ({len(versus) - n_test} too few to test).")
 lines.append(f"Run time: capture {capture_seconds:.0f} s, lens {lens_seconds:.0f} s, ablation {ablation_seconds:.0f} s.")
 chapter.bullets(lines)
 
