@@ -41,8 +41,9 @@ class Harm:
 
 
 def _sweep(score, pools, out, **kw):
-    grid = dict(key={"what": "synthetic"}, items=pd.DataFrame({"weight": ITEM_WEIGHT}), pool_column="pool",
-                modes=("zero", "mean"), k_list=(0, 1, 3), n_random=4, seed=0, perm_chunk=3, progress=False)
+    grid = {"key": {"what": "synthetic"}, "items": pd.DataFrame({"weight": ITEM_WEIGHT}), "pool_column": "pool",
+            "modes": ("zero", "mean"), "k_list": (0, 1, 3), "n_random": 4, "seed": 0, "perm_chunk": 3,
+            "progress": False}
     return ablation.set_ablation_sweep(score, pools, out, **{**grid, **kw})
 
 
@@ -71,7 +72,7 @@ def test_generic_sweep_gives_the_known_values(tmp_path):
                                                                  key=lambda i: w[(1, i)]))
     # the clean model is scored once; a set met twice (same mode) is scored once
     assert [c for c in harm.calls if c[1] == ""] == [("zero", "")]
-    assert len(harm.calls) == len(set(c if c[1] else ("clean", "") for c in harm.calls))
+    assert len(harm.calls) == len({c if c[1] else ("clean", "") for c in harm.calls})
 
 
 def test_random_draws_do_not_depend_on_the_grid(tmp_path):
