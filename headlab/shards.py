@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from headlab.progress import Progress, report
 
 __all__ = ["ShardStore", "config_hash", "run_grid"]
 
@@ -89,24 +89,22 @@ def run_grid(
         points: configurations, in the order the result should follow.
         compute: configuration -> ``{table name: tidy frame}``.
         store: where shards live.
-        progress: print one line per point with elapsed time and an ETA (to stderr).
+        progress: report progress with elapsed time and an ETA (:mod:`headlab.progress`: the book's
+            build log, else stderr).
 
     Returns:
         ``{table name: concatenation over points}`` (points already done are read from disk).
     """
     points = list(points)
     todo = [p for p in points if not store.done(p)]
-    t0, finished = time.time(), 0
+    label = f"sweep into {store.root.parent.name}/{store.root.name}"
     if progress and len(todo) < len(points):
-        print(f"resuming: {len(points) - len(todo)} of {len(points)} grid points already saved", file=sys.stderr)
+        report(f"{label}: resuming, {len(points) - len(todo)} of {len(points)} grid points already saved")
+    bar = Progress(len(todo), label, unit="grid point") if progress and todo else None
     for p in todo:
         store.save(p, compute(p))
-        finished += 1
-        if progress:
-            spent = time.time() - t0
-            eta = spent / finished * (len(todo) - finished)
-            print(f"[{finished}/{len(todo)}] {p} done, {spent:.0f} s elapsed, ETA {eta:.0f} s",
-                  file=sys.stderr, flush=True)
+        if bar is not None:
+            bar.update(note=", ".join(f"{k}={v}" for k, v in p.items() if isinstance(v, (int, float, str))))
     loaded = [store.load(p) for p in points]
     names = list(dict.fromkeys(n for d in loaded for n in d))
     return {n: pd.concat([d[n] for d in loaded if n in d], ignore_index=True) for n in names}

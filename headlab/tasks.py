@@ -23,6 +23,7 @@ import torch
 
 from headlab import data, engine, metrics
 from headlab.models import LoadedModel
+from headlab.progress import track
 
 __all__ = [
     "FORMATS",
@@ -256,7 +257,7 @@ def evaluate_configs(
         ``threshold`` (dev-calibrated) and ``accuracy_calibrated``.
     """
     rows = []
-    for cfg in configs:
+    for cfg in track(configs, "dev grid", unit="prompt configuration"):
         task = make_task(splits, "dev", cfg)
         lp = task.logprobs(lm, batch_size=batch_size)
         y = task.labels

@@ -27,6 +27,7 @@ from torch import Tensor
 from headlab.engine.scoring import batches
 from headlab.interventions import capture_residual
 from headlab.models import LoadedModel
+from headlab.progress import track
 
 __all__ = ["BlockInputs", "forward_rows", "keep_block_inputs", "skip_layers_before"]
 
@@ -134,7 +135,7 @@ def forward_rows(
         raise ValueError(f"from_layer={from_layer} needs the clean block inputs (`clean`), kept by a clean pass.")
     keep = list(keep)
     extra = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
-    for batch in batches(len(ids), batch_size):
+    for batch in track(list(batches(len(ids), batch_size)), "forward passes", unit="batch"):
         rows = slice(batch.start, batch.stop)
         if mask is not None:
             extra["attention_mask"] = mask[rows].to(lm.device)

@@ -21,6 +21,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from headlab.models import LoadedModel
+from headlab.progress import track
 
 __all__ = [
     "EncodedPrompts",
@@ -237,7 +238,7 @@ def generate_greedy(lm: LoadedModel, enc: EncodedPrompts, max_new_tokens: int = 
     """Greedy continuation of each prompt, decoded to text (one prompt at a time, prefix cached)."""
     kv = prefix_kv(lm, enc.prefix) if len(enc.prefix) else None
     texts = []
-    for i in range(len(enc)):
+    for i in track(range(len(enc)), "greedy generation", unit="prompt"):
         cache = cache_for_batch(lm, kv, 1) if kv is not None else DynamicCache(config=lm.model.config)
         ids = enc.queries[i][None].to(lm.device)
         pos = len(enc.prefix)
