@@ -17,10 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from headlab.book.browser import browser_requests, check_drawn
+from headlab.book.deps import READS, plan_chapter, record, splice_markdown
 from headlab.book.execute import ChapterError, execute_chapter, to_notebook
+from headlab.book.frontpage import write_headlines
 from headlab.book.offline import check_offline, find_missing_assets
 from headlab.book.vendor import localize_outputs, vendor_js
 from headlab.params import add_parameter_option
+from headlab.progress import format_seconds
 
 __all__ = ["book_main", "build_book"]
 
@@ -44,9 +47,103 @@ def _chapter_sources(notebooks: Path, chapters: list[str] | None) -> list[Path]:
         if not path.is_file():
             path = notebooks / (path.name if path.suffix == ".py" else f"{path.name}.py")
         if not path.is_file():
-            raise FileNotFoundError(f"no chapter {name!r} (looked for {path})")
+            known = ", ".join(p.stem for p in sorted(notebooks.glob("*.py")))
+            raise FileNotFoundError(f"no chapter {name!r} (looked for {path}); chapters: {known}")
         sources.append(path)
-    return sources
+    return sorted(set(sources), key=lambda p: p.name)
+
+
+def _results_dirs(sources: list[Path], parameters: dict[str, Any] | None) -> dict[str, str]:
+    """chapter stem -> its results folder (its ``results_dir`` parameter, a ``-p results_dir`` winning)."""
+    from headlab.grid import chapter_parameters
+
+    out = {}
+    for src in sources:
+        folder = {**chapter_parameters(src), **(parameters or {})}.get("results_dir")
+        if isinstance(folder, str):
+            out[src.stem] = folder
+    return out
+
+
+def _downstream(stem: str) -> set[str]:
+    """Chapters that read ``stem``'s results, directly or through others."""
+    found, todo = set(), [stem]
+    while todo:
+        up = todo.pop()
+        for chapter, reads in READS.items():
+            if up in reads and chapter not in found:
+                found.add(chapter)
+                todo.append(chapter)
+    return found
+
+
+def _run_chapters(root: Path, sources: list[Path], parameters: dict[str, Any] | None, force: bool,
+                  all_sources: list[Path]) -> dict[str, float]:
+    """Execute, splice or skip each chapter of ``sources`` as its dependency record says; log why and how long.
+
+    Returns:
+        chapter stem -> seconds it took to execute (executed chapters only).
+    """
+    out_dir = root / "book" / "chapters"
+    dirs = _results_dirs(all_sources, parameters)
+    plans = {src.stem: plan_chapter(src, out_dir / f"{src.stem}.ipynb", root, parameters, force, dirs)
+             for src in sources}
+    running = {s for s, p in plans.items() if p.action == "execute"}
+    maybe = {s for s in plans if s not in running and any(s in _downstream(r) for r in running)}
+    for stem, plan in plans.items():
+        last = f"; last execution {format_seconds(plan.last_seconds)}" if plan.last_seconds else ""
+        note = " (may re-run: it reads a chapter that runs first)" if stem in maybe else ""
+        print(f"[book] {stem}: {plan.action}{note} - {'; '.join(plan.reasons)}{last}", flush=True)
+
+    def estimate(stems: set[str]) -> tuple[float, int]:
+        known = [plans[s].last_seconds for s in stems if plans[s].last_seconds]
+        return float(sum(known)), len(stems) - len(known)
+
+    todo_s, untimed = estimate(running)
+    maybe_s, _ = estimate(maybe)
+    if running:
+        print(f"[book] to execute: {len(running)} chapter(s), ~{format_seconds(todo_s)} by the last build's times"
+              + (f" ({untimed} never timed)" if untimed else "")
+              + (f"; up to ~{format_seconds(maybe_s)} more if {', '.join(sorted(maybe))} must follow" if maybe else ""),
+              flush=True)
+    else:
+        print("[book] nothing to execute", flush=True)
+
+    executed: dict[str, float] = {}
+    left = set(running)
+    for src in sources:
+        stem = src.stem
+        plan = plans[stem]
+        if plan.action != "execute" and any(stem in _downstream(e) for e in executed):
+            # a chapter it reads ran in this build: decide again with its new results
+            plan = plan_chapter(src, out_dir / f"{stem}.ipynb", root, parameters, force, dirs)
+            if plan.action == "execute":
+                print(f"[book] {stem}: execute - {'; '.join(plan.reasons)}", flush=True)
+                left.add(stem)
+        if plan.action == "splice":
+            try:
+                splice_markdown(src, out_dir / f"{stem}.ipynb", plan.inputs)
+                print(f"[book] {stem}: markdown spliced into the executed notebook", flush=True)
+                continue
+            except ValueError as err:
+                print(f"[book] {stem}: {err}", flush=True)
+                plan.action = "execute"
+        if plan.action != "execute":
+            continue
+        start = time.perf_counter()
+        print(f"[book] execute {src.name} ...", flush=True)
+        execute_chapter(src, out_dir, parameters, cwd=root, report=lambda line, s=stem: print(f"[book] {s}: {line}",
+                                                                                                flush=True),
+                        previous_cell_seconds=plan.last_cell_seconds)
+        record(out_dir / f"{stem}.ipynb", plan.inputs, root)
+        executed[stem] = took = time.perf_counter() - start
+        left.discard(stem)
+        remaining, unknown = estimate(left)
+        was = f" (last build {format_seconds(plan.last_seconds)})" if plan.last_seconds else ""
+        rest = (f"; still to execute: {len(left)} chapter(s), ~{format_seconds(remaining)}"
+                + (f" + {unknown} never timed" if unknown else "")) if left else ""
+        print(f"[book] executed {src.name} in {format_seconds(took)}{was}{rest}", flush=True)
+    return executed
 
 
 def build_book(
@@ -55,24 +152,28 @@ def build_book(
     parameters: dict[str, Any] | None = None,
     execute: bool = True,
     browser_check: bool = False,
+    force: bool = False,
 ) -> Path:
-    """Execute the chapters, vendor the JavaScript, build the HTML and check it is offline.
+    """Execute the chapters that need it, vendor the JavaScript, build the HTML and check it is offline.
 
-    Steps: papermill runs each ``notebooks/<stem>.py`` into ``book/chapters/<stem>.ipynb``;
-    :func:`vendor_js` fills ``book/_vendor``; ``jupyter-book build book --config
-    _config.yml --toc $ROOT/book/_toc.yml --path-output book -W -n --keep-going --all``
-    (every warning, broken reference included, fails the build; ``--all`` so that
+    Steps: each ``notebooks/<stem>.py`` is planned by :func:`headlab.book.deps.plan_chapter` and, if its
+    inputs changed since the executed copy ``book/chapters/<stem>.ipynb`` was made, executed by
+    papermill (with its markdown spliced in when only markdown changed, left alone when nothing did);
+    :func:`write_headlines` writes the front page's results; :func:`vendor_js` fills ``book/_vendor``;
+    ``jupyter-book build book --config _config.yml --toc $ROOT/book/_toc.yml --path-output book -W -n
+    --keep-going --all`` (every warning, broken reference included, fails the build; ``--all`` so that
     warnings of unchanged pages are reported on every build); then :func:`find_missing_assets` and
     :func:`check_offline` on ``book/_build/html``.
 
     Args:
         root: Repository root (holds ``_config.yml``, ``notebooks/`` and ``book/``).
-        chapters: Chapter names or files to execute; default all ``notebooks/*.py``, sorted.
+        chapters: Chapter names or files to consider (``--only``); default all ``notebooks/*.py``.
         parameters: papermill parameters passed to every chapter.
         execute: If False, reuse the notebooks already in ``book/chapters`` (a chapter
             never executed is converted without outputs).
         browser_check: Also open every page in headless Chromium and fail on any request
             to another host (see :func:`browser_requests`).
+        force: Execute the considered chapters even when they are up to date.
 
     Returns:
         The HTML folder, ``root / "book" / "_build" / "html"``.
@@ -81,16 +182,19 @@ def build_book(
     book = root / "book"
     out_dir = book / "chapters"
     total = time.perf_counter()
+    all_sources = sorted((root / "notebooks").glob("*.py"))
+    executed: dict[str, float] = {}
     if execute:
-        for src in _chapter_sources(root / "notebooks", chapters):
-            with _step(f"execute {src.name}"):
-                execute_chapter(src, out_dir, parameters, cwd=root)
+        sources = _chapter_sources(root / "notebooks", chapters)
+        with _step("execute chapters"):
+            executed = _run_chapters(root, sources, parameters, force, all_sources)
     # Chapters not executed now keep their last executed copy; one never executed is
     # rendered without outputs so that the table of contents still resolves.
-    for src in sorted((root / "notebooks").glob("*.py")):
+    for src in all_sources:
         if not (out_dir / f"{src.stem}.ipynb").is_file():
             print(f"[book] {src.name} was never executed; rendering it without outputs", flush=True)
             to_notebook(src, out_dir / f"{src.stem}.ipynb")
+    write_headlines(book, [src.stem for src in all_sources])
 
     with _step("point CDN URLs in outputs at the vendored copies"):
         for nb in sorted(out_dir.glob("*.ipynb")):
@@ -143,12 +247,15 @@ def build_book(
             drawn = check_drawn(html_dir, pages, artefacts=root / "results" / "book-screenshots")
             for page, counts in drawn.items():
                 print(f"[book] {page}: {counts}", flush=True)
-    print(f"[book] done in {time.perf_counter() - total:.1f} s: {html_dir / 'index.html'}", flush=True)
+    spent = time.perf_counter() - total
+    print(f"[book] done in {format_seconds(spent)} (executing {len(executed)} chapter(s): "
+          f"{format_seconds(sum(executed.values()))}; the rest {format_seconds(spent - sum(executed.values()))}): "
+          f"{html_dir / 'index.html'}", flush=True)
     return html_dir
 
 
 def book_main(args: list[str] | None = None) -> int:
-    """Command-line entry: ``python -m headlab.book [--chapters ...] [--no-execute] [-p K V]``.
+    """Command-line entry: ``python -m headlab.book [--only CHAPTER ...] [--force] [--no-execute] [-p K V]``.
 
     Args:
         args: Command-line arguments (default ``sys.argv[1:]``).
@@ -158,10 +265,15 @@ def book_main(args: list[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(
         prog="headlab book",
-        description="Execute notebooks/*.py with papermill and build the offline Jupyter Book.",
+        description="Execute the chapters whose inputs changed (notebooks/*.py, papermill) and build the "
+                    "offline Jupyter Book. Each chapter's log line says why it is executed or skipped.",
     )
     parser.add_argument("--root", type=Path, default=Path.cwd(), help="repository root (default: .)")
-    parser.add_argument("--chapters", nargs="+", metavar="NAME", help="chapters to execute (default: all)")
+    parser.add_argument("--only", "--chapters", dest="only", nargs="+", metavar="CHAPTER",
+                        help="consider only these chapters (e.g. 02_noise_perturbation); the others keep "
+                             "their executed notebooks as they are")
+    parser.add_argument("--force", action="store_true",
+                        help="execute the considered chapters even when nothing they depend on changed")
     parser.add_argument(
         "--no-execute", dest="execute", action="store_false", help="reuse book/chapters/*.ipynb as they are"
     )
@@ -171,8 +283,8 @@ def book_main(args: list[str] | None = None) -> int:
     )
     ns = parser.parse_args(args)
     try:
-        build_book(ns.root, ns.chapters, ns.parameters or None, ns.execute, ns.browser_check)
-    except (ChapterError, RuntimeError, FileNotFoundError) as err:
+        build_book(ns.root, ns.only, ns.parameters or None, ns.execute, ns.browser_check, ns.force)
+    except (ChapterError, RuntimeError, FileNotFoundError, ValueError) as err:
         print(f"[book] FAILED: {err}", file=sys.stderr)
         return 1
     return 0

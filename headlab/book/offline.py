@@ -72,6 +72,15 @@ _INERT_JS_URLS: tuple[tuple[str, str, str], ...] = (
         r"https://raw\.githubusercontent\.com/ajv-validator/ajv/master/lib/refs/data\.json#?",
         "ajv's $data meta-schema $id: an identifier, the schema itself is bundled",
     ),
+    # plotly.js (cartesian bundle): defaults of options we never use, links and message text.
+    ("plotly/plotly-cartesian.min.js", r"https://cdn\.plot\.ly/un/",
+     "topojsonURL default: only geo traces fetch it, and the cartesian bundle has none"),
+    ("plotly/plotly-cartesian.min.js", r"https://cloud\.plotly\.com/newchart",
+     "plotlyServerURL default: used only by the 'edit in Chart Studio' button, off by default"),
+    ("plotly/plotly-cartesian.min.js", r"https://plotly\.com/",
+     "href of the modebar logo link (headlab.figures sets displaylogo: false)"),
+    ("plotly/plotly-cartesian.min.js", r"https://github\.com/d3/d3-(time-)?format/.*",
+     "documentation links in error messages"),
     # embed-amd.js's default widget CDN. Our pages set data-jupyter-widgets-cdn on its
     # script tag (the HTML scan checks that), and base/controls/output are bundled, so
     # the default is never used.

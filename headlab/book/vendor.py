@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from headlab.figures import PLOTLY_PACKAGE, PLOTLY_URL, PLOTLY_VERSION
+
 __all__ = ["CDN_REWRITES", "NPM_CACHE", "NPM_PACKAGES", "localize_outputs", "vendor_js"]
 
 #: Every npm package the built HTML uses, pinned. ``vendor_js`` fetches exactly these.
@@ -30,10 +32,15 @@ NPM_PACKAGES: dict[str, str] = {
     # For bertviz outputs (which ask for d3 5.7.0 and jQuery 2.0.0; 2.0.0 is not on npm).
     "d3": "5.7.0",
     "jquery": "2.2.4",
+    # Draws the interactive figures of headlab.figures: the cartesian bundle (heatmap, scatter, bar).
+    PLOTLY_PACKAGE: PLOTLY_VERSION,
 }
 
 #: Where ``npm pack`` tarballs are kept between builds (override with $HEADLAB_NPM_CACHE).
 NPM_CACHE = Path(os.environ.get("HEADLAB_NPM_CACHE", Path.home() / ".cache" / "headlab" / "npm"))
+
+# plotly.js bundle the figures load, relative to the vendored folder (the same name as in the npm package).
+_PLOTLY_FILE = "plotly/plotly-cartesian.min.js"
 
 # The one MathJax combined component shipped (Sphinx's default, TeX + MathML -> CHTML).
 # The other top-level *.js of MathJax's es5/ are left out, among them latest.js, which
@@ -128,6 +135,7 @@ def vendor_js(dest: Path) -> dict[str, str]:
         require-paths.js         require.config() mapping module ids onto this folder
         jupyter-widgets/         embed-amd.js (+ the font files its CSS refers to)
         d3/d3.min.js, jquery/jquery.min.js
+        plotly/plotly-cartesian.min.js   plotly.js for headlab.figures (loaded by the figures that need it)
         vendor-licenses/         the packages' licence files
         vendor-versions.json     the pinned versions (NPM_PACKAGES)
 
@@ -144,6 +152,7 @@ def vendor_js(dest: Path) -> dict[str, str]:
         "embed-amd": "jupyter-widgets/embed-amd.js",
         "d3": "d3/d3.min.js",
         "jquery": "jquery/jquery.min.js",
+        "plotly": _PLOTLY_FILE,
     }
     dest = Path(dest)
     stamp = dest / "vendor-versions.json"
@@ -186,6 +195,8 @@ def vendor_js(dest: Path) -> dict[str, str]:
         shutil.copy2(roots["d3"] / "dist" / "d3.min.js", staging / "d3" / "d3.min.js")
         (staging / "jquery").mkdir()
         shutil.copy2(roots["jquery"] / "dist" / "jquery.min.js", staging / "jquery" / "jquery.min.js")
+        (staging / "plotly").mkdir()
+        shutil.copy2(roots[PLOTLY_PACKAGE] / Path(_PLOTLY_FILE).name, staging / _PLOTLY_FILE)
 
         licences = staging / "vendor-licenses"
         licences.mkdir()
@@ -202,7 +213,7 @@ def vendor_js(dest: Path) -> dict[str, str]:
     return entries
 
 
-#: CDN URLs written into executed notebooks by libraries we use, and the vendored file (relative to
+#: CDN URLs written into executed notebooks by libraries we use (and by :mod:`headlab.figures`), and the vendored file (relative to
 #: the HTML root, where :func:`vendor_js` puts its files) each is replaced with. bertviz's head view
 #: loads require.js with a ``<script src>`` and asks require.js for d3 and jQuery; jQuery 2.0.0 is
 #: not on npm, so the vendored 2.2.4 (same 2.x API) stands in. Module paths have no ``.js`` suffix
@@ -211,6 +222,8 @@ CDN_REWRITES: dict[str, str] = {
     "https://cdnjs.cloudflare.com/ajax/libs/require.js/2.3.6/require.min.js": "require.js",
     "https://cdnjs.cloudflare.com/ajax/libs/d3/5.7.0/d3.min": "d3/d3.min",
     "https://cdnjs.cloudflare.com/ajax/libs/jquery/2.0.0/jquery.min": "jquery/jquery.min",
+    # headlab.figures loads plotly.js from plotly's CDN when the notebook is opened elsewhere.
+    PLOTLY_URL: _PLOTLY_FILE,
 }
 
 
