@@ -51,8 +51,18 @@ PLOTLY_URL = f"https://cdn.plot.ly/plotly-cartesian-{PLOTLY_VERSION}.min.js"
 #: displays static figures instead of widgets.
 HEADLESS_ENV = "HEADLAB_HEADLESS"
 
-_RUNTIME = (Path(__file__).with_name("figures.js").read_text(encoding="utf-8")
-            .replace("__PLOTLY_URL__", PLOTLY_URL))
+
+
+def _runtime() -> str:
+    """``figures.js`` as inlined into each figure: its header comment, comment lines and indentation
+    dropped (about a third smaller), the plotly.js URL filled in."""
+    text = Path(__file__).with_name("figures.js").read_text(encoding="utf-8")
+    text = text[text.index("*/") + 2:] if text.lstrip().startswith("/*") else text
+    lines = (line.strip() for line in text.splitlines())
+    return "\n".join(line for line in lines if line and not line.startswith("//")).replace("__PLOTLY_URL__", PLOTLY_URL)
+
+
+_RUNTIME = _runtime()
 
 _STYLE = """<style>
 .headlab-figure{margin:0.5em 0 1em 0;font-size:13px}

@@ -1,7 +1,8 @@
 """Interactive views for JupyterLab (ipywidgets). Each function returns a widget to display.
 
-The views only re-plot data the chapter already computed, so they are cheap and also render (in
-their initial state) in the static HTML book.
+The views only re-plot data the chapter already computed, so they are cheap. They need a kernel to
+answer their callbacks: the static HTML book shows the :mod:`headlab.figures` version of each explorer
+instead (chapters call :func:`headlab.figures.show`, which picks the one that works where it runs).
 """
 
 from __future__ import annotations
@@ -34,9 +35,16 @@ def sweep_explorer(heads: pd.DataFrame, metrics: Sequence[str] = ("logit_diff_dr
     out = W.Output()
 
     def sync(*_: object) -> None:
+        # ipywidgets 8 keeps value None when the options change under it: choose one explicitly
+        # (an empty choice was what the static book showed: "no rows for this choice").
         sel = heads[heads["mode"] == mode.value]
-        level.options = sorted(sel["level"].unique())
+        keep = level.value
+        level.options = sorted(float(v) for v in sel["level"].unique())
+        level.value = keep if keep in level.options else level.options[0]
+        sel = sel[sel["level"] == level.value]
+        keep = seed.value
         seed.options = ["mean over seeds"] + sorted(int(s) for s in sel["seed"].unique())
+        seed.value = keep if keep in seed.options else seed.options[0]
 
     def draw(*_: object) -> None:
         sel = heads[(heads["mode"] == mode.value) & (heads["level"] == level.value)]
@@ -53,6 +61,7 @@ def sweep_explorer(heads: pd.DataFrame, metrics: Sequence[str] = ("logit_diff_dr
             plt.close(fig)
 
     mode.observe(sync, "value")
+    level.observe(sync, "value")
     sync()
     for w in (mode, level, seed, metric):
         w.observe(draw, "value")

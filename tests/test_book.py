@@ -172,3 +172,192 @@ def test_to_notebook_sets_kernelspec_and_keeps_parameters_tag(tmp_path: Path) ->
 def test_parameter_values_are_typed_like_papermill(text: str, value: object) -> None:
     assert parse_value(text) == value
     assert type(parse_value(text)) is type(value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Incremental execution (headlab.book.deps, run_chapters)
+# --------------------------------------------------------------------------------------------------
+# Two tiny chapters named like the real ones, so that READS applies: 02 reads 01's prompt config.
+BASELINE = '''\
+# %% [markdown]
+# # Baseline (tiny)
+
+# %% tags=["parameters"]
+threshold: float = 0.5  # the chosen value
+results_dir: str = "results/baseline"  # where it writes
+
+# %%
+import json
+import pathlib
+
+from headlab.progress import Progress
+
+out = pathlib.Path(results_dir)
+out.mkdir(parents=True, exist_ok=True)
+(out / "prompt_config.json").write_text(json.dumps({"prompt_config": {"threshold": threshold}}))
+(out / "summary.json").write_text(json.dumps({"headline": f"threshold **{threshold}**", "n": 3}))
+with Progress(3, "tiny loop", unit="item", every=0.0) as bar:
+    for _ in range(3):
+        bar.update()
+'''
+
+NOISE = '''\
+# %% [markdown]
+# # Noise (tiny)
+
+# %% tags=["parameters"]
+prompt_config: str = "results/baseline/prompt_config.json"  # written by the baseline
+results_dir: str = "results/noise"  # where it writes
+
+# %%
+import json
+
+print("threshold read:", json.load(open(prompt_config))["prompt_config"]["threshold"])
+'''
+
+
+def _tiny_repo(root: Path) -> Path:
+    (root / "notebooks").mkdir(parents=True)
+    (root / "notebooks" / "01_baseline.py").write_text(BASELINE)
+    (root / "notebooks" / "02_noise_perturbation.py").write_text(NOISE)
+    return root
+
+
+def _actions(log: str) -> dict[str, str]:
+    """chapter -> 'execute' / 'splice' / 'skip', from the plan lines of the build log."""
+    out = {}
+    for line in log.splitlines():
+        for stem in ("01_baseline", "02_noise_perturbation"):
+            for action in ("execute", "splice", "skip"):
+                if line.startswith(f"[book] {stem}: {action}"):
+                    out[stem] = action
+    return out
+
+
+def test_chapters_rerun_only_when_an_input_changed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from headlab.book import plan_chapter, run_chapters
+    from headlab.book.deps import read_stamp
+
+    root = _tiny_repo(tmp_path)
+    chapters = root / "book" / "chapters"
+
+    # 1. first build: both executed; the log shows cells and the loop's progress, not a kernel warning
+    assert set(run_chapters(root)) == {"01_baseline", "02_noise_perturbation"}
+    log = capsys.readouterr()
+    assert _actions(log.out) == {"01_baseline": "execute", "02_noise_perturbation": "execute"}
+    assert "01_baseline: cell 2/2 done" in log.out and "tiny loop: 3/3 items" in log.out
+    assert "WARNING" not in log.out + log.err
+    stamp = read_stamp(chapters / "01_baseline.ipynb")
+    assert stamp["summary"]["headline"] == "threshold **0.5**" and len(stamp["cell_seconds"]) == 2
+    assert "headlab/progress.py" in stamp["details"]["headlab"]
+    assert stamp["details"]["reads"] == {}
+    assert list(read_stamp(chapters / "02_noise_perturbation.ipynb")["details"]["reads"]) == [
+        "results/baseline/prompt_config.json"]
+
+    # 2. nothing changed: nothing runs
+    assert run_chapters(root) == {}
+    assert set(_actions(capsys.readouterr().out).values()) == {"skip"}
+
+    # 3. a markdown edit: outputs kept, new text spliced in, nothing executed
+    before = json.loads((chapters / "02_noise_perturbation.ipynb").read_text())
+    src = root / "notebooks" / "02_noise_perturbation.py"
+    src.write_text(NOISE.replace("# # Noise (tiny)", "# # Noise (tiny)\n# A new sentence.")
+                   .replace("# %%\nimport json", '# %% tags=["hide-input"]\nimport json'))
+    assert run_chapters(root) == {}
+    assert _actions(capsys.readouterr().out)["02_noise_perturbation"] == "splice"
+    after = json.loads((chapters / "02_noise_perturbation.ipynb").read_text())
+    assert "A new sentence." in "".join(after["cells"][0]["source"])
+    code = lambda nb: [c for c in nb["cells"] if c["cell_type"] == "code"]  # noqa: E731
+    assert [c["outputs"] for c in code(after)] == [c["outputs"] for c in code(before)]
+    assert "hide-input" in code(after)[-1]["metadata"]["tags"]
+    assert run_chapters(root) == {}  # and it is now up to date
+    assert _actions(capsys.readouterr().out)["02_noise_perturbation"] == "skip"
+
+    # 4. a parameter of 01 changes its results: 01 runs, then 02 because what it reads changed
+    assert set(run_chapters(root, parameters={"threshold": 0.7})) == {"01_baseline", "02_noise_perturbation"}
+    log = capsys.readouterr().out
+    assert "parameters changed: threshold 'default' -> 0.7" in log
+    assert "results it reads changed: results/baseline/prompt_config.json (changed)" in log
+    assert "0.7" in json.dumps(code(json.loads((chapters / "02_noise_perturbation.ipynb").read_text()))[-1]["outputs"])
+
+    # 5. 01 executed again with the same inputs writes the same prompt config: 02 is not re-run
+    assert set(run_chapters(root, ["01_baseline"], {"threshold": 0.7}, force=True)) == {"01_baseline"}
+    assert run_chapters(root, parameters={"threshold": 0.7}) == {}
+    capsys.readouterr()
+
+    # 6. results rewritten behind the book's back, and a code edit, are both caught
+    (root / "results" / "baseline" / "summary.json").write_text(json.dumps({"headline": "other run"}))
+    plan = plan_chapter(root / "notebooks" / "01_baseline.py", chapters / "01_baseline.ipynb", root,
+                        {"threshold": 0.7})
+    assert plan.action == "execute" and "summary.json changed since it ran" in plan.reasons[0]
+    src.write_text(src.read_text().replace('print("threshold read:"', 'print("read:"'))
+    plan = plan_chapter(src, chapters / "02_noise_perturbation.ipynb", root, {"threshold": 0.7})
+    assert (plan.action, plan.reasons) == ("execute", ["its code cells changed"])
+    assert plan.last_seconds and len(plan.last_cell_seconds) == 2
+
+
+def test_headlab_modules_follow_imports_and_ignore_docstrings(tmp_path: Path) -> None:
+    from headlab.book.deps import _code_hash, headlab_modules
+
+    pkg = tmp_path / "headlab"
+    (pkg / "engine").mkdir(parents=True)
+    (pkg / "__init__.py").write_text('"""The package."""\n')
+    (pkg / "a.py").write_text('"""A."""\nfrom headlab import b\n')
+    (pkg / "b.py").write_text("def f():\n    from .engine import scoring  # lazily\n    return scoring\n")
+    (pkg / "engine" / "__init__.py").write_text("")
+    (pkg / "engine" / "scoring.py").write_text("X = 1\n")
+    (pkg / "unused.py").write_text("Y = 2\n")
+    found = headlab_modules("import os\n%matplotlib inline\nfrom headlab import a\n", pkg)
+    assert list(found) == ["headlab", "headlab.a", "headlab.b", "headlab.engine", "headlab.engine.scoring"]
+    before = _code_hash(pkg / "a.py")
+    (pkg / "a.py").write_text('"""A, documented at length."""\n# a comment\nfrom headlab import b\n')
+    assert _code_hash(pkg / "a.py") == before
+    (pkg / "a.py").write_text('"""A."""\nfrom headlab import b, engine\n')
+    assert _code_hash(pkg / "a.py") != before
+
+
+def test_the_atlas_reads_are_declared_in_reads() -> None:
+    from headlab.atlas import MEASURES
+    from headlab.book import READS
+
+    declared = {(chapter, name) for chapter, names in READS["08_head_atlas"].items() for name in names}
+    needed = {(m.chapter, f"{m.table}.parquet") for m in MEASURES} | {(m.chapter, "config.json") for m in MEASURES}
+    assert declared == needed
+
+
+def test_front_page_lists_each_chapter_with_its_headline(tmp_path: Path) -> None:
+    from headlab.book import write_headlines
+    from headlab.book.frontpage import headline_text
+
+    chapters = tmp_path / "chapters"
+    chapters.mkdir()
+    nb = {"cells": [{"cell_type": "markdown", "metadata": {}, "source": ["# Noise: which heads?\n", "text"]}],
+          "metadata": {"headlab": {"summary": {"headline": "Top head **L3H2** (+0.41 [0.30, 0.52]).",
+                                               "executed_at": "x"}, "executed_at": "2025-01-01T00:00:00"}},
+          "nbformat": 4, "nbformat_minor": 5}
+    (chapters / "02_noise.ipynb").write_text(json.dumps(nb))
+    text = write_headlines(tmp_path, ["02_noise", "03_never_run"]).read_text()
+    assert "1. {doc}`Noise: which heads? <chapters/02_noise>`: Top head **L3H2** (+0.41 [0.30, 0.52])." in text
+    assert "{doc}`03_never_run <chapters/03_never_run>`: no headline numbers recorded yet" in text
+    assert headline_text({"n_prompts": 24, "clean_accuracy": 0.79166, "sweep_seconds": 12.0}) == \
+        "n prompts 24; clean accuracy 0.792."
+
+
+def test_progress_lines_go_to_the_progress_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from headlab.progress import PROGRESS_ENV, Progress, track
+
+    target = tmp_path / "progress.log"
+    monkeypatch.setenv(PROGRESS_ENV, str(target))
+    assert list(track(range(3), "quick", every=3600)) == [0, 1, 2]  # shorter than `every`: silent
+    with Progress(4, "sweep", unit="grid point", every=0.0) as bar:
+        for _ in range(4):
+            bar.update(note="layer=1")
+    lines = target.read_text().splitlines()
+    assert lines[0].startswith("sweep: 1/4 grid points, 0s elapsed, ETA ") and lines[0].endswith("(layer=1)")
+    assert lines[-1] == "sweep: 4/4 grid points, 0s elapsed, done (layer=1)"
+    assert capsys.readouterr().err == ""
+    monkeypatch.delenv(PROGRESS_ENV)
+    with Progress(2, "interactive", every=0.0) as bar:
+        bar.update()
+    assert capsys.readouterr().err.startswith("interactive: 1/2 steps")

@@ -451,7 +451,7 @@ def check_drawn(html_dir: Path, pages: list[str], artefacts: Path | None = None)
         text = (Path(html_dir) / page).read_text(encoding="utf-8", errors="replace")
         views = len(re.findall(r'id="bertviz-[0-9a-f]+"', text))
         widgets = text.count("application/vnd.jupyter.widget-view+json")
-        figures = text.count('class="headlab-figure"')
+        figures = len(re.findall(r'<div class="headlab-figure" id="hlf-', text))
         if not views and not widgets and not figures:
             continue
         shot = None if artefacts is None else Path(artefacts) / (page.replace("/", "__") + ".png")

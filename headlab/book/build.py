@@ -25,7 +25,7 @@ from headlab.book.vendor import localize_outputs, vendor_js
 from headlab.params import add_parameter_option
 from headlab.progress import format_seconds
 
-__all__ = ["book_main", "build_book"]
+__all__ = ["book_main", "build_book", "run_chapters"]
 
 
 @contextmanager
@@ -77,13 +77,28 @@ def _downstream(stem: str) -> set[str]:
     return found
 
 
-def _run_chapters(root: Path, sources: list[Path], parameters: dict[str, Any] | None, force: bool,
-                  all_sources: list[Path]) -> dict[str, float]:
-    """Execute, splice or skip each chapter of ``sources`` as its dependency record says; log why and how long.
+def run_chapters(root: Path, chapters: list[str] | None = None, parameters: dict[str, Any] | None = None,
+                 force: bool = False) -> dict[str, float]:
+    """Execute, splice or skip each chapter as its dependency record says (:mod:`headlab.book.deps`).
+
+    Prints, per chapter, what is done and why; an estimate of the time to execute from the last
+    build's recorded times; while a chapter runs, its finished cells and the progress lines of its
+    long loops; after each, the time it took and what is left. A chapter that reads the results of
+    one executed earlier in the same build is planned again once those results exist.
+
+    Args:
+        root: repository root (``notebooks/``, ``book/chapters/``).
+        chapters: chapter names to consider (default all ``notebooks/*.py``); the others keep their
+            executed notebooks as they are.
+        parameters: ``-p`` values for every chapter.
+        force: execute the considered chapters whatever their records say.
 
     Returns:
         chapter stem -> seconds it took to execute (executed chapters only).
     """
+    root = Path(root).resolve()
+    all_sources = sorted((root / "notebooks").glob("*.py"))
+    sources = _chapter_sources(root / "notebooks", chapters)
     out_dir = root / "book" / "chapters"
     dirs = _results_dirs(all_sources, parameters)
     plans = {src.stem: plan_chapter(src, out_dir / f"{src.stem}.ipynb", root, parameters, force, dirs)
@@ -114,11 +129,12 @@ def _run_chapters(root: Path, sources: list[Path], parameters: dict[str, Any] | 
     for src in sources:
         stem = src.stem
         plan = plans[stem]
-        if plan.action != "execute" and any(stem in _downstream(e) for e in executed):
-            # a chapter it reads ran in this build: decide again with its new results
-            plan = plan_chapter(src, out_dir / f"{stem}.ipynb", root, parameters, force, dirs)
+        if any(stem in _downstream(e) for e in executed):
+            # a chapter it reads ran in this build: decide again, and record, with its new results
+            was, plan = plan, plan_chapter(src, out_dir / f"{stem}.ipynb", root, parameters, force, dirs)
+            if (plan.action, plan.reasons) != (was.action, was.reasons):
+                print(f"[book] {stem}: {plan.action} - {'; '.join(plan.reasons)}", flush=True)
             if plan.action == "execute":
-                print(f"[book] {stem}: execute - {'; '.join(plan.reasons)}", flush=True)
                 left.add(stem)
         if plan.action == "splice":
             try:
@@ -185,9 +201,8 @@ def build_book(
     all_sources = sorted((root / "notebooks").glob("*.py"))
     executed: dict[str, float] = {}
     if execute:
-        sources = _chapter_sources(root / "notebooks", chapters)
         with _step("execute chapters"):
-            executed = _run_chapters(root, sources, parameters, force, all_sources)
+            executed = run_chapters(root, chapters, parameters, force)
     # Chapters not executed now keep their last executed copy; one never executed is
     # rendered without outputs so that the table of contents still resolves.
     for src in all_sources:
