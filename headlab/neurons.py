@@ -31,6 +31,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from headlab.models import LoadedModel
+from headlab.progress import track
 
 __all__ = [
     "NeuronStats",
@@ -259,7 +260,7 @@ def neuron_stats(
         stats.update(slots[layer], a, current["index"])
 
     with observe(lm, aggregate, layers, site="mlp_out"):
-        for start in range(0, n, batch_size):
+        for start in track(range(0, n, batch_size), "neuron statistics", unit="batch"):
             rows = torch.arange(start, min(n, start + batch_size))
             index = rows[:, None] * s + torch.arange(skip_first, s)[None]  # (b, s - skip_first)
             current["index"] = index.reshape(-1).to(lm.device)
