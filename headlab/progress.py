@@ -37,7 +37,7 @@ T = TypeVar("T")
 
 def format_seconds(seconds: float) -> str:
     """``75`` -> ``"1m15s"``, ``3725`` -> ``"1h02m"``, ``9.4`` -> ``"9s"``."""
-    s = max(0, int(round(seconds)))
+    s = max(0, round(seconds))
     if s < 60:
         return f"{s}s"
     if s < 3600:

@@ -17,7 +17,7 @@ import torch
 
 from headlab.models import LoadedModel
 
-__all__ = ["environment", "peak_memory", "save_frames", "write_config", "write_summary"]
+__all__ = ["environment", "peak_memory", "save_frames", "update_summary", "write_config", "write_summary"]
 
 _PACKAGES = ("headlab", "torch", "transformers", "gguf", "numpy", "pandas", "papermill", "jupyter-book")
 
@@ -99,6 +99,21 @@ def write_summary(results_dir: str | Path, **metrics: Any) -> Path:
     tmp.write_text(json.dumps(clean, indent=1))
     tmp.replace(path)
     return path
+
+
+def update_summary(results_dir: str | Path, **metrics: Any) -> Path:
+    """Add entries to the run's ``summary.json`` (keeping those already written), like :func:`write_summary`.
+
+    A chapter ends with ``update_summary(results_dir, headline=...)``: the ``headline`` entry is its
+    one-sentence answer, written from the run's numbers, which the book's front page shows
+    (:mod:`headlab.book.frontpage`).
+    """
+    path = Path(results_dir) / "summary.json"
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        old = {}
+    return write_summary(results_dir, **{**old, **metrics})
 
 
 def _rss_kib(field: str) -> int | None:

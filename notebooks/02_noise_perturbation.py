@@ -66,7 +66,7 @@ n_boot: int = 1000  # bootstrap resamples for the ranking intervals
 torch_threads: int = 0  # CPU threads for torch (0: torch's default; 1 is faster on a busy machine)
 results_dir: str = "results/noise"  # shards, tables and the run's config
 
-# %%
+# %% tags=["hide-input"]
 import time
 from pathlib import Path
 
@@ -194,16 +194,19 @@ compare.drop(columns=["layer", "head"]).corr(method="spearman").round(3) if abla
 # %% [markdown]
 # ## Explore
 #
-# Pick the setting, the seed (or the mean over seeds) and the measure. In the static book the widget
-# shows its first state; in JupyterLab every choice redraws.
+# Pick the setting, the seed (or the mean over seeds) and the measure; hover a head for its value and,
+# for the logit-difference drop, its 95% interval (paired bootstrap over prompts). Every choice
+# redraws, here as in JupyterLab (where this cell shows the ipywidgets explorer).
 
 # %%
-widgets.sweep_explorer(heads)
+from headlab import figures  # noqa: E402
+
+figures.show(figures.sweep_explorer(heads, per_prompt, n_boot=200), widget=lambda: widgets.sweep_explorer(heads))
 
 # %% [markdown]
 # ## What we saw
 
-# %%
+# %% tags=["hide-input"]
 above = int((ranking["effect_low"] > 0).sum())
 st = stability[(stability["mode"] == noise_mode) & np.isclose(stability["level"], main_level)] if len(stability) else stability
 worst = ranking.loc[ranking["accuracy_drop"].idxmax()]
@@ -225,7 +228,7 @@ chapter.bullets([
         for m in ablations) or "no ablation run") + ".",
 ])
 
-# %%
+# %% tags=["hide-input"]
 records.write_config(results_dir, params, lm, elapsed_seconds=time.time() - t_start,
                      timings={"sweep": sweep_seconds}, prompt=config.__dict__)
 records.save_frames(results_dir, heads=heads, prompts=per_prompt, ranking=ranking, stability=stability,
@@ -237,3 +240,12 @@ records.write_summary(  # headline numbers: one row per run in `headlab grid` su
     heads_ci_above_zero=above, max_accuracy_drop=float(ranking["accuracy_drop"].max()),
     seed_spearman=float(st["spearman"].mean()) if len(st) else None, sweep_seconds=sweep_seconds)
 print(f"results in {results_dir}/ ; total {time.time() - t_start:.0f} s")
+
+# %% tags=["remove-cell"]
+# The chapter's answer for the book's front page.
+top3 = ", ".join(f"**L{r.layer}H{r.head}** ({r.effect:+.2f} [{r.effect_low:+.2f}, {r.effect_high:+.2f}])"
+                 for r in ranking.head(3).itertuples())
+records.update_summary(results_dir, headline=(
+    f"Noise on one head at a time ({noise_mode} {main_level:g}, {len(task.labels)} prompts) hurts few-shot "
+    f"sentiment most for {top3} (drop of the logit difference, 95% CI); "
+    f"{int((ranking['effect_low'] > 0).sum())} of {len(ranking)} heads have an interval above zero."))

@@ -48,7 +48,7 @@ torch_threads: int = 0  # CPU threads for torch (0: torch's default; 1 is faster
 bertviz_prompt: str = "Please summarize the main argument of the article in two sentences."  # keep it short
 results_dir: str = "results/entropy"  # tables and the run's config
 
-# %%
+# %% tags=["hide-input"]
 import time
 
 import matplotlib.pyplot as plt
@@ -241,9 +241,9 @@ fig.tight_layout()
 # %% [markdown]
 # ## 4. Explore the patterns
 #
-# Pick a text, a layer and a head. The patterns of three short texts (a Wikipedia opening, a review
-# and an instruction) were computed once above this widget; the widget only draws them. The book shows
-# its initial state, the lowest-entropy head; in JupyterLab every choice redraws.
+# Pick a text, a layer and a head; hover a cell for the query and key tokens and the attention weight.
+# The patterns of three short texts (a Wikipedia opening, a review and an instruction) were computed
+# once, for every head, above this figure, which only draws them; it opens on the lowest-entropy head.
 
 # %%
 explore_texts = {"wikipedia": seqs[0][:24], "review": rev["ids"].iloc[0][:24], "instruction": enc_i[0][0]}
@@ -251,8 +251,11 @@ explore = {name: attention.attention_patterns(lm, ids[None])[0].numpy() for name
 explore_tokens = {name: tok.convert_ids_to_tokens(ids.tolist()) for name, ids in explore_texts.items()}
 notes = {(r.layer, r.head): f"entropy {r.entropy:.2f}, first-token attention {r.first_token:.2f}"
          for r in entropy.itertuples()}
-widgets.pattern_explorer(explore, explore_tokens, layer=int(entropy["layer"][0]), head=int(entropy["head"][0]),
-                         notes=notes)
+first = {"layer": int(entropy["layer"][0]), "head": int(entropy["head"][0]), "notes": notes}
+from headlab import figures  # noqa: E402
+
+figures.show(figures.pattern_explorer(explore, explore_tokens, **first),
+             widget=lambda: widgets.pattern_explorer(explore, explore_tokens, **first))
 
 # %% [markdown]
 # The bertviz head view below draws, for a short instruction, every head of three layers: those of
@@ -269,7 +272,7 @@ widgets.head_view(attention.attention_patterns(lm, bv_ids[None])[0], tok.convert
 # %% [markdown]
 # ## What we saw
 
-# %%
+# %% tags=["hide-input"]
 low, high = entropy.head(3), entropy.iloc[::-1].head(3)
 sig = sentiment[sentiment["q"] <= fdr]
 sig_adj = sentiment[sentiment["q_adjusted"] <= fdr]
@@ -300,7 +303,19 @@ chapter.bullets([
     f"instruction {timings['instruction']:.0f} s.",
 ])
 
-# %%
+# %% tags=["hide-input"]
 records.write_config(results_dir, params, lm, elapsed_seconds=time.time() - t_start, timings=timings)
 records.save_frames(results_dir, entropy=entropy, sentiment_heads=sentiment, instruction_heads=instruction)
 print(f"results in {results_dir}/; total {time.time() - t_start:.0f} s")
+
+# %% tags=["remove-cell"]
+# The chapter's answer for the book's front page.
+low3 = ", ".join(f"**L{r.layer}H{r.head}** ({r.entropy:.2f})" for r in entropy.head(3).itertuples())
+fw = int((sentiment["p_familywise"] <= 0.05).sum())
+ins = instruction.iloc[0]
+records.update_summary(
+    results_dir, lowest_entropy_head=f"L{entropy['layer'][0]}H{entropy['head'][0]}", sentiment_heads_familywise=fw,
+    headline=(f"The most focused heads are {low3} (normalised attention entropy); {fw} of {len(sentiment)} heads "
+              f"track sentiment words (family-wise p ≤ 0.05); the largest attention surplus on directive words "
+              f"is **L{int(ins['layer'])}H{int(ins['head'])}** ({ins['diff']:+.3f} [{ins['diff_low']:+.3f}, "
+              f"{ins['diff_high']:+.3f}])."))

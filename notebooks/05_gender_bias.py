@@ -52,7 +52,7 @@ batch_size: int = 16  # sentences per forward pass (results do not depend on it)
 torch_threads: int = 0  # CPU threads for torch (0: torch's default; 1 is faster on a busy machine)
 results_dir: str = "results/gender_bias"  # shards, tables and the run's config
 
-# %%
+# %% tags=["hide-input"]
 import time
 from pathlib import Path
 
@@ -241,7 +241,7 @@ versus.round(4)
 # %% [markdown]
 # ## What we saw
 
-# %%
+# %% tags=["hide-input"]
 top5 = ", ".join(f"{chapter.head_label(r.layer, r.head)} ({chapter.fmt_ci(r.diff, r.diff_low, r.diff_high, '+.4f')}, "
                  f"d_z {r.effect_size:+.2f})" for r in ranked.head(5).itertuples())
 main_row = overview[(overview["data"] == "winobias") & (overview["contrast"] == "pro − anti")
@@ -268,9 +268,19 @@ for r in versus[versus["measure"] == "bias_change"].to_dict("records"):
 lines.append(f"Run time: attention {timings['attention']:.0f} s, ablation sweep {timings['ablation']:.0f} s ({n_sets} head sets).")
 chapter.bullets(lines)
 
-# %%
+# %% tags=["hide-input"]
 records.write_config(results_dir, params, lm, elapsed_seconds=time.time() - t_start, timings=timings)
 records.save_frames(results_dir, ranked_heads=ranked, overview=overview, ablation=abl, ablation_summary=summary,
                     top_vs_random=versus, clean_prompts=clean.assign(prefix=prompts["prefix"].to_numpy()),
                     **{"_".join(k).replace(" − ", "_minus_").replace(" ", "_"): f for k, f in diffs.items()})
 print(f"results in {results_dir}/; total {time.time() - t_start:.0f} s")
+
+# %% tags=["remove-cell"]
+# The chapter's answer for the book's front page.
+top3 = ", ".join(f"**L{r['layer']}H{r['head']}** ({r['diff']:+.4f} [{r['diff_low']:+.4f}, {r['diff_high']:+.4f}])"
+                 for r in ranked.head(3).to_dict("records"))
+records.update_summary(results_dir, top_head=f"L{ranked['layer'].iloc[0]}H{ranked['head'].iloc[0]}",
+                       clean_bias=float(clean_ci["bias"].value), headline=(
+    f"The heads that attend most differently to stereotyped and anti-stereotyped pronouns (WinoBias) are "
+    f"{top3}; the clean model prefers the stereotyped pronoun by log p(pro) − log p(anti) = {clean_ci['bias']} "
+    f"over {len(prompts)} prompts."))

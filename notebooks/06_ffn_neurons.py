@@ -63,7 +63,7 @@ batch_size: int = 8  # rows / prompts per forward pass (results do not depend on
 torch_threads: int = 0  # CPU threads for torch (0: torch's default; 1 is faster on a busy machine)
 results_dir: str = "results/ffn_neurons"  # tables, shards and the run's config
 
-# %%
+# %% tags=["hide-input"]
 import time
 from pathlib import Path
 
@@ -172,10 +172,17 @@ for layer in show_layers:
     display(promo.pivot(index="rank", columns="direction", values="token").T)
 
 # %% [markdown]
-# Pick any layer and neuron (in JupyterLab; the static book shows the initial choice):
+# Pick a layer and one of its three neurons with the largest max activation: their top snippets and the
+# tokens they promote and suppress (in JupyterLab, any layer and neuron).
 
 # %%
-widgets.neuron_explorer(lm, stats, ref_ids, layer=shown[0]["layer"], neuron=shown[0]["neuron"])
+from headlab import figures  # noqa: E402
+
+choices = top_max[top_max["rank"] <= 3][["layer", "neuron"]].itertuples(index=False)
+figures.show(figures.neuron_explorer(figures.neuron_cards(lm, stats, ref_ids, list(choices)),
+                                     layer=shown[0]["layer"], neuron=shown[0]["neuron"]),
+             widget=lambda: widgets.neuron_explorer(lm, stats, ref_ids, layer=shown[0]["layer"],
+                                                    neuron=shown[0]["neuron"]))
 
 # %% [markdown]
 # ## Logit lens on one prompt
@@ -260,7 +267,7 @@ versus.round(4)
 # %% [markdown]
 # ## What we saw
 
-# %%
+# %% tags=["hide-input"]
 auc_layer = metrics.first_sustained_layer(readout, "roc_auc_low", 0.5)
 acc_layer = metrics.first_sustained_layer(readout, "accuracy_low", 0.5)
 top1_layer = metrics.first_sustained_layer(readout, "top1", 0.5)
@@ -303,10 +310,22 @@ lines.append(f"In {n_sig} of the {n_test} (mode, layer, k) settings with enough 
 lines.append(f"Run time: capture {capture_seconds:.0f} s, lens {lens_seconds:.0f} s, ablation {ablation_seconds:.0f} s.")
 chapter.bullets(lines)
 
-# %%
+# %% tags=["hide-input"]
 records.write_config(results_dir, params, lm, elapsed_seconds=time.time() - t_start,
                      timings={"capture": capture_seconds, "lens": lens_seconds, "ablation": ablation_seconds},
                      memory={k: v for k, v in mem.items()}, dense_bytes=dense, prompt_validated=validated)
 records.save_frames(results_dir, neuron_stats=frame, top_mean_abs=top_abs, top_max=top_max, lens_readout=readout,
                     ablation=abl, ablation_summary=abl_summary, top_vs_random=versus, memory=memory)
 print(f"results in {results_dir}/ ; total {time.time() - t_start:.0f} s")
+
+# %% tags=["remove-cell"]
+# The chapter's answer for the book's front page.
+auc_from = metrics.first_sustained_layer(readout, "roc_auc_low", 0.5)
+ratio = frame["mean_abs"] / frame.groupby("layer")["mean_abs"].transform("median")
+lopsided = frame.assign(ratio=ratio).nlargest(1, "ratio").iloc[0]
+records.update_summary(results_dir, label_readable_from_layer=auc_from, headline=(
+    (f"The sentiment label can be read off the residual stream from layer **{auc_from}** on"
+     if auc_from is not None else "The sentiment label cannot be read off the residual stream, not even at the last layer")
+    + f" (logit lens: ROC-AUC interval above 0.5, {len(task.labels)} prompts); the most lopsided neuron is "
+    f"**L{int(lopsided['layer'])} N{int(lopsided['neuron'])}**, with a mean |activation| {lopsided['ratio']:.0f}x its "
+    f"layer's median."))

@@ -34,7 +34,7 @@ n_top: int = 5  # heads listed per measure in the top-heads table
 torch_threads: int = 0  # CPU threads for torch (0: torch's default)
 results_dir: str = "results/head_atlas"  # the joined table and its config
 
-# %%
+# %% tags=["hide-input"]
 import time
 
 import matplotlib.pyplot as plt
@@ -120,9 +120,10 @@ top
 # %% [markdown]
 # ## The atlas
 #
-# Pick a layer and head: all its scores with rank (1 = largest) and percentile among the heads, and
-# its attention pattern on `text` (computed once, with eager attention, for all heads). In the static
-# book the widget shows its initial head, the one ranked first by the first measure found.
+# Pick a head (click it in the map, or use the menus): all its scores with rank (1 = largest) and
+# percentile among the heads, and its attention pattern on `text` (computed once, with eager attention,
+# for all heads). The map can be coloured by any measure; it opens on the head ranked first by the
+# first measure found.
 
 # %%
 lm = chapter.load(params, attn_implementation="eager")
@@ -130,12 +131,16 @@ ids = lm.tokenizer(text, return_tensors="pt").input_ids
 patterns = attention.attention_patterns(lm, ids)[0]  # (layers, heads, s, s)
 tokens = lm.tokenizer.convert_ids_to_tokens(ids[0])
 start = table.nlargest(1, measures[0]).iloc[0] if measures else pd.Series({"layer": 0, "head": 0})
-widgets.head_atlas(table, patterns, tokens, layer=int(start["layer"]), head=int(start["head"]))
+from headlab import figures  # noqa: E402
+
+figures.show(figures.head_atlas(table, patterns, tokens, layer=int(start["layer"]), head=int(start["head"])),
+             widget=lambda: widgets.head_atlas(table, patterns, tokens, layer=int(start["layer"]),
+                                               head=int(start["head"])))
 
 # %% [markdown]
 # ## What we saw
 
-# %%
+# %% tags=["hide-input"]
 lines = [f"Joined {len(measures)} per-head measures ({', '.join(measures)}) over {len(table)} heads of "
          f"{lm.spec}; missing: {', '.join(f'{r.measure} (run {r.chapter})' for r in found.missing.itertuples()) or 'none'}."]
 if len(measures) >= 2:
@@ -153,6 +158,19 @@ lines.append("Heads in the top " + str(n_top) + " of more than one measure: " + 
     f"{chapter.head_label(L, H)} ({', '.join(m for m, s in tops.items() if (L, H) in s)})" for (L, H) in multi.index) or "none") + ".")
 chapter.bullets(lines)
 
-# %%
+# %% tags=["hide-input"]
 records.write_config(results_dir, params, lm, elapsed_seconds=time.time() - t_start, sources=found.sources)
 records.write_summary(results_dir, n_measures=len(measures), n_heads=len(table), n_missing=len(found.missing))
+
+# %% tags=["remove-cell"]
+# The chapter's answer for the book's front page.
+pairs_rho = rho.where(~np.eye(len(rho), dtype=bool)).stack() if len(measures) >= 2 else pd.Series(dtype=float)
+pairs_rho = pairs_rho[[a < b for a, b in pairs_rho.index]]
+tops_n = pd.Series([(int(r.layer), int(r["head"])) for m in measures for _, r in table.nlargest(n_top, m).iterrows()])
+best_head = tops_n.value_counts().index[0] if len(tops_n) else None
+records.update_summary(results_dir, headline=(
+    f"{len(measures)} per-head measures joined over {len(table)} heads"
+    + (f"; the closest pair is {pairs_rho.abs().idxmax()[0]} and {pairs_rho.abs().idxmax()[1]} "
+       f"(Spearman ρ = {pairs_rho[pairs_rho.abs().idxmax()]:.2f})" if len(pairs_rho) else "")
+    + (f"; **L{best_head[0]}H{best_head[1]}** is in the top {n_top} of {int(tops_n.value_counts().iloc[0])} measures"
+       if best_head else "") + "."))

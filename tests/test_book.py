@@ -267,7 +267,7 @@ def test_chapters_rerun_only_when_an_input_changed(tmp_path: Path, capsys: pytes
     assert _actions(capsys.readouterr().out)["02_noise_perturbation"] == "splice"
     after = json.loads((chapters / "02_noise_perturbation.ipynb").read_text())
     assert "A new sentence." in "".join(after["cells"][0]["source"])
-    code = lambda nb: [c for c in nb["cells"] if c["cell_type"] == "code"]  # noqa: E731
+    code = lambda nb: [c for c in nb["cells"] if c["cell_type"] == "code"]
     assert [c["outputs"] for c in code(after)] == [c["outputs"] for c in code(before)]
     assert "hide-input" in code(after)[-1]["metadata"]["tags"]
     assert run_chapters(root) == {}  # and it is now up to date
@@ -361,3 +361,14 @@ def test_progress_lines_go_to_the_progress_file(tmp_path: Path, monkeypatch: pyt
     with Progress(2, "interactive", every=0.0) as bar:
         bar.update()
     assert capsys.readouterr().err.startswith("interactive: 1/2 steps")
+
+
+def test_update_summary_adds_the_headline_to_the_chapter_numbers(tmp_path: Path) -> None:
+    from headlab.records import update_summary, write_summary
+
+    write_summary(tmp_path, n_prompts=24, top_head="L3H2")
+    update_summary(tmp_path, headline="Top head L3H2.", n_prompts=25)
+    assert json.loads((tmp_path / "summary.json").read_text()) == {
+        "n_prompts": 25, "top_head": "L3H2", "headline": "Top head L3H2."}
+    with pytest.raises(TypeError, match="headline"):
+        update_summary(tmp_path, headline=["not", "a", "scalar"])

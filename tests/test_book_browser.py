@@ -286,7 +286,7 @@ def test_pattern_explorer_menus_and_hover(tiny_book: Path) -> None:
         page.select(f"#{fid} select[data-key=text]", "reversed")
         assert _heatmap(page, fid) not in (first, second)
         text = _hover(page, fid, 0, 6)  # key 0 of query 6
-        assert text.startswith('query 6 "." → key 0 "The"attention 0.') or text.startswith('query 6 "."'), text
+        assert text.startswith('query 6 "." → key 0 "The"attention 0.'), text
 
 
 def test_neuron_explorer_menus(tiny_book: Path) -> None:

@@ -36,7 +36,7 @@ def _sweep_tables(n_layers: int = 3, n_heads: int = 2, n_prompts: int = 5) -> tu
 
 def _data(fig: figures.Figure) -> dict:
     html = fig.to_html()
-    match = re.search(r'<script type="application/json" id="(hlf-[0-9a-f]+)-data">(.*?)</script>', html, re.S)
+    match = re.search(r'<script type="application/json" id="(hlf-[0-9a-f]+)-data">(.*?)</script>', html, re.DOTALL)
     assert match and f'id="{match.group(1)}"' in html and f'mount("{match.group(1)}")' in html
     return json.loads(match.group(2).replace("<\\/", "</"))
 

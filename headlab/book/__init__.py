@@ -35,13 +35,13 @@ from headlab.book.offline import check_offline, find_external_urls, find_missing
 from headlab.book.vendor import CDN_REWRITES, NPM_CACHE, NPM_PACKAGES, localize_outputs, vendor_js
 
 __all__ = [
-    "BrowserPage",
     "CDN_REWRITES",
-    "ChapterError",
     "KERNELSPEC",
     "NPM_CACHE",
     "NPM_PACKAGES",
     "READS",
+    "BrowserPage",
+    "ChapterError",
     "book_main",
     "browser_requests",
     "build_book",

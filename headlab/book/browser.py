@@ -33,7 +33,7 @@ def _serve(folder: Path) -> Iterator[str]:
     import threading
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: Any) -> None:
             pass
 
     class Server(http.server.ThreadingHTTPServer):
