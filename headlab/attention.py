@@ -22,6 +22,7 @@ from torch import Tensor
 from headlab import data
 from headlab.interventions import capture
 from headlab.models import LoadedModel
+from headlab.progress import track
 
 __all__ = [
     "PatternFn",
@@ -80,7 +81,7 @@ def attention_scores(lm: LoadedModel, ids: Int[Tensor, "n s"], score_fns: Mappin
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be positive.")
     sums = {k: torch.zeros(lm.n_layers, lm.n_heads) for k in score_fns}
-    for s in range(0, len(ids), batch_size):
+    for s in track(range(0, len(ids), batch_size), "attention scores", unit="batch"):
         att = _attentions(lm, ids[s:s + batch_size])
         for layer, a in enumerate(att):  # a: (b, H, s, s)
             for name, fn in score_fns.items():
@@ -243,7 +244,7 @@ def reduce_patterns(lm: LoadedModel, seqs: Sequence[Int[Tensor, " s"]], fn: Patt
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     pad = lm.tokenizer.pad_token_id or 0
     parts: list[Tensor] = []
-    for start in range(0, len(order), batch_size):
+    for start in track(range(0, len(order), batch_size), "attention patterns", unit="batch"):
         rows = order[start:start + batch_size]
         width = max(len(seqs[i]) for i in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)

@@ -372,3 +372,19 @@ def test_update_summary_adds_the_headline_to_the_chapter_numbers(tmp_path: Path)
         "n_prompts": 25, "top_head": "L3H2", "headline": "Top head L3H2."}
     with pytest.raises(TypeError, match="headline"):
         update_summary(tmp_path, headline=["not", "a", "scalar"])
+
+
+def test_a_quiet_cell_is_named_while_it_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from headlab.book import execute
+    from headlab.book.execute import execute_chapter
+
+    monkeypatch.setattr(execute, "HEARTBEAT_SECONDS", 0.8)
+    src = tmp_path / "01_quiet.py"
+    src.write_text('# %% tags=["parameters"]\nnap: float = 2.5  # seconds\n\n# %%\nimport time\n\ntime.sleep(nap)\n')
+    lines: list[str] = []
+    execute_chapter(src, tmp_path / "out", report=lines.append, previous_cell_seconds=[0.0, 3.0])
+    running = [line for line in lines if "running for" in line]
+    assert running and running[-1].startswith("cell 2/2 running for ") and "(import time)" in running[-1]
+    assert "it took 3s last time" in running[-1]
+    assert all(line.startswith(("starting the kernel", "cell 1/2", "cell 2/2")) for line in lines)
+    assert lines[-1].startswith("cell 2/2 done in ")

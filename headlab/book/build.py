@@ -117,8 +117,9 @@ def run_chapters(root: Path, chapters: list[str] | None = None, parameters: dict
     todo_s, untimed = estimate(running)
     maybe_s, _ = estimate(maybe)
     if running:
-        print(f"[book] to execute: {len(running)} chapter(s), ~{format_seconds(todo_s)} by the last build's times"
-              + (f" ({untimed} never timed)" if untimed else "")
+        timed = (f"~{format_seconds(todo_s)} by the last build's times" + (f" ({untimed} never timed)" if untimed else "")
+                 if untimed < len(running) else "no earlier times recorded")
+        print(f"[book] to execute: {len(running)} chapter(s), {timed}"
               + (f"; up to ~{format_seconds(maybe_s)} more if {', '.join(sorted(maybe))} must follow" if maybe else ""),
               flush=True)
     else:

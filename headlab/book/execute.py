@@ -6,8 +6,9 @@
 
 While a chapter runs, :func:`execute_chapter` reports its progress through a callback (the build
 prints it): one line per finished code cell (``cell 7/23``, the cell's time, the chapter's elapsed time
-and, from the previous run's cell times, an estimate of what is left), and the lines that long loops
-inside the chapter write with :mod:`headlab.progress`. The kernel gets the environment variable
+and, from the previous run's cell times, an estimate of what is left), the lines that long loops
+inside the chapter write with :mod:`headlab.progress`, and, when a cell has been quiet for a minute,
+which cell is running and for how long. The kernel gets the environment variable
 :data:`headlab.progress.PROGRESS_ENV` naming a file it appends those lines to (so they never land in
 the notebook or the HTML) and :data:`headlab.figures.HEADLESS_ENV` (no frontend: explorers are shown
 as static figures, not as ipywidgets). It talks to the kernel over IPC sockets, not TCP.
@@ -30,6 +31,9 @@ KERNELSPEC: dict[str, str] = {"name": "python3", "display_name": "Python 3", "la
 
 #: Name under which :func:`execute_chapter` registers its papermill engine.
 ENGINE_NAME = "headlab"
+
+#: Seconds without any progress line after which the running cell is named in the log.
+HEARTBEAT_SECONDS = 60.0
 
 
 class ChapterError(RuntimeError):
@@ -87,11 +91,21 @@ def _register_engine() -> None:
         return
 
     class CellReportingEngine(NBClientEngine):
-        """papermill's nbclient engine, plus a callback after each code cell (``on_cell(index, cell)``)."""
+        """papermill's nbclient engine, plus callbacks before and after each code cell
+        (``on_cell_start(index, cell)``, ``on_cell(index, cell)``)."""
 
         @classmethod
         def execute_managed_notebook(cls, nb_man: Any, kernel_name: str, on_cell: Callable | None = None,
-                                     **kwargs: Any) -> Any:
+                                     on_cell_start: Callable | None = None, **kwargs: Any) -> Any:
+            if on_cell_start is not None:
+                begin = nb_man.cell_start
+
+                def cell_start(cell: Any, cell_index: int | None = None, **kw: Any) -> Any:
+                    if cell.cell_type == "code":
+                        on_cell_start(cell_index, cell)
+                    return begin(cell, cell_index=cell_index, **kw)
+
+                nb_man.cell_start = cell_start
             if on_cell is not None:
                 complete = nb_man.cell_complete
 
@@ -132,10 +146,19 @@ def _kernel_manager_class(env: dict[str, str], ipc_prefix: str) -> type:
 
 class _Follower:
     """Pass every complete line appended to a file to ``emit``: from a thread every ``poll`` seconds, and
-    on demand (:meth:`drain`), so that lines keep their order with the caller's own lines."""
+    on demand (:meth:`drain`), so that lines keep their order with the caller's own lines. When nothing
+    was emitted for ``idle_after`` seconds, the line ``idle()`` returns is emitted (a heartbeat)."""
 
-    def __init__(self, path: Path, emit: Callable[[str], None], poll: float = 0.5) -> None:
-        self.path, self.emit, self.poll = path, emit, poll
+    def __init__(self, path: Path, emit: Callable[[str], None], poll: float = 0.5,
+                 idle: Callable[[], str] | None = None, idle_after: float = 60.0) -> None:
+        self.path, self.poll, self.idle, self.idle_after = path, poll, idle, idle_after
+        self.last = time.monotonic()
+
+        def emit_and_note(line: str) -> None:
+            self.last = time.monotonic()
+            emit(line)
+
+        self.emit = emit_and_note
         self.pos, self.partial = 0, ""
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -159,6 +182,9 @@ class _Follower:
     def _run(self) -> None:
         while not self.stop.wait(self.poll):
             self.drain()
+            if self.idle is not None and time.monotonic() - self.last >= self.idle_after:
+                with self.lock:
+                    self.emit(self.idle())
 
     def __enter__(self) -> _Follower:
         self.thread.start()
@@ -221,10 +247,12 @@ def execute_chapter(
     # Short folder name: IPC socket paths must stay under ~100 characters.
     with tempfile.TemporaryDirectory(prefix="hl-") as tmp:
         unexecuted = to_notebook(src, Path(tmp) / f"{src.stem}.ipynb")
-        n_code = sum(c.cell_type == "code" for c in read_source(src).cells)
+        code = [c.source for c in read_source(src).cells if c.cell_type == "code"]
+        n_code = len(code)
         progress_file = Path(tmp) / "progress.log"
         progress_file.touch()
         start, done = time.monotonic(), 0
+        cell_start: float | None = None  # None until the kernel runs the first cell
         before = list(previous_cell_seconds or [])
 
         def on_cell(index: int, cell: Any) -> None:
@@ -238,10 +266,24 @@ def execute_chapter(
                     f"({_first_line(cell.source)}); {format_seconds(time.monotonic() - start)} elapsed")
             if len(before) == n_code and done < n_code:
                 line += f", ~{format_seconds(sum(before[done:]))} left by the last run's cell times"
-            emit(line)
+            follower.emit(line)
+
+        def on_cell_start(index: int, cell: Any) -> None:
+            nonlocal cell_start
+            cell_start = time.monotonic()
+
+        def running() -> str:
+            now = time.monotonic()
+            if cell_start is None:
+                return f"starting the kernel; {format_seconds(now - start)} elapsed"
+            line = (f"cell {min(done + 1, n_code)}/{n_code} running for {format_seconds(now - cell_start)} "
+                    f"({_first_line(code[min(done, n_code - 1)])}); {format_seconds(now - start)} elapsed")
+            if len(before) == n_code and done < n_code:
+                line += f", it took {format_seconds(before[done])} last time"
+            return line
 
         env = {PROGRESS_ENV: str(progress_file), HEADLESS_ENV: "1"}
-        follower = _Follower(progress_file, emit)
+        follower = _Follower(progress_file, emit, idle=running, idle_after=HEARTBEAT_SECONDS)
         try:
             with follower:
                 papermill.execute_notebook(
@@ -255,6 +297,7 @@ def execute_chapter(
                     cwd=None if cwd is None else str(cwd),
                     kernel_manager_class=_kernel_manager_class(env, str(Path(tmp) / "kernel")),
                     on_cell=on_cell,
+                    on_cell_start=on_cell_start,
                 )
         except papermill.PapermillExecutionError as err:
             raise ChapterError(
