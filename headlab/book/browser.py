@@ -189,7 +189,7 @@ class BrowserPage:
         self._stack = ExitStack()
         try:
             base = self._stack.enter_context(_serve(self.html_dir))
-            tmp = self._stack.enter_context(tempfile.TemporaryDirectory(prefix="headlab-cdp-"))
+            tmp = self._stack.enter_context(tempfile.TemporaryDirectory(prefix="headlab-cdp-", ignore_cleanup_errors=True))
             to_child, self._write = os.pipe()  # chromium reads fd 3
             self._read, from_child = os.pipe()  # and writes fd 4
 

@@ -79,7 +79,8 @@ def write_headlines(book_dir: Path, chapters: list[str]) -> Path:
         lines.append(f"1. {{doc}}`{title} <chapters/{stem}>`: {text}")
         if stamp and stamp.get("executed_at"):
             times.append(stamp["executed_at"])
-    span = f" The chapters were executed between {min(times)} and {max(times)}." if times else ""
+    span = ("" if not times else f" The chapter was executed on {times[0]}." if len(times) == 1
+            else f" The chapters were executed between {min(times)} and {max(times)}.")
     text = ("*Each line is computed from the results of the chapter it links to, as executed for this "
             f"build.{span}*\n\n" + "\n".join(lines) + "\n")
     out = book_dir / HEADLINES_FILE
