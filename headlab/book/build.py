@@ -55,11 +55,11 @@ def _chapter_sources(notebooks: Path, chapters: list[str] | None) -> list[Path]:
 
 def _results_dirs(sources: list[Path], parameters: dict[str, Any] | None) -> dict[str, str]:
     """chapter stem -> its results folder (its ``results_dir`` parameter, a ``-p results_dir`` winning)."""
-    from headlab.grid import chapter_parameters
+    from headlab.chapter import declared_parameters
 
     out = {}
     for src in sources:
-        folder = {**chapter_parameters(src), **(parameters or {})}.get("results_dir")
+        folder = {**declared_parameters(src), **(parameters or {})}.get("results_dir")
         if isinstance(folder, str):
             out[src.stem] = folder
     return out

@@ -278,9 +278,10 @@ def _read_file(path: Path) -> str:
 
 
 def _declared(src: Path) -> dict[str, Any]:
-    from headlab.grid import chapter_parameters
+    """The chapter's parameters: the annotated names of its ``parameters`` cell, with their defaults."""
+    from headlab.chapter import declared_parameters
 
-    return chapter_parameters(src)
+    return declared_parameters(src)
 
 
 def chapter_inputs(src: Path, root: Path, parameters: dict[str, Any] | None = None,
