@@ -131,7 +131,7 @@ def _kernel_manager_class(env: dict[str, str], ipc_prefix: str) -> type:
     class ChapterKernelManager(AsyncKernelManager):
         @default("transport")
         def _transport_default(self) -> str:
-            return "ipc"
+            return "ipc" if os.name == "posix" else "tcp"  # ZeroMQ has no IPC transport on Windows
 
         @default("ip")
         def _ip_default(self) -> str:
