@@ -266,12 +266,10 @@ def reduce_patterns(lm: LoadedModel, seqs: Sequence[Int[Tensor, " s"]], fn: Patt
 def text_entropy(lm: LoadedModel, seqs: Sequence[Int[Tensor, " s"]], batch_size: int = 8) -> Float[Tensor, "n L H"]:
     """Mean normalised attention entropy (:func:`attention_entropy`) of every head on each sequence,
     averaged over the query positions where it is defined (positions 1 onwards, real tokens only)."""
-    window = lm.sliding_window
-    types = getattr(lm.config, "layer_types", None)  # per-layer "sliding_attention" / "full_attention"
+    windows = lm.layer_windows  # per layer: sliding window or None
 
     def fn(layer: int, pattern: Tensor, mask: Tensor, rows: list[int]) -> Tensor:
-        w = window if types is None or types[layer] == "sliding_attention" else None
-        return torch.nanmean(attention_entropy(pattern, mask, w), -1)  # (b, H)
+        return torch.nanmean(attention_entropy(pattern, mask, windows[layer]), -1)  # (b, H)
 
     return reduce_patterns(lm, seqs, fn, batch_size)
 
@@ -281,12 +279,10 @@ def text_pattern_stats(lm: LoadedModel, seqs: Sequence[Int[Tensor, " s"]],
     """Per sequence and head, in one pass: ``entropy`` (as :func:`text_entropy`) and ``first_token``,
     the mean attention on position 0 over queries 1 onwards (an *attention sink* puts most of its
     mass there, which also makes its entropy low)."""
-    window = lm.sliding_window
-    types = getattr(lm.config, "layer_types", None)
+    windows = lm.layer_windows  # per layer: sliding window or None
 
     def fn(layer: int, pattern: Tensor, mask: Tensor, rows: list[int]) -> Tensor:
-        w = window if types is None or types[layer] == "sliding_attention" else None
-        ent = torch.nanmean(attention_entropy(pattern, mask, w), -1)  # (b, H)
+        ent = torch.nanmean(attention_entropy(pattern, mask, windows[layer]), -1)  # (b, H)
         q = mask.clone()
         q[:, 0] = False
         first = span_mass(pattern, q, torch.arange(mask.shape[1], device=mask.device)[None] == 0)

@@ -25,6 +25,7 @@ import importlib.util
 import inspect
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,10 +40,14 @@ __all__ = [
     "EMBEDDED_MODELS",
     "Adapter",
     "LoadedModel",
+    "WeightSlice",
+    "config_windows",
     "MODEL_WEIGHTS",
     "default_device",
     "get_module",
+    "head_slice",
     "load_model",
+    "neuron_slice",
     "parse_weight_name",
     "resolve_adapter",
     "weight_module",
@@ -53,9 +58,30 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------
 # Adapter table
 # --------------------------------------------------------------------------------------------------
+def config_windows(config: Any, n_layers: int) -> list[int | None]:
+    """Per-layer sliding windows from the standard config fields (Mistral, Qwen2, Gemma 2/3, Phi-3, ...).
+
+    ``config.sliding_window`` is the window (in key positions, the query's own included) of the
+    layers that slide: every layer, unless ``config.layer_types`` marks some ``"full_attention"``; no
+    layer when the window is unset or ``use_sliding_window`` is false (Qwen2).
+    """
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return [None] * n_layers
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        return [int(window)] * n_layers
+    return [int(window) if t == "sliding_attention" else None for t in types[:n_layers]]
+
+
+def gpt_neo_windows(config: Any, n_layers: int) -> list[int | None]:
+    """GPT-Neo's per-layer windows: ``config.window_size`` on its ``"local"`` layers."""
+    return [int(config.window_size) if t == "local" else None for t in config.attention_layers[:n_layers]]
+
+
 @dataclass(frozen=True)
 class Adapter:
-    """Where the interesting modules of one architecture live.
+    """Where the interesting modules of one architecture live, and how its weights and attention differ.
 
     Paths are dotted attribute paths. ``layers``, ``final_norm``, ``unembed`` and ``embed`` are relative
     to the ``*ForCausalLM`` model; ``attn_out``, ``mlp_in`` and ``mlp_out`` are relative to one layer.
@@ -67,7 +93,8 @@ class Adapter:
         attn_out: the attention output projection; its *input* is the concatenation of the per-head
             outputs ``(b, s, n_heads * head_dim)``, so head ``h`` is the slice
             ``[..., h * head_dim:(h + 1) * head_dim]``.
-        mlp_in: projections from the residual stream into the FFN (gate and up for gated MLPs).
+        mlp_in: projections from the residual stream into the FFN (gate and up for gated MLPs; one
+            fused ``[gate; up]`` projection for Phi-3).
         mlp_out: the FFN down projection; its input is the neuron activations ``(b, s, d_mlp)``.
         final_norm: the norm applied to the last residual stream before the unembedding.
         unembed: the output embedding (``lm_head``).
@@ -80,7 +107,22 @@ class Adapter:
         weights: ``(canonical name, path relative to one layer)`` of every weight matrix of a block,
             in forward order. Canonical names are shared across architectures: ``attn.q``, ``attn.k``,
             ``attn.v`` (or ``attn.qkv`` where the projections are fused), ``attn.o``, ``mlp.gate``,
-            ``mlp.up``, ``mlp.down``. Weight edits (:func:`headlab.weights.edit_weights`) use them.
+            ``mlp.up`` (or ``mlp.gate_up``, fused as ``[gate; up]``), ``mlp.down``. Weight edits
+            (:func:`headlab.weights.edit_weights`) use them; :func:`head_slice` and
+            :func:`neuron_slice` say which rows/columns of each belong to a head or a neuron.
+        qkv_layout: row order of a fused ``attn.qkv`` matrix (in ``(out, in)`` coordinates):
+            ``"blocks"`` -- all query heads, then all key heads, then all value heads (GPT-2, Phi-3);
+            ``"grouped"`` -- per key/value head ``g``: the query heads that share it, its key, its
+            value (GPT-NeoX and BLOOM with one query head per group; Falcon in all three variants:
+            multi-query is one group, ``new_decoder_architecture`` is ``num_kv_heads`` groups).
+        block_returns_tuple: a block returns ``(hidden, ...)`` rather than the hidden state
+            (GPT-Neo, BLOOM, Falcon); skipped blocks must return the same shape.
+        own_attention: empty when the attention of the architecture goes through transformers'
+            ``AttentionInterface`` (so headlab's shared-prefix attention can stand in for it);
+            otherwise why it does not (the head sweep then uses transformers' attention over per-row
+            caches, see :func:`headlab.engine.prefix_attention.prefix_attention_unsupported`).
+        windows: ``(config, n_layers) -> per-layer sliding window or None`` (see
+            :func:`config_windows`).
     """
 
     name: str
@@ -96,6 +138,10 @@ class Adapter:
     post_final: tuple[str, ...] = ()
     logit_softcap_attr: str | None = None
     weights: tuple[tuple[str, str], ...] = ()
+    qkv_layout: str = "blocks"
+    block_returns_tuple: bool = False
+    own_attention: str = ""
+    windows: Callable[[Any, int], list[int | None]] = config_windows
 
     def weight_in_out(self, module: nn.Module) -> torch.Tensor:
         """Return ``module``'s weight as ``(out_features, in_features)`` whatever its storage layout."""
@@ -119,12 +165,32 @@ _LLAMA_LIKE = dict(
 
 #: ``config.model_type`` -> Adapter. Add a row here to support a new architecture.
 ADAPTERS: dict[str, Adapter] = {
+    # Llama 1-3.x and SmolLM2; Llama 3.x rope scaling ("rope_type": "llama3") is inside the rotary
+    # embedding, nothing here depends on it.
     "llama": Adapter("Llama / SmolLM2", **_LLAMA_LIKE),
     "mistral": Adapter("Mistral", **_LLAMA_LIKE),
     "qwen2": Adapter("Qwen2", **_LLAMA_LIKE),
     "qwen3": Adapter("Qwen3", **_LLAMA_LIKE),
     "gemma": Adapter("Gemma", **_LLAMA_LIKE),
     "gemma2": Adapter("Gemma 2", **_LLAMA_LIKE, logit_softcap_attr="final_logit_softcapping"),
+    # Gemma 3 (text): sliding-window and global layers interleaved (config.layer_types), q/k norms.
+    "gemma3_text": Adapter("Gemma 3", **_LLAMA_LIKE, logit_softcap_attr="final_logit_softcapping"),
+    # OLMo 2: q/k norms over all heads together, norms after attention and MLP.
+    "olmo2": Adapter("OLMo 2", **_LLAMA_LIKE),
+    "phi3": Adapter(
+        "Phi-3",
+        layers="model.layers",
+        attn="self_attn",
+        attn_out="self_attn.o_proj",
+        mlp_in=("mlp.gate_up_proj",),
+        mlp_out="mlp.down_proj",
+        final_norm="model.norm",
+        unembed="lm_head",
+        embed="model.embed_tokens",
+        weights=(("attn.qkv", "self_attn.qkv_proj"), ("attn.o", "self_attn.o_proj"),
+                 ("mlp.gate_up", "mlp.gate_up_proj"), ("mlp.down", "mlp.down_proj")),
+        qkv_layout="blocks",
+    ),
     "gpt2": Adapter(
         "GPT-2",
         layers="transformer.h",
@@ -138,6 +204,38 @@ ADAPTERS: dict[str, Adapter] = {
         conv1d=True,
         weights=(("attn.qkv", "attn.c_attn"), ("attn.o", "attn.c_proj"), ("mlp.up", "mlp.c_fc"),
                  ("mlp.down", "mlp.c_proj")),
+        qkv_layout="blocks",
+    ),
+    "gpt_neo": Adapter(
+        "GPT-Neo",
+        layers="transformer.h",
+        attn="attn.attention",
+        attn_out="attn.attention.out_proj",
+        mlp_in=("mlp.c_fc",),
+        mlp_out="mlp.c_proj",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+        embed="transformer.wte",
+        weights=(("attn.q", "attn.attention.q_proj"), ("attn.k", "attn.attention.k_proj"),
+                 ("attn.v", "attn.attention.v_proj"), ("attn.o", "attn.attention.out_proj"),
+                 ("mlp.up", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")),
+        block_returns_tuple=True,
+        own_attention="GPT-Neo computes attention in its own module (unscaled scores, local windows "
+                      "from a mask buffer indexed by key position)",
+        windows=gpt_neo_windows,
+    ),
+    "gptj": Adapter(
+        "GPT-J",
+        layers="transformer.h",
+        attn="attn",
+        attn_out="attn.out_proj",
+        mlp_in=("mlp.fc_in",),
+        mlp_out="mlp.fc_out",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+        embed="transformer.wte",
+        weights=(("attn.q", "attn.q_proj"), ("attn.k", "attn.k_proj"), ("attn.v", "attn.v_proj"),
+                 ("attn.o", "attn.out_proj"), ("mlp.up", "mlp.fc_in"), ("mlp.down", "mlp.fc_out")),
     ),
     "gpt_neox": Adapter(
         "GPT-NeoX / Pythia",
@@ -151,6 +249,39 @@ ADAPTERS: dict[str, Adapter] = {
         embed="gpt_neox.embed_in",
         weights=(("attn.qkv", "attention.query_key_value"), ("attn.o", "attention.dense"),
                  ("mlp.up", "mlp.dense_h_to_4h"), ("mlp.down", "mlp.dense_4h_to_h")),
+        qkv_layout="grouped",
+    ),
+    "bloom": Adapter(
+        "BLOOM",
+        layers="transformer.h",
+        attn="self_attention",
+        attn_out="self_attention.dense",
+        mlp_in=("mlp.dense_h_to_4h",),
+        mlp_out="mlp.dense_4h_to_h",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+        embed="transformer.word_embeddings",
+        weights=(("attn.qkv", "self_attention.query_key_value"), ("attn.o", "self_attention.dense"),
+                 ("mlp.up", "mlp.dense_h_to_4h"), ("mlp.down", "mlp.dense_4h_to_h")),
+        qkv_layout="grouped",
+        block_returns_tuple=True,
+        own_attention="BLOOM computes attention in its own module (ALiBi position bias added to the scores)",
+    ),
+    "falcon": Adapter(
+        "Falcon",
+        layers="transformer.h",
+        attn="self_attention",
+        attn_out="self_attention.dense",
+        mlp_in=("mlp.dense_h_to_4h",),
+        mlp_out="mlp.dense_4h_to_h",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+        embed="transformer.word_embeddings",
+        weights=(("attn.qkv", "self_attention.query_key_value"), ("attn.o", "self_attention.dense"),
+                 ("mlp.up", "mlp.dense_h_to_4h"), ("mlp.down", "mlp.dense_4h_to_h")),
+        qkv_layout="grouped",
+        block_returns_tuple=True,
+        own_attention="Falcon computes attention in its own module (rotary or ALiBi, fused multi-query keys)",
     ),
     "opt": Adapter(
         "OPT",
@@ -236,8 +367,27 @@ class LoadedModel:
 
     @property
     def n_kv_heads(self) -> int:
+        """Key/value heads of the weights (1 for multi-query attention), read off the projections.
+
+        ``k_proj`` has ``n_kv_heads * head_dim`` rows; a fused ``[q; k; v]`` projection has
+        ``(n_heads + 2 * n_kv_heads) * head_dim`` rows. (Falcon's ``new_decoder_architecture``
+        repeats each key/value head for its query heads *inside* attention, so its cache holds
+        ``n_heads``; the weights hold ``num_kv_heads``.)
+        """
+        names = dict(self.adapter.weights)
+        dh = self.head_dim
+        if "attn.k" in names:
+            return self.adapter.weight_in_out(get_module(self.layers[0], names["attn.k"])).shape[0] // dh
+        if "attn.qkv" in names:
+            rows = self.adapter.weight_in_out(get_module(self.layers[0], names["attn.qkv"])).shape[0]
+            return (rows // dh - self.n_heads) // 2
         kv = getattr(self.config, "num_key_value_heads", None)
         return int(kv) if kv else self.n_heads
+
+    @property
+    def kv_group(self) -> int:
+        """Query heads per key/value head (``n_heads // n_kv_heads``)."""
+        return self.n_heads // self.n_kv_heads
 
     @property
     def head_dim(self) -> int:
@@ -254,20 +404,22 @@ class LoadedModel:
         return int(self.adapter.weight_in_out(self.layer_module(0, "mlp_out")).shape[1])
 
     @property
-    def sliding_window(self) -> int | None:
-        """Window (in key positions) of the model's sliding-window attention layers, or ``None``.
+    def layer_windows(self) -> list[int | None]:
+        """Sliding window of every layer (keys a query may see, itself included), ``None`` for global
+        layers; read from the config through the adapter (``Adapter.windows``)."""
+        return list(self.adapter.windows(self.config, self.n_layers))
 
-        Such layers count the window in key *indices*, so padding placed between a cached prefix and
-        a query would shift real tokens out of the window; the engine then batches only prompts of
-        equal query length together.
+    @property
+    def sliding_window(self) -> int | None:
+        """The smallest window of the model's sliding-window layers, or ``None`` when no layer slides.
+
+        transformers counts windows in key *indices* (positions in the cache), so padding placed
+        between a cached prefix and a query would shift real tokens out of the window; transformers'
+        own attention then batches only prompts of equal query length together (see
+        :func:`headlab.engine.scoring.needs_equal_lengths`).
         """
-        window = getattr(self.config, "sliding_window", None)
-        if not window or getattr(self.config, "use_sliding_window", True) is False:
-            return None
-        types = getattr(self.config, "layer_types", None)
-        if types is not None and "sliding_attention" not in types:
-            return None
-        return int(window)
+        windows = [w for w in self.layer_windows if w is not None]
+        return min(windows) if windows else None
 
     @property
     def device(self) -> torch.device:
@@ -570,3 +722,95 @@ def weight_module(lm: LoadedModel, name: str) -> nn.Module:
     if layer is None:
         return lm.module(canon)
     return get_module(lm.layers[layer], dict(lm.adapter.weights)[canon])
+
+
+# --------------------------------------------------------------------------------------------------
+# Which rows / columns of a weight matrix belong to a head or a neuron
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WeightSlice:
+    """Entries of a weight matrix seen as ``(out, in)``: ``index`` along ``axis`` (0 rows, 1 columns)."""
+
+    axis: int
+    index: torch.Tensor
+
+    def of(self, w: torch.Tensor) -> torch.Tensor:
+        """The selected rows/columns of ``w`` (``(out, in)``), as a copy."""
+        return w.index_select(self.axis, self.index.to(w.device))
+
+
+def _qkv_rows(lm: LoadedModel, part: str, head: int) -> torch.Tensor:
+    """Rows of the fused ``attn.qkv`` matrix holding ``part`` (q, k, v) of query head ``head``."""
+    H, kv, dh, rep = lm.n_heads, lm.n_kv_heads, lm.head_dim, lm.kv_group
+    g = head // rep  # the key/value head that query head `head` reads
+    if lm.adapter.qkv_layout == "blocks":  # [q_0 .. q_{H-1}; k_0 .. k_{kv-1}; v_0 .. v_{kv-1}]
+        start = {"q": head * dh, "k": (H + g) * dh, "v": (H + kv + g) * dh}[part]
+    elif lm.adapter.qkv_layout == "grouped":  # per group g: [q_{g*rep} .. q_{g*rep+rep-1}; k_g; v_g]
+        base = g * (rep + 2) * dh
+        start = base + {"q": (head % rep) * dh, "k": rep * dh, "v": (rep + 1) * dh}[part]
+    else:  # pragma: no cover - a new layout needs a branch here
+        raise ValueError(f"Unknown qkv_layout {lm.adapter.qkv_layout!r} in the adapter of {lm.adapter.name}.")
+    return torch.arange(start, start + dh)
+
+
+def head_slice(lm: LoadedModel, name: str, head: int, part: str | None = None) -> WeightSlice:
+    """The rows or columns of weight ``name`` (``"L3.attn.qkv"``, ``(out, in)`` view) that belong to a head.
+
+    * ``attn.q``: the rows of query head ``head``; ``attn.k`` / ``attn.v``: the rows of the key/value
+      head it reads (``head // kv_group``, shared by the query heads of its group under GQA/MQA);
+    * ``attn.qkv`` (fused): the same for ``part`` ``"q"``, ``"k"`` or ``"v"``, in the adapter's
+      ``qkv_layout`` (GPT-2 and Phi-3 stack ``[Q; K; V]``; GPT-NeoX, BLOOM and Falcon group each key/value
+      head with its query heads);
+    * ``attn.o``: the columns that read head ``head``'s output.
+
+    Raises:
+        ValueError: a weight that holds no heads, a missing or wrong ``part``, a head out of range.
+    """
+    layer, canon = parse_weight_name(lm, name)
+    if not 0 <= head < lm.n_heads:
+        raise ValueError(f"head {head} out of range 0..{lm.n_heads - 1}.")
+    dh = lm.head_dim
+    if canon == "attn.o":
+        return WeightSlice(1, torch.arange(head * dh, (head + 1) * dh))
+    if canon in ("attn.q", "attn.k", "attn.v"):
+        own = canon[-1]
+        if part not in (None, own):
+            raise ValueError(f"{name!r} holds {own!r} only; part={part!r}.")
+        h = head if own == "q" else head // lm.kv_group
+        return WeightSlice(0, torch.arange(h * dh, (h + 1) * dh))
+    if canon == "attn.qkv":
+        if part not in ("q", "k", "v"):
+            raise ValueError(f"{name!r} is a fused [q, k, v] projection; pass part='q', 'k' or 'v' (got {part!r}).")
+        return WeightSlice(0, _qkv_rows(lm, part, head))
+    raise ValueError(f"{name!r} holds no attention heads; heads are in "
+                     f"{[c for c, _ in lm.adapter.weights if c.startswith('attn.')]}.")
+
+
+def neuron_slice(lm: LoadedModel, name: str, neuron: int, part: str | None = None) -> WeightSlice:
+    """The rows or columns of weight ``name`` (``(out, in)`` view) that belong to FFN neuron ``neuron``.
+
+    * ``mlp.gate`` / ``mlp.up``: row ``neuron``;
+    * ``mlp.gate_up`` (Phi-3's fused ``[gate; up]``): row ``neuron`` for ``part="gate"``, row
+      ``d_mlp + neuron`` for ``part="up"``, both for ``part=None``;
+    * ``mlp.down``: column ``neuron`` (what the neuron writes to the residual stream).
+
+    Raises:
+        ValueError: a weight that holds no neurons, a bad ``part``, a neuron out of range.
+    """
+    _, canon = parse_weight_name(lm, name)
+    d = lm.d_mlp
+    if not 0 <= neuron < d:
+        raise ValueError(f"neuron {neuron} out of range 0..{d - 1}.")
+    if canon == "mlp.down":
+        return WeightSlice(1, torch.tensor([neuron]))
+    if canon in ("mlp.gate", "mlp.up"):
+        if part not in (None, canon[4:]):
+            raise ValueError(f"{name!r} holds {canon[4:]!r} only; part={part!r}.")
+        return WeightSlice(0, torch.tensor([neuron]))
+    if canon == "mlp.gate_up":
+        rows = {"gate": [neuron], "up": [d + neuron], None: [neuron, d + neuron]}
+        if part not in rows:
+            raise ValueError(f"part={part!r} for the fused {name!r}; use 'gate', 'up' or None (both).")
+        return WeightSlice(0, torch.tensor(rows[part]))
+    raise ValueError(f"{name!r} holds no FFN neurons; neurons are in "
+                     f"{[c for c, _ in lm.adapter.weights if c.startswith('mlp.')]}.")

@@ -27,6 +27,8 @@ MODEL_VOCAB = 256
 TOKENIZER_VOCAB = 200
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 D_MODEL, N_HEADS, N_KV_HEADS, N_LAYERS, D_MLP = 32, 4, 2, 2, 48
+#: Sliding window of the tiny models with local layers (Gemma 3, GPT-Neo): far shorter than the prompts.
+WINDOW = 8
 
 #: Every architecture in the adapter table; the parametrised tests iterate over this.
 ARCHS = sorted(ADAPTERS)
@@ -83,7 +85,8 @@ def tokenizer():
 def tiny_config(arch: str, **overrides):
     """A seeded-model-sized config for ``arch`` (a key of :data:`headlab.models.ADAPTERS`)."""
     from transformers import (
-        Gemma2Config, GemmaConfig, GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig,
+        BloomConfig, FalconConfig, Gemma2Config, Gemma3TextConfig, GemmaConfig, GPT2Config, GPTJConfig,
+        GPTNeoConfig, GPTNeoXConfig, LlamaConfig, MistralConfig, Olmo2Config, OPTConfig, Phi3Config,
         Qwen2Config, Qwen3Config,
     )
 
@@ -107,6 +110,32 @@ def tiny_config(arch: str, **overrides):
     elif arch == "gemma2":
         cfg = Gemma2Config(**llama_like, head_dim=8, sliding_window=4096, query_pre_attn_scalar=8,
                            final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
+    elif arch == "gemma3_text":
+        # Gemma 3's shape in small: one key/value head, head_dim * n_heads != hidden_size, a local layer
+        # whose window (8 keys) is far shorter than the few-shot prompts, then a global one; a
+        # query_pre_attn_scalar that is not head_dim (the score scale is read from the model).
+        cfg = Gemma3TextConfig(**{**llama_like, "num_key_value_heads": 1}, head_dim=16, sliding_window=WINDOW,
+                               layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=8)
+    elif arch == "olmo2":
+        cfg = Olmo2Config(**llama_like)
+    elif arch == "phi3":
+        cfg = Phi3Config(**llama_like, original_max_position_embeddings=256)
+    elif arch == "gpt_neo":
+        # a local layer (window of 8 keys) then a global one; GPT-Neo does not scale scores by 1/sqrt(d)
+        cfg = GPTNeoConfig(hidden_size=D_MODEL, num_layers=N_LAYERS, num_heads=N_HEADS, intermediate_size=D_MLP,
+                           attention_types=[[["local", "global"], N_LAYERS // 2]], window_size=WINDOW,
+                           max_position_embeddings=256, **special)
+    elif arch == "gptj":
+        # rotary on the first 4 of 8 dimensions of each head; attention and MLP in parallel
+        cfg = GPTJConfig(n_embd=D_MODEL, n_layer=N_LAYERS, n_head=N_HEADS, n_inner=D_MLP, rotary_dim=4,
+                         n_positions=256, **special)
+    elif arch == "bloom":
+        cfg = BloomConfig(hidden_size=D_MODEL, n_layer=N_LAYERS, n_head=N_HEADS, **special)
+    elif arch == "falcon":
+        # Falcon-7B's variant: multi-query (one key/value head), attention and MLP in parallel, rotary
+        cfg = FalconConfig(hidden_size=D_MODEL, num_hidden_layers=N_LAYERS, num_attention_heads=N_HEADS,
+                           ffn_hidden_size=D_MLP, multi_query=True, parallel_attn=True, max_position_embeddings=256,
+                           **special)
     elif arch == "gpt2":
         cfg = GPT2Config(n_embd=D_MODEL, n_layer=N_LAYERS, n_head=N_HEADS, n_inner=D_MLP, n_positions=256,
                          **special)

@@ -136,7 +136,8 @@ def test_text_entropy_is_batch_invariant_and_matches_patterns(tiny_lm, tokenizer
     assert batched.shape == (len(seqs), tiny_lm.n_layers, tiny_lm.n_heads)
     assert ((batched >= -1e-6) & (batched <= 1 + 1e-6)).all()
     pats = attention.attention_patterns(tiny_lm, seqs[1][None])[0]  # (L, H, s, s)
-    by_hand = torch.nanmean(attention.attention_entropy(pats, window=tiny_lm.sliding_window), -1)
+    by_hand = torch.stack([torch.nanmean(attention.attention_entropy(pats[layer], window=w), -1)
+                           for layer, w in enumerate(tiny_lm.layer_windows)])  # local and global layers
     torch.testing.assert_close(batched[1], by_hand, atol=1e-5, rtol=1e-4)
 
 

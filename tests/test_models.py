@@ -12,10 +12,14 @@ from conftest import ARCHS, D_MLP, D_MODEL, MODEL_VOCAB, N_HEADS, N_KV_HEADS, N_
 from headlab import cache, models
 from headlab.models import ADAPTERS, load_model, LoadedModel, resolve_adapter, wrap_model
 
-#: Architectures whose attention implementation in transformers supports grouped-query attention.
-GQA_ARCHS = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"}
+#: Key/value heads of the tiny models (conftest.tiny_config) where they differ from the query heads:
+#: grouped-query attention, Gemma 3's single key/value head, Falcon-7B's multi-query attention.
+KV_HEADS = {"llama": N_KV_HEADS, "mistral": N_KV_HEADS, "qwen2": N_KV_HEADS, "qwen3": N_KV_HEADS, "gemma": N_KV_HEADS,
+            "gemma2": N_KV_HEADS, "phi3": N_KV_HEADS, "olmo2": N_KV_HEADS, "gemma3_text": 1, "falcon": 1}
 #: Tiny-config head widths that differ from hidden_size / n_heads (set in conftest.tiny_config).
-EXPLICIT_HEAD_DIM = {"qwen3": 16, "gemma": 16}
+EXPLICIT_HEAD_DIM = {"qwen3": 16, "gemma": 16, "gemma3_text": 16}
+#: FFN widths that the config cannot set (BLOOM's is always 4 * hidden_size).
+FIXED_D_MLP = {"bloom": 4 * D_MODEL}
 
 
 def _ids(lm: LoadedModel, text: str = "Review: a gripping, funny film.\nSentiment:") -> torch.Tensor:
@@ -52,13 +56,14 @@ def test_dimensions_match_config(tiny_lm):
     arch = tiny_lm.config.model_type
     assert tiny_lm.n_layers == N_LAYERS
     assert tiny_lm.n_heads == N_HEADS
-    assert tiny_lm.n_kv_heads == (N_KV_HEADS if arch in GQA_ARCHS else N_HEADS)
+    assert tiny_lm.n_kv_heads == KV_HEADS.get(arch, N_HEADS)
+    assert tiny_lm.n_kv_heads * tiny_lm.kv_group == tiny_lm.n_heads
     assert tiny_lm.head_dim == EXPLICIT_HEAD_DIM.get(arch, D_MODEL // N_HEADS)
     explicit = getattr(tiny_lm.config, "head_dim", None)
     if explicit is not None:
         assert tiny_lm.head_dim == explicit
     assert tiny_lm.d_model == D_MODEL
-    assert tiny_lm.d_mlp == D_MLP
+    assert tiny_lm.d_mlp == FIXED_D_MLP.get(arch, D_MLP)
     desc = tiny_lm.describe()
     assert desc["model_type"] == arch
     assert desc["n_params"] == sum(p.numel() for p in tiny_lm.model.parameters())
@@ -75,36 +80,33 @@ def test_attn_out_input_is_concatenated_heads(tiny_lm, layer):
 @pytest.mark.parametrize("layer", range(N_LAYERS))
 def test_mlp_out_input_is_neurons(tiny_lm, layer):
     assert _input_width(tiny_lm, tiny_lm.layer_module(layer, "mlp_out"))[-1] == tiny_lm.d_mlp
-    # ... and the (first) FFN input projection maps the residual stream to d_mlp.
+    # ... and the (first) FFN input projection maps the residual stream to d_mlp (to 2 * d_mlp where
+    # it is Phi-3's fused [gate; up]).
     w_in = tiny_lm.adapter.weight_in_out(tiny_lm.layer_module(layer, "mlp_in"))
-    assert tuple(w_in.shape) == (tiny_lm.d_mlp, tiny_lm.d_model)
+    halves = 2 if "mlp.gate_up" in dict(tiny_lm.adapter.weights) else 1
+    assert tuple(w_in.shape) == (halves * tiny_lm.d_mlp, tiny_lm.d_model)
 
 
 def _value_states(lm: LoadedModel, layer: int, ids: torch.Tensor) -> torch.Tensor:
-    """Value vectors ``(b, n_kv, s, head_dim)`` of ``layer``, read off that layer's projections."""
-    arch, hd = lm.config.model_type, lm.head_dim
-    attn = lm.layer_module(layer, "attn")
-    captured = {}
-    if arch == "gpt2":
-        mod, pick = attn.c_attn, lambda y: y[..., 2 * lm.d_model:]
-    elif arch == "gpt_neox":
-        mod = attn.query_key_value
-        pick = lambda y: y.view(*y.shape[:-1], lm.n_heads, 3 * hd)[..., 2 * hd:].flatten(-2)  # noqa: E731
-    else:
-        mod, pick = attn.v_proj, lambda y: y  # noqa: E731
-
-    def grab(m, a, out):  # must return None, or the hook would replace the module's output
-        captured["v"] = pick(out)
-
-    h = mod.register_forward_hook(grab)
-    # The attention input of the layer is needed; the simplest way is a full forward.
+    """Value vectors ``(b, n_kv, s, head_dim)`` of ``layer``, computed from the input of the projection
+    that holds them and the rows :func:`headlab.models.head_slice` names (fused or not)."""
+    names = dict(lm.adapter.weights)
+    name = f"L{layer}." + ("attn.v" if "attn.v" in names else "attn.qkv")
+    mod = models.weight_module(lm, name)
+    seen = []
+    handle = mod.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
     try:
         lm.model(ids)
     finally:
-        h.remove()
-    v = captured["v"]
-    b, s, _ = v.shape
-    return v.view(b, s, lm.n_kv_heads, hd).transpose(1, 2)
+        handle.remove()
+    x, w = seen[0], lm.adapter.weight_in_out(mod)  # (b, s, d_model), (out, in)
+    part = "v" if name.endswith("qkv") else None
+    vs = []
+    for g in range(lm.n_kv_heads):
+        sl = models.head_slice(lm, name, g * lm.kv_group, part)
+        bias = mod.bias[sl.index] if getattr(mod, "bias", None) is not None else 0.0
+        vs.append(x @ sl.of(w).T + bias)  # (b, s, head_dim)
+    return torch.stack(vs, 1)
 
 
 @pytest.mark.parametrize("layer", range(N_LAYERS))
@@ -173,9 +175,9 @@ def _logit_lens_reproduces_logits(lm: LoadedModel) -> None:
         if mod is not None:
             x = mod(x)
     y = lm.module("unembed")(x)
-    if lm.adapter.logit_softcap_attr:
-        cap = getattr(lm.config, lm.adapter.logit_softcap_attr)
-        assert cap, "the tiny Gemma 2 config sets a soft-cap"
+    cap = getattr(lm.config, lm.adapter.logit_softcap_attr) if lm.adapter.logit_softcap_attr else None
+    assert cap or lm.config.model_type != "gemma2", "the tiny Gemma 2 config sets a soft-cap"
+    if cap:  # Gemma 2; Gemma 3 has the attribute but no cap
         y = torch.tanh(y / cap) * cap
     torch.testing.assert_close(y, logits, atol=1e-5, rtol=1e-5)
 
@@ -196,10 +198,11 @@ def test_opt_project_out_is_applied_after_final_norm(tiny_factory):
 def test_weight_in_out_is_out_by_in(tiny_lm):
     """For Linear and GPT-2 Conv1D alike, module(x) == x @ W.T + b with W from weight_in_out."""
     lm = tiny_lm
+    halves = 2 if "mlp.gate_up" in dict(lm.adapter.weights) else 1  # Phi-3's fused [gate; up]
     for mod, (n_out, n_in) in [
         (lm.layer_module(0, "attn_out"), (lm.d_model, lm.n_heads * lm.head_dim)),
         (lm.layer_module(0, "mlp_out"), (lm.d_model, lm.d_mlp)),
-        (lm.layer_module(1, "mlp_in"), (lm.d_mlp, lm.d_model)),
+        (lm.layer_module(1, "mlp_in"), (halves * lm.d_mlp, lm.d_model)),
     ]:
         w = lm.adapter.weight_in_out(mod)
         assert tuple(w.shape) == (n_out, n_in)

@@ -16,7 +16,7 @@ from jaxtyping import jaxtyped
 from transformers.activations import ACT2FN
 
 from conftest import ARCHS, D_MLP, MODEL_VOCAB, N_LAYERS
-from headlab import ablation, engine, lens, neurons, perplexity, records, tasks
+from headlab import ablation, engine, lens, models, neurons, perplexity, records, tasks
 from headlab.interventions import ablate_neurons, capture, capture_residual, edit_neurons, hooks, observe
 from headlab.models import get_module, LoadedModel
 
@@ -50,7 +50,9 @@ def _record_hooks(request):
 
 def _act_fn(lm: LoadedModel):
     cfg = lm.config
-    for attr in ("hidden_activation", "hidden_act", "activation_function"):
+    if cfg.model_type == "bloom":  # not in its config: BLOOM's MLP hard-codes the tanh approximation of GELU
+        return ACT2FN["gelu_new"]
+    for attr in ("hidden_activation", "hidden_act", "activation_function", "activation"):
         name = getattr(cfg, attr, None)
         if name:
             return ACT2FN[name]
@@ -75,12 +77,18 @@ def test_captured_neurons_equal_the_mlp_computation(tiny_lm):
             observe(tiny_lm, lambda layer, x: seen.__setitem__(layer, x.clone())):
         tiny_lm.model(input_ids=ids)
     act = _act_fn(tiny_lm)
+    d_mlp = tiny_lm.d_mlp
     for layer in range(tiny_lm.n_layers):
         if len(tiny_lm.adapter.mlp_in) == 2:  # gated: (gate, up)
             manual = act(proj_out[layer, 0]) * proj_out[layer, 1]
+        elif "mlp.gate_up" in dict(tiny_lm.adapter.weights):  # fused gate and up: rows from the slice table
+            name = f"L{layer}.mlp.gate_up"
+            gate = torch.cat([models.neuron_slice(tiny_lm, name, n, "gate").index for n in range(d_mlp)])
+            up = torch.cat([models.neuron_slice(tiny_lm, name, n, "up").index for n in range(d_mlp)])
+            manual = act(proj_out[layer, 0][..., gate]) * proj_out[layer, 0][..., up]
         else:
             manual = act(proj_out[layer, 0])
-        assert acts[layer].shape[-1] == D_MLP and acts[layer].numel() == 3 * 10 * D_MLP  # OPT: (b*s, N)
+        assert acts[layer].shape[-1] == d_mlp and acts[layer].numel() == 3 * 10 * d_mlp  # OPT: (b*s, N)
         torch.testing.assert_close(acts[layer], manual, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(seen[layer], acts[layer], rtol=0, atol=0)
     assert _no_hooks(tiny_lm)
@@ -127,17 +135,24 @@ def test_hooks_removed_after_exception(tiny_factory, where):
 # --------------------------------------------------------------------------------------------------
 # Streaming statistics
 # --------------------------------------------------------------------------------------------------
-def _dense_stats(lm: LoadedModel, ids: torch.Tensor, skip_first: int, k: int) -> dict[str, torch.Tensor]:
-    """Statistics computed from every stored activation (the reference for the streaming version)."""
+def _dense_stats(lm: LoadedModel, ids: torch.Tensor, skip_first: int, k: int,
+                 batch_size: int) -> dict[str, torch.Tensor]:
+    """Statistics computed from every stored activation (the reference for the streaming version), from
+    forwards of the same batches (so that float rounding of batched matmuls cannot move a top-k)."""
     n, s = ids.shape
-    with capture(lm, site="mlp_out") as acts:
-        lm.model(input_ids=ids)
-    a = torch.stack([acts[layer].reshape(n, s, -1)[:, skip_first:].reshape(-1, D_MLP) for layer in range(lm.n_layers)]).double()
+    parts: dict[int, list[torch.Tensor]] = {}
+    for start in range(0, n, batch_size):
+        with capture(lm, site="mlp_out") as got:
+            lm.model(input_ids=ids[start:start + batch_size])
+        for layer, x in got.items():
+            parts.setdefault(layer, []).append(x.reshape(-1, s, x.shape[-1]))
+    acts = {layer: torch.cat(xs) for layer, xs in parts.items()}
+    a = torch.stack([acts[layer].reshape(n, s, -1)[:, skip_first:].reshape(-1, lm.d_mlp) for layer in range(lm.n_layers)]).double()
     index = (torch.arange(n)[:, None] * s + torch.arange(skip_first, s)[None]).reshape(-1)
     top_v, top_i = [], []
     for layer in range(lm.n_layers):
         v, i = [], []
-        for neuron in range(D_MLP):
+        for neuron in range(lm.d_mlp):
             order = sorted(range(len(index)), key=lambda t: (-float(a[layer, t, neuron]), int(index[t])))[:k]
             v.append([float(a[layer, t, neuron]) for t in order])
             i.append([int(index[t]) for t in order])
@@ -152,7 +167,7 @@ def test_streaming_stats_equal_stats_of_stored_activations(tiny_factory, arch):
     lm = tiny_factory(arch)
     ids, k, skip = _rows(5, 11), 4, 1
     stats = neurons.neuron_stats(lm, ids, k=k, batch_size=2, skip_first=skip)
-    ref = _dense_stats(lm, ids, skip, k)
+    ref = _dense_stats(lm, ids, skip, k, batch_size=2)
     assert stats.count == 5 * (11 - skip)
     for name in ("mean", "mean_abs", "std", "min"):
         torch.testing.assert_close(getattr(stats, name).double(), ref[name], rtol=1e-5, atol=1e-6, msg=name)

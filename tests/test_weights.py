@@ -67,7 +67,11 @@ def test_weight_names_resolve_to_matrices(tiny_lm):
         w = weight_module(tiny_lm, name).weight
         assert w.ndim == 2
     canon = {c for c, _ in tiny_lm.adapter.weights}
-    assert "attn.o" in canon and "mlp.down" in canon and "mlp.up" in canon
+    assert canon <= {"attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "mlp.gate", "mlp.up", "mlp.gate_up",
+                     "mlp.down"}
+    assert {"attn.o", "mlp.down"} <= canon
+    assert {"attn.q", "attn.k", "attn.v"} <= canon or "attn.qkv" in canon  # separate or fused
+    assert "mlp.up" in canon or "mlp.gate_up" in canon
     assert weight_module(tiny_lm, "L1.attn.o") is tiny_lm.layer_module(1, "attn_out")
     assert weight_module(tiny_lm, "L0.mlp.down") is tiny_lm.layer_module(0, "mlp_out")
 

@@ -24,7 +24,7 @@ from transformers import DynamicCache
 from headlab.edits import HeadEdit, NoiseKeys, noise_keys
 from headlab.engine.prefix_attention import (
     PrefixState,
-    prefix_attention_applies,
+    prefix_attention_unsupported,
     prefix_kv_at,
     use_prefix_attention,
 )
@@ -158,9 +158,11 @@ def sweep_heads(
         edits_per_group: edits whose edited prefix caches are held in memory at once.
         progress: called with the number of (edit, prompt) rows finished after each batch.
         shared_prefix_attention: attend to the prefix caches without copying them per row (see
-            :func:`prefix_attention`; about twice as fast on CPU). ``None``: whenever the model has no
-            sliding window; ``False``: transformers' own attention over a per-batch cache (the
-            reference path, also used for sliding-window models).
+            :func:`~headlab.engine.prefix_attention.prefix_attention`; about twice as fast on CPU, and
+            prompts of different lengths share a batch also under sliding windows). ``None``: whenever
+            the architecture's attention goes through transformers' AttentionInterface (all but
+            GPT-Neo, BLOOM and Falcon, see :func:`prefix_attention_unsupported`); ``False``:
+            transformers' own attention over a per-batch cache (the reference path).
 
     Returns:
         ``(n_edits, n_prompts, n_labels)`` float32 on the CPU, in the order of ``edits``.
@@ -176,11 +178,13 @@ def sweep_heads(
     lengths = torch.tensor([len(q) for q in enc.queries])
     qmax = max(len(q) for q in enc.queries)
     pad = lm.tokenizer.pad_token_id or 0
-    equal_lengths = needs_equal_lengths(lm, enc)
-    shared_attention = prefix_attention_applies(lm) if shared_prefix_attention is None else shared_prefix_attention
-    if shared_attention and not prefix_attention_applies(lm):
-        raise ValueError(f"shared_prefix_attention=True needs a model without a sliding window "
-                         f"(this one has sliding_window={lm.sliding_window}).")
+    unsupported = prefix_attention_unsupported(lm)
+    shared_attention = unsupported is None if shared_prefix_attention is None else shared_prefix_attention
+    if shared_attention and unsupported is not None:
+        raise ValueError(f"shared_prefix_attention=True: {unsupported}.")
+    # transformers' masks count windows in cache indices (pads between prefix and query would shift
+    # them); the shared-prefix attention counts real positions, so any lengths may share a batch
+    equal_lengths = needs_equal_lengths(lm, enc) and not shared_attention
 
     def edit_rows(rows: list[tuple[HeadEdit, NoiseKeys, int]], width: int, means: Tensor) -> HeadFn:
         """Hook: batch row ``b`` gets ``rows[b] = (edit, noise keys, n)`` on its last ``n`` of ``width``
@@ -229,7 +233,8 @@ def sweep_heads(
                     # blocks up to `layer` attend to the clean prefix, later blocks to the row's edited one
                     if shared_attention:
                         kv_of = partial(prefix_kv_at, clean.kv, edited_kv, layer)
-                        stack.enter_context(use_prefix_attention(lm, PrefixState(kv_of, r_edit, width - lengths[r_prompt])))
+                        pads = width - lengths[r_prompt]
+                        stack.enter_context(use_prefix_attention(lm, PrefixState(kv_of, r_edit, pads, lm.layer_windows)))
                         kwargs = {"attention_mask": mask, "use_cache": False}
                     else:
                         kwargs = {"attention_mask": torch.cat([torch.ones(b, P, dtype=torch.long), mask], 1),

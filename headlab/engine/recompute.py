@@ -50,14 +50,16 @@ def keep_block_inputs(lm: LoadedModel, layers: Iterable[int]) -> Iterator[dict[i
 def skip_layers_before(lm: LoadedModel, layer: int, hidden: Tensor | None) -> Iterator[None]:
     """Make blocks ``0 .. layer-1`` return ``hidden`` (the kept input of block ``layer``) unrun.
 
-    ``layer=0`` skips nothing (``hidden`` may then be ``None``).
+    ``layer=0`` skips nothing (``hidden`` may then be ``None``). Blocks of architectures that return a
+    tuple (``Adapter.block_returns_tuple``) return ``(hidden,)``.
     """
     blocks = [lm.layers[i] for i in range(layer)]
+    out = (hidden,) if lm.adapter.block_returns_tuple else hidden
     # A block may already carry an instance ``forward`` (accelerate's device hooks do): put it back.
     saved = [block.__dict__.get("forward") for block in blocks]
     try:
         for block in blocks:
-            block.forward = lambda *args, **kwargs: hidden  # instance attribute shadows the method
+            block.forward = lambda *args, **kwargs: out  # instance attribute shadows the method
         yield
     finally:
         for block, old in zip(blocks, saved):
