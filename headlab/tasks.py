@@ -53,8 +53,9 @@ class FewShotFormat:
 
     The prompt is ``instruction + shot_1 + sep + ... + shot_k + sep + query`` where a shot is
     ``template.format(text=..., label=...)`` and the query is the template cut just before
-    ``{label}``. The model's answer is read off the logits of the label words at the last position,
-    so each label word (with its leading space) should be a single token.
+    ``{label}``. The model's answer is read off the logits of the label words at the last position:
+    the first token of each label word (with its leading space), which must differ between labels
+    (see :func:`headlab.engine.label_token_ids`).
 
     Attributes:
         name: short name used in tables.
@@ -204,7 +205,8 @@ class FewShotTask:
         return self._enc[key]
 
     def label_ids(self, lm: LoadedModel) -> list[int]:
-        return engine.label_token_ids(lm, [self.fmt.word(lab) for lab in self.fmt.labels])
+        """Token ids of the label words as they follow the query's cue (first token of each; they must differ)."""
+        return engine.label_token_ids(lm, [self.fmt.word(lab) for lab in self.fmt.labels], context=self.fmt.query(""))
 
     def logprobs(self, lm: LoadedModel, batch_size: int = 16) -> torch.Tensor:
         """``(n, 2)`` label log-probabilities for every query."""

@@ -154,6 +154,28 @@ def tiny_config(arch: str, **overrides):
     return cfg
 
 
+#: Variants whose features the default tiny config of their architecture does not exercise:
+#: name -> (architecture, config overrides). Tests that check an architecture's layout or the engine's
+#: exactness also run on these.
+VARIANTS: dict[str, tuple[str, dict]] = {
+    # Falcon-RW-like: one key/value head per query head (fused per head), biases, attention then MLP
+    "falcon-mha": ("falcon", dict(multi_query=False, parallel_attn=False, bias=True)),
+    # Falcon-40B/180B: new_decoder_architecture, 2 key/value groups of 2 query heads, two parallel norms
+    "falcon-40b": ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2)),
+    # Falcon-RW with ALiBi instead of rotary
+    "falcon-alibi": ("falcon", dict(alibi=True, multi_query=False, parallel_attn=False, bias=True)),
+    # Phi-3 with a sliding window on every layer (Phi-3-mini-4k has one)
+    "phi3-window": ("phi3", dict(sliding_window=WINDOW)),
+    # Llama 3.x rope scaling
+    "llama3-rope": ("llama", dict(rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    # windows shorter than every prompt on architectures whose default tiny config has none
+    "gemma2-window": ("gemma2", dict(sliding_window=6)),
+    "mistral-window": ("mistral", dict(sliding_window=6)),
+}
+
+
 def build_tiny(arch: str, tokenizer, seed: int = 0, attn_implementation: str = "eager",
                **overrides) -> LoadedModel:
     """A seeded, randomly initialised tiny model of ``arch`` wrapped as a :class:`LoadedModel`."""
@@ -192,6 +214,19 @@ def tiny_lm(request, tokenizer) -> LoadedModel:
     if arch not in _TINY_CACHE:
         _TINY_CACHE[arch] = build_tiny(arch, tokenizer)
     return _TINY_CACHE[arch]
+
+
+_VARIANT_CACHE: dict[str, LoadedModel] = {}
+
+
+@pytest.fixture(params=sorted(VARIANTS))
+def tiny_variant(request, tokenizer) -> LoadedModel:
+    """One tiny model per entry of :data:`VARIANTS` (built once per session; tests must not modify it)."""
+    name = request.param
+    if name not in _VARIANT_CACHE:
+        arch, overrides = VARIANTS[name]
+        _VARIANT_CACHE[name] = build_tiny(arch, tokenizer, **overrides)
+    return _VARIANT_CACHE[name]
 
 
 @pytest.fixture(autouse=True)

@@ -65,10 +65,33 @@ def test_label_token_ids(tiny_factory, tokenizer):
     assert tokenizer.decode(ids[1]).strip() == "positive"
 
 
-def test_label_token_ids_multi_token_word_raises(tiny_factory):
+def test_label_token_ids_multi_token_word_scores_its_first_token(tiny_factory, tokenizer):
     lm = tiny_factory("llama")
-    with pytest.raises(ValueError, match="unbelievably"):
-        engine.label_token_ids(lm, ["positive", "unbelievably"])
+    with pytest.warns(UserWarning, match="unbelievably"):
+        ids = engine.label_token_ids(lm, ["positive", "unbelievably"])
+    assert ids[1] == tokenizer(" unbelievably", add_special_tokens=False)["input_ids"][0]
+
+
+def test_label_token_ids_same_first_token_raises_naming_both(tiny_factory):
+    """' positive' and ' positively' share their first token with the test tokenizer: scoring them would
+    give identical numbers, so this is refused with both words and their tokens named."""
+    lm = tiny_factory("llama")
+    with pytest.raises(ValueError, match="'positive' and 'positively' start with the same token") as err, \
+            pytest.warns(UserWarning):
+        engine.label_token_ids(lm, ["positive", "positively"])
+    assert "'l', 'y'" in str(err.value)
+
+
+def test_label_token_ids_after_context_is_the_next_token(tiny_factory, tokenizer):
+    """With the query's cue as context the id is the token that follows the cue in the full text (what a
+    SentencePiece tokenizer with a separate space token would otherwise get wrong)."""
+    lm = tiny_factory("llama")
+    cue = FORMATS["plain"].query("")
+    ids = engine.label_token_ids(lm, ["negative", "positive"], context=cue)
+    for word, i in zip(["negative", "positive"], ids):
+        full = tokenizer(cue + " " + word, add_special_tokens=False)["input_ids"]
+        assert full[:-1] == tokenizer(cue, add_special_tokens=False)["input_ids"] and full[-1] == i
+    assert ids == engine.label_token_ids(lm, ["negative", "positive"])  # this tokenizer: no difference
 
 
 def test_label_token_ids_duplicate_raises(tiny_factory):
@@ -126,9 +149,12 @@ def test_forward_last_returns_full_vocab_logits(tiny_lm):
 @pytest.mark.parametrize("arch,overrides", [
     ("gemma2", dict(sliding_window=6)),
     ("mistral", dict(sliding_window=6)),
+    ("phi3", dict(sliding_window=6)),
+    ("gemma3_text", {}),  # a local layer of 8 keys, then a global one
+    ("gpt_neo", {}),  # the same, windows from GPT-Neo's own attention_layers / window_size
 ])
 def test_prefix_cache_with_sliding_window_shorter_than_prefix(tiny_factory, arch, overrides):
-    """Sliding-window layers (Mistral, Gemma 2's local layers) must see the same keys with the prefix
+    """Sliding-window layers (Mistral, Phi-3, Gemma 2/3's and GPT-Neo's local layers) must see the same keys with the prefix
     cache as without it, also for prompts that get padded in their batch. The window is counted
     in key *indices*, so pads placed between the cached prefix and a query would push prefix tokens
     out of the window; batch_size=2 pairs queries of different lengths."""

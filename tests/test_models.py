@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from conftest import ARCHS, D_MLP, D_MODEL, MODEL_VOCAB, N_HEADS, N_KV_HEADS, N_LAYERS, build_tiny
-from headlab import cache, models
+from headlab import cache, interventions, models
 from headlab.models import ADAPTERS, load_model, LoadedModel, resolve_adapter, wrap_model
 
 #: Key/value heads of the tiny models (conftest.tiny_config) where they differ from the query heads:
@@ -109,12 +109,10 @@ def _value_states(lm: LoadedModel, layer: int, ids: torch.Tensor) -> torch.Tenso
     return torch.stack(vs, 1)
 
 
-@pytest.mark.parametrize("layer", range(N_LAYERS))
-def test_head_h_is_slice_h_of_attn_out_input(tiny_lm, layer):
-    """The adapter's central claim: head ``h``'s output (its attention pattern times its values,
-    with query heads grouped onto key/value heads for GQA) is the slice ``[h*d:(h+1)*d]`` of the
+def _check_head_h_is_slice_h(lm: LoadedModel, layer: int) -> None:
+    """Head ``h``'s output (its attention pattern times the values of its key/value head, with the
+    value rows named by :func:`headlab.models.head_slice`) is the slice ``[h*d:(h+1)*d]`` of the
     attention output projection's input."""
-    lm = tiny_lm
     ids = _ids(lm)
     seen = []
     hook = lm.layer_module(layer, "attn_out").register_forward_pre_hook(lambda m, a: seen.append(a[0]))
@@ -125,11 +123,17 @@ def test_head_h_is_slice_h_of_attn_out_input(tiny_lm, layer):
     pattern = out.attentions[layer]  # (b, n_heads, s, s)
     assert pattern.shape[1] == lm.n_heads
     v = _value_states(lm, layer, ids)
-    group = lm.n_heads // lm.n_kv_heads
     hd = lm.head_dim
     for h in range(lm.n_heads):
-        expected = pattern[:, h] @ v[:, h // group]
+        expected = pattern[:, h] @ v[:, h // lm.kv_group]
         torch.testing.assert_close(seen[0][..., h * hd:(h + 1) * hd], expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layer", range(N_LAYERS))
+def test_head_h_is_slice_h_of_attn_out_input(tiny_lm, layer):
+    """The adapter's central claim, for every architecture (query heads grouped onto key/value heads
+    for GQA and multi-query attention)."""
+    _check_head_h_is_slice_h(tiny_lm, layer)
 
 
 def test_negative_layer_counts_from_end(tiny_lm):
@@ -368,3 +372,163 @@ def test_gguf_path_and_embedded_name_load_the_same_converted_weights(real_lm):
     # A directory holding exactly one .gguf file is accepted too.
     by_dir = load_model(str(gguf.parent), device="cpu")
     assert by_dir.fingerprint == real_lm.fingerprint
+
+
+# --------------------------------------------------------------------------------------------------
+# Fused weights: which rows and columns belong to a head or a neuron
+# --------------------------------------------------------------------------------------------------
+def _perturbed(lm: LoadedModel, name: str, index: torch.Tensor, axis: int, site: str, ids: torch.Tensor):
+    """Input of ``site`` in the layer of ``name`` with and without noise on the chosen rows/columns."""
+    layer = models.parse_weight_name(lm, name)[0]
+    w = lm.adapter.weight_in_out(models.weight_module(lm, name))  # (out, in) view
+    noise = torch.randn(w.index_select(axis, index).shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), interventions.capture(lm, [layer], site=site) as before:
+        lm.model(ids)
+    saved = w.detach().clone()
+    try:
+        with torch.no_grad():
+            w.index_add_(axis, index, noise)
+            with interventions.capture(lm, [layer], site=site) as after:
+                lm.model(ids)
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    return before[layer][0], after[layer][0]
+
+
+def _heads_coupled_by_qk_norm(lm: LoadedModel, layer: int) -> bool:
+    """OLMo 2 normalises q (and k) over all heads together, so one head's query rows reach every head."""
+    norm = getattr(lm.layer_module(layer, "attn"), "q_norm", None)
+    return norm is not None and norm.weight.numel() == lm.n_heads * lm.head_dim
+
+
+def _check_head_slices(lm: LoadedModel) -> None:
+    """Noise on the rows :func:`head_slice` names for query head ``h`` changes only head ``h``'s output;
+    on its key or value rows, only the outputs of the heads that share that key/value head."""
+    ids = _ids(lm)
+    layer = 1
+    fused = "attn.qkv" in dict(lm.adapter.weights)
+    d = lm.head_dim
+    for h in (0, lm.n_heads - 1):
+        group = {g for g in range(lm.n_heads) if g // lm.kv_group == h // lm.kv_group}
+        for part in ("q", "k", "v"):
+            if part != "v" and _heads_coupled_by_qk_norm(lm, layer):
+                continue
+            name = f"L{layer}." + ("attn.qkv" if fused else f"attn.{part}")
+            sl = models.head_slice(lm, name, h, part if fused else None)
+            assert sl.axis == 0 and len(sl.index) == d
+            before, after = _perturbed(lm, name, sl.index, 0, "attn_out", ids)
+            changed = {g for g in range(lm.n_heads)
+                       if not torch.equal(before[..., g * d:(g + 1) * d], after[..., g * d:(g + 1) * d])}
+            # a query change moves head h only; a key/value change every head of its group
+            assert changed == ({h} if part == "q" else group), (name, part, h, changed)
+
+
+def test_head_slices_name_each_heads_rows(tiny_lm):
+    _check_head_slices(tiny_lm)
+
+
+def test_neuron_slices_name_each_neurons_rows_and_columns(tiny_lm):
+    """Noise on the rows :func:`neuron_slice` names for neuron ``n`` (gate, up or Phi-3's fused [gate; up])
+    changes only activation ``n``; zeroing its column of the down projection equals zero-ablating it."""
+    lm, ids, layer = tiny_lm, _ids(tiny_lm), 0
+    for canon, _ in lm.adapter.weights:
+        if not canon.startswith("mlp.") or canon == "mlp.down":
+            continue
+        parts = ("gate", "up") if canon == "mlp.gate_up" else (None,)
+        for part in parts:
+            moved = set()
+            for n in (0, 1, 2, lm.d_mlp - 1):
+                sl = models.neuron_slice(lm, f"L{layer}.{canon}", n, part)
+                before, after = _perturbed(lm, f"L{layer}.{canon}", sl.index, 0, "mlp_out", ids)
+                changed = set((before != after).reshape(-1, lm.d_mlp).any(0).nonzero().flatten().tolist())
+                assert changed <= {n}, (canon, part, n, changed)
+                moved |= changed
+            assert moved, (canon, part)  # (a ReLU neuron may stay off at every token; not all four)
+    sl = models.neuron_slice(lm, f"L{layer}.mlp.down", 3)
+    assert sl.axis == 1 and sl.index.tolist() == [3]
+    w = lm.adapter.weight_in_out(models.weight_module(lm, f"L{layer}.mlp.down"))
+    saved = w.detach().clone()
+    with torch.no_grad():
+        try:
+            w[:, sl.index] = 0.0
+            pruned = lm.model(ids).logits
+        finally:
+            w.copy_(saved)
+        with interventions.ablate_neurons(lm, {layer: [3]}):
+            ablated = lm.model(ids).logits
+    torch.testing.assert_close(pruned, ablated, atol=1e-5, rtol=1e-5)
+
+
+def test_slices_reject_what_a_weight_does_not_hold(tiny_factory):
+    lm = tiny_factory("phi3")
+    with pytest.raises(ValueError, match="part='q'"):
+        models.head_slice(lm, "L0.attn.qkv", 0)
+    with pytest.raises(ValueError, match="no attention heads"):
+        models.head_slice(lm, "L0.mlp.down", 0)
+    with pytest.raises(ValueError, match="head 4 out of range"):
+        models.head_slice(lm, "L0.attn.o", 4)
+    with pytest.raises(ValueError, match="no FFN neurons"):
+        models.neuron_slice(lm, "L0.attn.o", 0)
+    with pytest.raises(ValueError, match="'gate', 'up'"):
+        models.neuron_slice(lm, "L0.mlp.gate_up", 0, "down")
+    llama = tiny_factory("llama")
+    with pytest.raises(ValueError, match="holds 'k' only"):
+        models.head_slice(llama, "L0.attn.k", 0, "v")
+    # GQA: query heads 0 and 1 read key/value head 0
+    assert torch.equal(models.head_slice(llama, "L0.attn.k", 1).index, models.head_slice(llama, "L0.attn.k", 0).index)
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention properties read from the config, checked against the model
+# --------------------------------------------------------------------------------------------------
+def _check_windows(lm: LoadedModel) -> None:
+    """``layer_windows`` is what each layer really does: a windowed layer puts no weight on keys ``w`` or
+    more positions back and some on the key ``w - 1`` back; a global layer reaches further than any
+    window the model has."""
+    ids = torch.tensor([lm.tokenizer("The cat sat on the mat. The dog ran in the park. A bird sang.")["input_ids"]])
+    s = ids.shape[1]
+    with torch.no_grad():
+        att = lm.model(ids, output_attentions=True).attentions
+    dist = torch.arange(s)[:, None] - torch.arange(s)[None, :]  # query - key
+    assert len(lm.layer_windows) == lm.n_layers
+    short = [w for w in lm.layer_windows if w is not None and w < s]
+    for layer, w in enumerate(lm.layer_windows):
+        p = att[layer][0]  # (H, s, s)
+        if w is None:
+            far = min(short, default=s // 2)
+            assert p[:, dist >= far].abs().sum() > 0, layer
+        elif w < s:  # (Gemma 2's default 4096 cannot be seen on a short text)
+            assert torch.all(p[:, dist >= w] == 0), layer
+            assert torch.all(p[:, dist == w - 1] > 0), layer
+
+
+def test_layer_windows_match_the_attention_pattern(tiny_lm):
+    _check_windows(tiny_lm)
+
+
+def test_own_attention_flag_matches_transformers(tiny_lm):
+    """``Adapter.own_attention`` (no shared-prefix attention) is set exactly for the architectures whose
+    attention transformers cannot swap (it warns and keeps its own code for them)."""
+    can_swap = getattr(type(tiny_lm.model), "_can_set_attn_implementation", None)
+    if can_swap is None:
+        pytest.skip("this transformers version has no _can_set_attn_implementation")
+    assert bool(tiny_lm.adapter.own_attention) == (not can_swap())
+
+
+def test_variants_layout_windows_and_lens(tiny_variant):
+    """Falcon's three layouts, ALiBi, Phi-3 with a window, Llama 3 rope scaling, Gemma 2 / Mistral with
+    short windows: head slices, windows, the head = slice claim and the logit lens."""
+    for layer in range(N_LAYERS):
+        _check_head_h_is_slice_h(tiny_variant, layer)
+    _check_head_slices(tiny_variant)
+    _check_windows(tiny_variant)
+    _logit_lens_reproduces_logits(tiny_variant)
+
+
+def test_falcon_variants_kv_heads(tokenizer):
+    """Falcon's key/value heads from its fused weights: multi-query 1, new_decoder_architecture
+    num_kv_heads, the classic multi-head variant one per query head."""
+    assert build_tiny("falcon", tokenizer).n_kv_heads == 1
+    assert build_tiny("falcon", tokenizer, new_decoder_architecture=True, num_kv_heads=2).n_kv_heads == 2
+    assert build_tiny("falcon", tokenizer, multi_query=False).n_kv_heads == N_HEADS

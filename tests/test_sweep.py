@@ -15,7 +15,7 @@ from conftest import ARCHS, plain_last_logprobs, sentiment_label_ids
 from headlab import edits as edits_module
 from headlab import engine, interventions, shards, sweeps, tasks
 from headlab.edits import HeadEdit, Setting, head_noise
-from headlab.engine import scoring
+from headlab.engine import prefix_attention, scoring
 from headlab.tasks import FORMATS, build_fewshot_prefix
 
 SHOTS = pd.DataFrame({
@@ -95,17 +95,14 @@ def llama(tiny_factory):
 # --------------------------------------------------------------------------------------------------
 # Exactness against the plain reference
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("shared_attention", [None, False], ids=["default", "reference_attention"])
-@pytest.mark.parametrize("arch", ARCHS)
-def test_sweep_heads_matches_plain_forward_with_edit(tiny_factory, arch, shared_attention):
-    """Both attention paths (the shared-prefix attention, default wherever the model has no sliding
-    window, and transformers' own attention over per-row caches) equal the plain forward."""
-    lm = tiny_factory(arch)
+def _check_sweep_exact(lm, shared_attention, batch_size=4, edits_per_group=3):
+    """engine.sweep_heads on the mixed edits == the plain batch-1 forward with the edit hooked in."""
     enc, labels = _prompts(lm), sentiment_label_ids(lm)
     assert len({len(q) for q in enc.queries}) > 2  # batches need padding
     clean = engine.clean_run(lm, enc, labels, batch_size=3)
+    torch.testing.assert_close(clean.logprobs, plain_last_logprobs(lm, enc, labels), atol=1e-4, rtol=0)
     edits = _mixed_edits()
-    got = engine.sweep_heads(lm, clean, edits, batch_size=4, edits_per_group=3,
+    got = engine.sweep_heads(lm, clean, edits, batch_size=batch_size, edits_per_group=edits_per_group,
                              shared_prefix_attention=shared_attention)
     ref = _reference(lm, clean, edits)
     assert got.shape == (len(edits), len(enc), 2) and got.dtype == torch.float32
@@ -116,18 +113,35 @@ def test_sweep_heads_matches_plain_forward_with_edit(tiny_factory, arch, shared_
     assert (ref[0] - ref[2]).abs().max() > 1e-2 and (ref[4] - ref[6]).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("arch", ["gemma2", "mistral"])
-def test_sweep_heads_exact_with_sliding_window_shorter_than_prompt(tiny_factory, arch):
-    """A window of 6 keys (far shorter than prefix + query): queries of different lengths must not share
-    a forward (pads between the cached prefix and a query would count against the window)."""
-    lm = tiny_factory(arch, sliding_window=6)
-    enc, labels = _prompts(lm), sentiment_label_ids(lm)
-    assert lm.sliding_window == 6 and scoring.needs_equal_lengths(lm, enc)
-    clean = engine.clean_run(lm, enc, labels, batch_size=4)
-    torch.testing.assert_close(clean.logprobs, plain_last_logprobs(lm, enc, labels), atol=1e-4, rtol=0)
-    edits = _mixed_edits()
-    got = engine.sweep_heads(lm, clean, edits, batch_size=4, edits_per_group=16)
-    torch.testing.assert_close(got, _reference(lm, clean, edits), atol=1e-4, rtol=0)
+@pytest.mark.parametrize("shared_attention", [None, False], ids=["default", "reference_attention"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sweep_heads_matches_plain_forward_with_edit(tiny_factory, arch, shared_attention):
+    """Both attention paths (the shared-prefix attention, the default wherever the architecture's
+    attention goes through transformers' AttentionInterface, and transformers' own attention over
+    per-row caches) equal the plain forward. Gemma 3's and GPT-Neo's tiny models have a local layer
+    whose window (8 keys) is far shorter than the prompts (~50 tokens)."""
+    _check_sweep_exact(tiny_factory(arch), shared_attention)
+
+
+@pytest.mark.parametrize("shared_attention", [None, False], ids=["default", "reference_attention"])
+def test_sweep_heads_exact_on_variants(tiny_variant, shared_attention):
+    """Falcon's multi-head, new-decoder (grouped) and ALiBi variants, Phi-3 / Gemma 2 / Mistral with
+    windows of 6-8 keys, Llama 3 rope scaling: both attention paths equal the plain forward."""
+    _check_sweep_exact(tiny_variant, shared_attention)
+
+
+@pytest.mark.parametrize("shared_attention", [None, False], ids=["default", "reference_attention"])
+@pytest.mark.parametrize("arch,overrides", [("gemma2", {"sliding_window": 6}), ("mistral", {"sliding_window": 6}),
+                                            ("gemma3_text", {}), ("gpt_neo", {})])
+def test_sweep_heads_exact_with_sliding_window_shorter_than_prompt(tiny_factory, arch, overrides, shared_attention):
+    """Windows of 6-8 keys (far shorter than prefix + query), one edit per group and every prompt in one
+    batch: transformers' attention must not share a forward between queries of different lengths
+    (pads between the cached prefix and a query would count against its index-based window); the
+    shared-prefix attention counts real positions, so it may."""
+    lm = tiny_factory(arch, **overrides)
+    enc = _prompts(lm)
+    assert lm.sliding_window is not None and scoring.needs_equal_lengths(lm, enc)
+    _check_sweep_exact(lm, shared_attention, batch_size=64, edits_per_group=16)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -188,7 +202,8 @@ def test_noise_heads_adds_prefix_and_sample_draws(llama):
 # --------------------------------------------------------------------------------------------------
 # Batch invariance
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("gemma2", {"sliding_window": 6})])
+@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("gemma2", {"sliding_window": 6}), ("gemma3_text", {}),
+                                            ("gpt_neo", {})])
 def test_sweep_heads_batch_invariance(tiny_factory, arch, overrides):
     lm = tiny_factory(arch, **overrides)
     enc, labels = _prompts(lm), sentiment_label_ids(lm)
@@ -289,12 +304,46 @@ def test_sweep_heads_restores_model_after_exception(tiny_factory, monkeypatch, f
     torch.testing.assert_close(engine.sweep_heads(lm, clean, edits), expected, atol=0, rtol=0)
 
 
-def test_shared_prefix_attention_refused_for_reachable_sliding_window(tiny_factory):
-    lm = tiny_factory("mistral", sliding_window=6)
+@pytest.mark.parametrize("arch", ["bloom", "gpt_neo", "falcon"])
+def test_shared_prefix_attention_refused_where_the_model_has_its_own_attention(tiny_factory, arch):
+    """BLOOM (ALiBi), GPT-Neo (unscaled scores, mask-buffer windows) and Falcon compute attention in
+    their own modules: asking for the shared-prefix attention fails naming the architecture and the
+    way out; by default the sweep falls back to transformers' attention."""
+    lm = tiny_factory(arch)
     enc, labels = _prompts(lm), sentiment_label_ids(lm)
     clean = engine.clean_run(lm, enc, labels)
-    with pytest.raises(ValueError, match="sliding_window=6"):
+    reason = prefix_attention.prefix_attention_unsupported(lm)
+    assert reason and lm.adapter.name in reason and "shared_prefix_attention=False" in reason
+    with pytest.raises(ValueError, match=lm.adapter.name):
         engine.sweep_heads(lm, clean, [HeadEdit("zero", 0, 0)], shared_prefix_attention=True)
+    default = engine.sweep_heads(lm, clean, [HeadEdit("zero", 0, 0)])
+    torch.testing.assert_close(default, engine.sweep_heads(lm, clean, [HeadEdit("zero", 0, 0)],
+                                                           shared_prefix_attention=False), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", "phi3", "gptj", "olmo2"])
+def test_default_sweep_runs_the_shared_prefix_attention(tiny_factory, monkeypatch, arch):
+    """Where the architecture allows it, the default path really calls the shared-prefix attention
+    (every layer from the edited one on, for every batch), with the model's own window per layer."""
+    from transformers import AttentionInterface
+
+    lm = tiny_factory(arch)
+    enc, labels = _prompts(lm), sentiment_label_ids(lm)
+    clean = engine.clean_run(lm, enc, labels)
+    assert prefix_attention.prefix_attention_unsupported(lm) is None
+    calls = []
+
+    def counting(module, *args, **kwargs):
+        calls.append((module.layer_idx, kwargs.get("sliding_window")))
+        return prefix_attention.prefix_attention(module, *args, **kwargs)
+
+    AttentionInterface.register(prefix_attention.PREFIX_ATTENTION, counting)
+    try:
+        engine.sweep_heads(lm, clean, [HeadEdit("zero", 0, 0)], batch_size=64)
+    finally:
+        AttentionInterface.register(prefix_attention.PREFIX_ATTENTION, prefix_attention.prefix_attention)
+    assert sorted({layer for layer, _ in calls}) == list(range(lm.n_layers))
+    assert all(w is None or w == lm.layer_windows[layer] for layer, w in calls)
 
 
 def test_sweep_heads_bad_edit_fails_before_touching_the_model(llama):

@@ -13,6 +13,7 @@ tokens) in every code path, cached or not, so the two paths score exactly the sa
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -73,23 +74,47 @@ def encode_prompts(lm: LoadedModel, prefix: str, queries: Sequence[str]) -> Enco
     return EncodedPrompts(torch.tensor(pre, dtype=torch.long), qs)
 
 
-def label_token_ids(lm: LoadedModel, words: Sequence[str], leading_space: bool = True) -> list[int]:
-    """Token id of each label word (``" positive"`` when ``leading_space``).
+def label_token_ids(lm: LoadedModel, words: Sequence[str], leading_space: bool = True,
+                    context: str = "") -> list[int]:
+    """The token each label word starts with, as the model would write it after ``context``.
+
+    Tokenizers split label words differently (`` positive`` is one token in GPT-2's vocabulary and two
+    in others; SentencePiece tokenizers may mark the leading space as a token of its own). The label's
+    id is the first token that tokenising ``context + " " + word`` adds after the tokens of
+    ``context`` (the query's cue, e.g. ``"Sentiment:"``); a word of several tokens is scored by that
+    first token, with a warning naming its pieces. Without a context (or when the context's tokens
+    change at the boundary) the word is tokenised on its own.
 
     Raises:
-        ValueError: a word that is not a single token, naming it and its tokens.
+        ValueError: two words that start with the same token (their scores would be identical),
+            naming both words and their tokens; a word that adds no token.
     """
-    ids = []
+    tok = lm.tokenizer
+
+    def ids(text: str) -> list[int]:
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+
+    base = ids(context) if context else []
+    out, pieces = [], []
     for w in words:
         text = (" " + w) if leading_space else w
-        toks = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(toks) != 1:
-            pieces = lm.tokenizer.convert_ids_to_tokens(toks)
-            raise ValueError(f"Label word {text!r} is {len(toks)} tokens {pieces}; choose single-token labels.")
-        ids.append(toks[0])
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"Label words {list(words)} map to the same token ids {ids}.")
-    return ids
+        full = ids(context + text) if context else ids(text)
+        toks = full[len(base):] if full[:len(base)] == base else ids(text)
+        if not toks:
+            raise ValueError(f"Label word {text!r} adds no token after {context!r} for this tokenizer.")
+        pieces.append(tok.convert_ids_to_tokens(toks))
+        if len(toks) > 1:
+            warnings.warn(f"Label word {text!r} is {len(toks)} tokens {pieces[-1]} for this tokenizer; it is "
+                          f"scored by its first token {pieces[-1][0]!r}.", stacklevel=2)
+        out.append(toks[0])
+    for i in range(len(out)):
+        for j in range(i):
+            if out[i] == out[j]:
+                raise ValueError(
+                    f"Label words {words[j]!r} and {words[i]!r} start with the same token {pieces[i][0]!r} "
+                    f"(id {out[i]}) for this tokenizer (tokens {pieces[j]} and {pieces[i]}), so their scores "
+                    "would be identical. Choose label words whose first tokens differ.")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
