@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from headlab.edits import seed_for
 from headlab.interventions import check_heads, hooks
-from headlab.models import LoadedModel, parse_weight_name, weight_module, weight_names
+from headlab.models import LoadedModel, head_slice, neuron_slice, parse_weight_name, weight_module, weight_names
 
 __all__ = [
     "BIT_POSITIONS",
@@ -35,6 +35,7 @@ __all__ = [
     "noise_weights",
     "out_in",
     "prune_heads",
+    "prune_neurons",
     "prune_magnitude",
     "prune_wanda",
     "random_weight_entries",
@@ -283,18 +284,43 @@ def noise_weights(lm: LoadedModel, names: Sequence[str], level: float, seed: int
 def prune_heads(lm: LoadedModel, heads: Mapping[int, Sequence[int]]):
     """Context manager: remove heads by zeroing their input columns of the attention output projection.
 
-    This is the weight-space version of :func:`ablate_heads` in ``"zero"`` mode (the same logits).
+    This is the weight-space version of :func:`ablate_heads` in ``"zero"`` mode (the same logits). The
+    columns are :func:`headlab.models.head_slice` of ``attn.o``.
     """
     check_heads(lm, heads)
-    dh = lm.head_dim
 
-    def make(hs: Sequence[int]) -> WeightFn:
+    def make(layer: int, hs: Sequence[int]) -> WeightFn:
+        cols = [head_slice(lm, f"L{layer}.attn.o", h) for h in hs]
+
         def fn(w: Tensor) -> None:
-            for h in hs:
-                w[:, h * dh:(h + 1) * dh] = 0.0  # (out, n_heads * d_head): head h's columns
+            for sl in cols:
+                w[:, sl.index.to(w.device)] = 0.0  # (out, n_heads * d_head): head h's columns
         return fn
 
-    return edit_weights(lm, {f"L{layer}.attn.o": make(list(hs)) for layer, hs in heads.items() if len(hs)})
+    return edit_weights(lm, {f"L{layer}.attn.o": make(layer, list(hs)) for layer, hs in heads.items() if len(hs)})
+
+
+def prune_neurons(lm: LoadedModel, neurons: Mapping[int, Sequence[int]]):
+    """Context manager: remove FFN neurons by zeroing their columns of the down projection.
+
+    The weight-space version of :func:`headlab.interventions.ablate_neurons` in ``"zero"`` mode (the
+    same logits). The columns are :func:`headlab.models.neuron_slice` of ``mlp.down``.
+    """
+    for layer, ns in neurons.items():
+        if not 0 <= layer < lm.n_layers:
+            raise ValueError(f"layer {layer} out of range 0..{lm.n_layers - 1}.")
+        bad = [n for n in ns if not 0 <= n < lm.d_mlp]
+        if bad:
+            raise ValueError(f"neuron(s) {bad} in layer {layer} out of range 0..{lm.d_mlp - 1}.")
+
+    def make(layer: int, ns: Sequence[int]) -> WeightFn:
+        cols = torch.cat([neuron_slice(lm, f"L{layer}.mlp.down", n).index for n in ns])
+
+        def fn(w: Tensor) -> None:
+            w[:, cols.to(w.device)] = 0.0  # (d_model, d_mlp): neuron n's column
+        return fn
+
+    return edit_weights(lm, {f"L{layer}.mlp.down": make(layer, list(ns)) for layer, ns in neurons.items() if len(ns)})
 
 
 # Bit flips ----------------------------------------------------------------------------------------

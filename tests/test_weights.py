@@ -183,6 +183,20 @@ def test_prune_heads_equals_zero_ablation(tiny_lm):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_prune_neurons_equals_zero_ablation_and_restores(tiny_lm):
+    neurons = {0: [1, 5], 1: [tiny_lm.d_mlp - 1]}
+    before = weights.state_checksum(tiny_lm)
+    with iv.ablate_neurons(tiny_lm, neurons, "zero"):
+        ref = _logits(tiny_lm)
+    with weights.prune_neurons(tiny_lm, neurons):
+        got = _logits(tiny_lm)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, _logits(tiny_lm), atol=1e-4)
+    assert weights.state_checksum(tiny_lm) == before
+    with pytest.raises(ValueError, match=f"neuron\\(s\\) \\[{tiny_lm.d_mlp}\\]"):
+        weights.prune_neurons(tiny_lm, {0: [tiny_lm.d_mlp]})
+
+
 def test_weight_edits_are_batch_invariant(tiny_factory):
     lm = tiny_factory("mistral")
     rows = torch.stack([IDS[0], IDS[0].flip(0), IDS[0].roll(3)])
