@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ARCHS, D_MLP, D_MODEL, MODEL_VOCAB, N_HEADS, N_KV_HEADS, N_LAYERS, build_tiny
+from conftest import ARCHS, D_MLP, D_MODEL, MODEL_VOCAB, N_HEADS, N_KV_HEADS, N_LAYERS, build_tiny, tiny_config
 from headlab import cache, interventions, models
 from headlab.models import ADAPTERS, load_model, LoadedModel, resolve_adapter, wrap_model
 
@@ -42,7 +42,10 @@ def _input_width(lm: LoadedModel, module: nn.Module) -> tuple[int, ...]:
 # Adapter resolution and dimensions
 # --------------------------------------------------------------------------------------------------
 def test_every_adapter_arch_has_a_tiny_model():
-    assert set(ARCHS) == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2", "gpt_neox", "opt"}
+    assert set(ARCHS) == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "phi3",
+                          "gpt2", "gpt_neo", "gptj", "gpt_neox", "bloom", "falcon", "opt"}
+    for arch in ARCHS:
+        assert tiny_config(arch).model_type == arch
 
 
 def test_wrap_model_resolves_adapter(tiny_lm):

@@ -51,6 +51,7 @@ def _edits(lm):
         "wanda": (weights.prune_wanda(lm, norms, 0.5), {a, b}),
         "noise": (weights.noise_weights(lm, [b], 0.5, seed=1), {b}),
         "heads": (weights.prune_heads(lm, {1: [0, 2]}), {"L1.attn.o"}),
+        "neurons": (weights.prune_neurons(lm, {0: [1, 4]}), {"L0.mlp.down"}),
         "bitflip": (weights.flip_weight_bits(lm, {entry[0]: [entry[1:]]}, "exponent_msb"), {entry[0]}),
         "entries": (weights.zero_weight_entries(lm, {b: [(0, 0), (1, 2)]}), {b}),
     }
