@@ -4,6 +4,12 @@ Each chapter saves tidy tables (``headlab.records.save_frames``) into ``<results
 with a ``config.json`` naming the model. :data:`MEASURES` lists which column of which table is a
 per-head measure; :func:`load_atlas` reads whatever exists, checks that every table comes from the
 same model (fingerprint), and pivots the measures into one row per ``(layer, head)``.
+
+When several models have results (one results root each), :func:`compare_atlases` puts their heads
+side by side: every head at its *relative depth* (layer / (n_layers - 1)) and each measure as a
+within-model percentile (models' raw scales differ), averaged per depth bin; and, for every pair of
+measures, each model's Spearman correlation, so that it shows which relations between measures hold
+in every model and which in one only.
 """
 
 from __future__ import annotations
@@ -13,11 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from headlab import records
 
-__all__ = ["MEASURES", "Atlas", "Measure", "head_profile", "load_atlas", "save_atlas", "spearman_pairs"]
+__all__ = ["MEASURES", "Atlas", "CrossModel", "Measure", "compare_atlases", "head_profile", "load_atlas",
+           "load_atlases", "save_atlas", "spearman_pairs"]
 
 
 @dataclass(frozen=True)
@@ -187,3 +195,125 @@ def head_profile(table: pd.DataFrame, layer: int, head: int) -> pd.DataFrame:
                      "percentile": float(100 * (col < value).sum() / max(col.notna().sum() - 1, 1))
                      if pd.notna(value) else float("nan")})
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Several models
+# --------------------------------------------------------------------------------------------------
+def load_atlases(results_roots: list[str | Path]) -> dict[str, Atlas]:
+    """:func:`load_atlas` of each results root (one model each), keyed by the model's spec.
+
+    Roots whose model has the same spec are told apart by their fingerprint.
+
+    Raises:
+        ValueError: two roots holding results of the same model (same fingerprint), or none given.
+    """
+    if not results_roots:
+        raise ValueError("results_roots is empty; give one results folder per model.")
+    out: dict[str, Atlas] = {}
+    seen: dict[str, str] = {}
+    for root in results_roots:
+        a = load_atlas(root)
+        spec = str((a.model or {}).get("spec", Path(root).name))
+        fp = str((a.model or {}).get("fingerprint", ""))
+        if fp and fp in seen:
+            raise ValueError(f"{root} and {seen[fp]} hold results of the same model (fingerprint {fp!r}).")
+        seen[fp] = str(root)
+        label = spec if spec not in out else f"{spec} ({fp or root})"
+        out[label] = a
+    return out
+
+
+@dataclass
+class CrossModel:
+    """Several models' head atlases side by side.
+
+    Attributes:
+        long: ``model, layer, head, n_layers, depth, measure, value, percentile``: ``depth`` is
+            ``layer / (n_layers - 1)`` (0 first layer, 1 last); ``percentile`` the head's rank among
+            that model's heads on that measure, in ``[0, 1]`` (1 = largest).
+        depth_profile: ``model, measure, depth_bin, depth, n_heads, mean, mean_percentile``: per bin
+            of relative depth (``depth`` is the bin's centre).
+        agreement: one row per pair of measures both present in at least one model: ``measure_a,
+            measure_b``, one ``rho[<model>]`` column per model (Spearman over that model's heads, NaN
+            where a model lacks a measure), ``n_models``, ``mean_rho``, ``min_rho``, ``max_rho`` and
+            ``same_sign`` (every model's rho has the same sign; False with fewer than two models).
+    """
+
+    long: pd.DataFrame
+    depth_profile: pd.DataFrame
+    agreement: pd.DataFrame
+
+    @property
+    def models(self) -> list[str]:
+        return list(dict.fromkeys(self.long["model"]))
+
+
+def compare_atlases(atlases: dict[str, Atlas], depth_bins: int = 4) -> CrossModel:
+    """Compare the per-head measures of several models by relative depth, and which measures agree.
+
+    Args:
+        atlases: model label -> its :class:`Atlas` (e.g. from :func:`load_atlases`).
+        depth_bins: number of equal bins of relative depth in ``depth_profile``.
+
+    Returns:
+        A :class:`CrossModel`.
+
+    Raises:
+        ValueError: no atlas, an atlas without measures, or ``depth_bins < 1``.
+    """
+    if not atlases:
+        raise ValueError("No atlases to compare.")
+    if depth_bins < 1:
+        raise ValueError(f"depth_bins={depth_bins} must be at least 1.")
+    longs, pairs = [], []
+    for label, a in atlases.items():
+        if not a.measures:
+            raise ValueError(f"The atlas of {label!r} has no measures (missing: {list(a.missing['measure'])}).")
+        n_layers = int((a.model or {}).get("n_layers") or int(a.table["layer"].max()) + 1)
+        lg = a.long.dropna(subset=["value"]).copy()
+        lg.insert(0, "model", label)
+        lg["n_layers"] = n_layers
+        lg["depth"] = lg["layer"] / max(n_layers - 1, 1)
+        lg["percentile"] = lg.groupby("measure")["value"].rank(pct=True, method="average")
+        longs.append(lg[["model", "layer", "head", "n_layers", "depth", "measure", "value", "percentile"]])
+        rho, n = spearman_pairs(a.table, a.measures)
+        for i, ma in enumerate(a.measures):
+            for mb in a.measures[i + 1:]:
+                pairs.append({"model": label, "measure_a": ma, "measure_b": mb, "rho": float(rho.loc[ma, mb]),
+                              "n_heads": int(n.loc[ma, mb])})
+    long = pd.concat(longs, ignore_index=True)
+    edges = long["depth"].clip(0, 1) * depth_bins
+    long_bins = edges.astype(int).clip(upper=depth_bins - 1)
+    prof = (long.assign(depth_bin=long_bins)
+            .groupby(["model", "measure", "depth_bin"], sort=False)
+            .agg(n_heads=("value", "size"), mean=("value", "mean"), mean_percentile=("percentile", "mean"))
+            .reset_index())
+    prof.insert(3, "depth", (prof["depth_bin"] + 0.5) / depth_bins)
+    agreement = _agreement(pd.DataFrame(pairs, columns=["model", "measure_a", "measure_b", "rho", "n_heads"]),
+                           list(atlases))
+    return CrossModel(long, prof, agreement)
+
+
+def _agreement(pairs: pd.DataFrame, models: list[str]) -> pd.DataFrame:
+    """One row per measure pair, one rho column per model, and how the models agree."""
+    cols = ["measure_a", "measure_b", *[f"rho[{m}]" for m in models], "n_models", "mean_rho", "min_rho",
+            "max_rho", "same_sign"]
+    if pairs.empty:
+        return pd.DataFrame(columns=cols)
+    # the same pair may come in either order from different models: order each pair by name
+    swap = pairs["measure_a"] > pairs["measure_b"]
+    pairs.loc[swap, ["measure_a", "measure_b"]] = pairs.loc[swap, ["measure_b", "measure_a"]].to_numpy()
+    wide = pairs.pivot_table(index=["measure_a", "measure_b"], columns="model", values="rho")
+    wide = wide.reindex(columns=models)
+    wide.columns = [f"rho[{m}]" for m in wide.columns]
+    values = wide.to_numpy(dtype=float)
+    present = ~np.isnan(values)
+    out = wide.reset_index()
+    out["n_models"] = present.sum(1)
+    out["mean_rho"] = np.nanmean(np.where(present, values, np.nan), 1)
+    out["min_rho"] = np.nanmin(np.where(present, values, np.inf), 1)
+    out["max_rho"] = np.nanmax(np.where(present, values, -np.inf), 1)
+    out["same_sign"] = (out["n_models"] >= 2) & ((out["min_rho"] > 0) | (out["max_rho"] < 0))
+    out = out.assign(_strength=out["mean_rho"].abs()).sort_values(["same_sign", "_strength"], ascending=False)
+    return out[cols].reset_index(drop=True)

@@ -94,3 +94,58 @@ def test_head_atlas_widget_on_tiny_model(tiny_factory):
     assert layer_box.max == lm.n_layers - 1
     with pytest.raises(ValueError, match="do not fit"):
         widgets.head_atlas(table, pats[:, :, :-1], tokens)
+
+
+# --------------------------------------------------------------------------------------------------
+# Several models
+# --------------------------------------------------------------------------------------------------
+def _model_root(root, fingerprint, n_layers, n_heads, sign):
+    """Results of one model: induction rises with depth; previous-token tracks induction in every model;
+    entropy tracks it with ``sign``."""
+    ind = _heads(n_layers, n_heads, induction_score=lambda g: g["layer"] * 10.0 + g["head"],
+                 previous_token_score=lambda g: g["layer"] * 5.0 + g["head"] * 0.1)
+    ent = _heads(n_layers, n_heads, entropy=lambda g: sign * (g["layer"] * 10.0 + g["head"]),
+                 first_token=lambda g: 0.0 * g["head"])
+    for folder, frames in (("induction", {"scores": ind}), ("entropy", {"entropy": ent})):
+        d = root / folder
+        records.save_frames(d, **frames)
+        (d / "config.json").write_text(json.dumps({"model": {"spec": f"m{fingerprint}", "fingerprint": fingerprint,
+                                                             "n_layers": n_layers}}))
+    return root
+
+
+def test_compare_atlases_by_relative_depth_and_agreement(tmp_path):
+    a = _model_root(tmp_path / "a", "aaa", n_layers=2, n_heads=3, sign=1.0)
+    b = _model_root(tmp_path / "b", "bbb", n_layers=5, n_heads=2, sign=-1.0)
+    found = atlas.load_atlases([a, b])
+    assert list(found) == ["maaa", "mbbb"]
+    cross = atlas.compare_atlases(found, depth_bins=2)
+    assert cross.models == ["maaa", "mbbb"]
+    lg = cross.long
+    assert set(lg.loc[lg.model == "mbbb", "depth"]) == {0.0, 0.25, 0.5, 0.75, 1.0}
+    assert set(lg.loc[lg.model == "maaa", "depth"]) == {0.0, 1.0}
+    top = lg[(lg.model == "mbbb") & (lg.measure == "induction_score")].sort_values("value")
+    assert top["percentile"].iloc[-1] == 1.0 and top["percentile"].is_monotonic_increasing
+    prof = cross.depth_profile
+    rising = prof[(prof.measure == "induction_score")].sort_values(["model", "depth_bin"])
+    for _, g in rising.groupby("model"):  # deeper bins hold the larger induction scores in both models
+        assert g["mean_percentile"].is_monotonic_increasing and set(g["depth"]) == {0.25, 0.75}
+    assert prof.groupby("model")["n_heads"].sum().to_dict() == {"maaa": 6 * 4, "mbbb": 10 * 4}
+    agree = cross.agreement.set_index(["measure_a", "measure_b"])
+    both = agree.loc[("induction_score", "previous_token_score")]
+    assert both["same_sign"] and both["rho[maaa]"] == pytest.approx(1.0) and both["rho[mbbb]"] == pytest.approx(1.0)
+    split = agree.loc[("entropy", "induction_score")]  # pairs are ordered by name
+    assert not split["same_sign"] and split["min_rho"] == pytest.approx(-1.0) and split["max_rho"] == pytest.approx(1.0)
+    assert split["n_models"] == 2
+    assert bool(cross.agreement["same_sign"].iloc[0])  # agreeing pairs come first
+
+
+def test_load_atlases_refuses_the_same_model_twice(tmp_path):
+    a = _model_root(tmp_path / "a", "aaa", 2, 3, 1.0)
+    b = _model_root(tmp_path / "b", "aaa", 2, 3, 1.0)
+    with pytest.raises(ValueError, match="same model"):
+        atlas.load_atlases([a, b])
+    with pytest.raises(ValueError, match="empty"):
+        atlas.load_atlases([])
+    with pytest.raises(ValueError, match="depth_bins"):
+        atlas.compare_atlases(atlas.load_atlases([a]), depth_bins=0)

@@ -161,7 +161,13 @@ def batches(n: int, size: int) -> Iterator[range]:
 
 
 def needs_equal_lengths(lm: LoadedModel, enc: EncodedPrompts) -> bool:
-    """True when a sliding window could reach back past pads between the prefix and a query."""
+    """True when a sliding window could reach back past pads between the prefix and a query.
+
+    transformers counts windows in cache indices, so with a cached prefix the left pads of a shorter
+    query would sit inside its window: some layer's window (:attr:`LoadedModel.layer_windows`) is
+    shorter than prefix + longest query. ALiBi (BLOOM, Falcon-RW) needs no such care: those models
+    build the bias from the cumulative sum of the attention mask, i.e. from real positions.
+    """
     window = lm.sliding_window
     longest = max((len(q) for q in enc.queries), default=0)
     return window is not None and window < len(enc.prefix) + longest
