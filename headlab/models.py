@@ -175,6 +175,10 @@ ADAPTERS: dict[str, Adapter] = {
     "gemma2": Adapter("Gemma 2", **_LLAMA_LIKE, logit_softcap_attr="final_logit_softcapping"),
     # Gemma 3 (text): sliding-window and global layers interleaved (config.layer_types), q/k norms.
     "gemma3_text": Adapter("Gemma 3", **_LLAMA_LIKE, logit_softcap_attr="final_logit_softcapping"),
+    # Gemma 3 4B-27B checkpoints: the same decoder inside an image-text model (the vision tower is unused)
+    "gemma3": Adapter("Gemma 3 (image-text checkpoint)", **{
+        **_LLAMA_LIKE, "layers": "model.language_model.layers", "final_norm": "model.language_model.norm",
+        "embed": "model.language_model.embed_tokens"}, logit_softcap_attr="final_logit_softcapping"),
     # OLMo 2: q/k norms over all heads together, norms after attention and MLP.
     "olmo2": Adapter("OLMo 2", **_LLAMA_LIKE),
     "phi3": Adapter(
@@ -350,8 +354,15 @@ class LoadedModel:
 
     # Dimensions ---------------------------------------------------------------------------------
     @property
+    def model_type(self) -> str:
+        """``config.model_type`` of the loaded model: its row of :data:`ADAPTERS`."""
+        return str(self.model.config.model_type)
+
+    @property
     def config(self) -> Any:
-        return self.model.config
+        """The decoder's config (``text_config`` of an image-text model such as Gemma 3 4B; else the
+        model's config): head counts, windows and soft-caps are read from it."""
+        return self.model.config.get_text_config()
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -473,7 +484,7 @@ class LoadedModel:
             "source": self.source,
             "fingerprint": self.fingerprint,
             "architecture": self.adapter.name,
-            "model_type": self.config.model_type,
+            "model_type": self.model_type,
             "n_layers": self.n_layers,
             "n_heads": self.n_heads,
             "n_kv_heads": self.n_kv_heads,

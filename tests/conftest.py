@@ -116,6 +116,17 @@ def tiny_config(arch: str, **overrides):
         # query_pre_attn_scalar that is not head_dim (the score scale is read from the model).
         cfg = Gemma3TextConfig(**{**llama_like, "num_key_value_heads": 1}, head_dim=16, sliding_window=WINDOW,
                                layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=8)
+    elif arch == "gemma3":
+        # the image-text checkpoints (Gemma 3 4B-27B): the gemma3_text decoder inside, a tiny vision tower
+        from transformers import Gemma3Config, SiglipVisionConfig
+
+        text = tiny_config("gemma3_text")
+        vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                    image_size=28, patch_size=14)
+        cfg = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                           boi_token_index=MODEL_VOCAB - 3, eoi_token_index=MODEL_VOCAB - 2,
+                           image_token_index=MODEL_VOCAB - 1, pad_token_id=PAD_ID, bos_token_id=BOS_ID,
+                           eos_token_id=EOS_ID)
     elif arch == "olmo2":
         cfg = Olmo2Config(**llama_like)
     elif arch == "phi3":

@@ -15,9 +15,10 @@ from headlab.models import ADAPTERS, load_model, LoadedModel, resolve_adapter, w
 #: Key/value heads of the tiny models (conftest.tiny_config) where they differ from the query heads:
 #: grouped-query attention, Gemma 3's single key/value head, Falcon-7B's multi-query attention.
 KV_HEADS = {"llama": N_KV_HEADS, "mistral": N_KV_HEADS, "qwen2": N_KV_HEADS, "qwen3": N_KV_HEADS, "gemma": N_KV_HEADS,
-            "gemma2": N_KV_HEADS, "phi3": N_KV_HEADS, "olmo2": N_KV_HEADS, "gemma3_text": 1, "falcon": 1}
+            "gemma2": N_KV_HEADS, "phi3": N_KV_HEADS, "olmo2": N_KV_HEADS, "gemma3_text": 1, "gemma3": 1,
+            "falcon": 1}
 #: Tiny-config head widths that differ from hidden_size / n_heads (set in conftest.tiny_config).
-EXPLICIT_HEAD_DIM = {"qwen3": 16, "gemma": 16, "gemma3_text": 16}
+EXPLICIT_HEAD_DIM = {"qwen3": 16, "gemma": 16, "gemma3_text": 16, "gemma3": 16}
 #: FFN widths that the config cannot set (BLOOM's is always 4 * hidden_size).
 FIXED_D_MLP = {"bloom": 4 * D_MODEL}
 
@@ -42,21 +43,21 @@ def _input_width(lm: LoadedModel, module: nn.Module) -> tuple[int, ...]:
 # Adapter resolution and dimensions
 # --------------------------------------------------------------------------------------------------
 def test_every_adapter_arch_has_a_tiny_model():
-    assert set(ARCHS) == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "phi3",
-                          "gpt2", "gpt_neo", "gptj", "gpt_neox", "bloom", "falcon", "opt"}
+    assert set(ARCHS) == {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gemma3", "olmo2",
+                          "phi3", "gpt2", "gpt_neo", "gptj", "gpt_neox", "bloom", "falcon", "opt"}
     for arch in ARCHS:
         assert tiny_config(arch).model_type == arch
 
 
 def test_wrap_model_resolves_adapter(tiny_lm):
-    arch = tiny_lm.config.model_type
+    arch = tiny_lm.model_type
     assert tiny_lm.adapter is ADAPTERS[arch]
     assert not tiny_lm.model.training
     assert not any(p.requires_grad for p in tiny_lm.model.parameters())
 
 
 def test_dimensions_match_config(tiny_lm):
-    arch = tiny_lm.config.model_type
+    arch = tiny_lm.model_type
     assert tiny_lm.n_layers == N_LAYERS
     assert tiny_lm.n_heads == N_HEADS
     assert tiny_lm.n_kv_heads == KV_HEADS.get(arch, N_HEADS)
@@ -183,7 +184,7 @@ def _logit_lens_reproduces_logits(lm: LoadedModel) -> None:
             x = mod(x)
     y = lm.module("unembed")(x)
     cap = getattr(lm.config, lm.adapter.logit_softcap_attr) if lm.adapter.logit_softcap_attr else None
-    assert cap or lm.config.model_type != "gemma2", "the tiny Gemma 2 config sets a soft-cap"
+    assert cap or lm.model_type != "gemma2", "the tiny Gemma 2 config sets a soft-cap"
     if cap:  # Gemma 2; Gemma 3 has the attribute but no cap
         y = torch.tanh(y / cap) * cap
     torch.testing.assert_close(y, logits, atol=1e-5, rtol=1e-5)
@@ -216,7 +217,7 @@ def test_weight_in_out_is_out_by_in(tiny_lm):
         x = torch.randn(3, n_in, generator=torch.Generator().manual_seed(0))
         bias = mod.bias if getattr(mod, "bias", None) is not None else torch.zeros(n_out)
         torch.testing.assert_close(mod(x), x @ w.T + bias, atol=1e-5, rtol=1e-5)
-    assert lm.adapter.conv1d == (lm.config.model_type == "gpt2")
+    assert lm.adapter.conv1d == (lm.model_type == "gpt2")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -351,7 +352,7 @@ def _embedded_gguf_path() -> Path:
 
 @pytest.mark.slow
 def test_embedded_model_dimensions(real_lm):
-    assert real_lm.config.model_type == "llama"
+    assert real_lm.model_type == "llama"
     assert (real_lm.n_layers, real_lm.n_heads, real_lm.n_kv_heads, real_lm.head_dim) == (30, 9, 3, 64)
     assert real_lm.d_model == 576 and real_lm.d_mlp == 1536
     assert real_lm.spec == "smollm2-135m"

@@ -50,7 +50,7 @@ def _record_hooks(request):
 
 def _act_fn(lm: LoadedModel):
     cfg = lm.config
-    if cfg.model_type == "bloom":  # not in its config: BLOOM's MLP hard-codes the tanh approximation of GELU
+    if lm.model_type == "bloom":  # not in its config: BLOOM's MLP hard-codes the tanh approximation of GELU
         return ACT2FN["gelu_new"]
     for attr in ("hidden_activation", "hidden_act", "activation_function", "activation"):
         name = getattr(cfg, attr, None)
