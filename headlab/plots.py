@@ -395,3 +395,30 @@ def correlation_heatmap(rho: pd.DataFrame, n: pd.DataFrame, title: str = "") -> 
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def depth_profiles(profile: pd.DataFrame, measures: Sequence[str] | None = None, title: str = "") -> Figure:
+    """One panel per measure: each model's mean within-model percentile of its heads per bin of relative
+    depth (0 = first layer, 1 = last), from :attr:`headlab.atlas.CrossModel.depth_profile`."""
+    measures = list(dict.fromkeys(profile["measure"])) if measures is None else list(measures)
+    cols = min(3, max(1, len(measures)))
+    rows = -(-len(measures) // cols) or 1
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False, sharey=True)
+    for ax, name in zip(axes.flat, measures):
+        sub = profile[profile["measure"] == name]
+        for model, g in sub.groupby("model", sort=False):
+            ax.plot(g["depth"], g["mean_percentile"], marker="o", label=model)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("relative depth")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("mean percentile in model")
+    for ax in axes.flat[len(measures):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig

@@ -138,6 +138,13 @@ def test_compare_atlases_by_relative_depth_and_agreement(tmp_path):
     assert not split["same_sign"] and split["min_rho"] == pytest.approx(-1.0) and split["max_rho"] == pytest.approx(1.0)
     assert split["n_models"] == 2
     assert bool(cross.agreement["same_sign"].iloc[0])  # agreeing pairs come first
+    import matplotlib.pyplot as plt
+
+    from headlab import plots
+
+    fig = plots.depth_profiles(cross.depth_profile, title="two models")
+    assert len([ax for ax in fig.axes if ax.lines]) == len(set(prof["measure"]))
+    plt.close(fig)
 
 
 def test_load_atlases_refuses_the_same_model_twice(tmp_path):
