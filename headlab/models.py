@@ -631,7 +631,9 @@ def load_model(
         device: ``"cpu"``, ``"cuda"``, ...; None or ``"auto"``: CUDA when available.
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"auto"`` (bf16 on CUDA, fp32 on CPU).
         attn_implementation: ``"eager"`` (default) returns attention probabilities; ``"sdpa"`` is
-            faster but returns none. Switch later with ``model.set_attn_implementation``.
+            faster but returns none. Architectures without it (GPT-Neo, BLOOM) load with ``"eager"``
+            instead, noted in ``LoadedModel.info["attn_implementation"]``. Switch later with
+            ``model.set_attn_implementation``.
         revision: hub revision (branch, tag or commit) for hub ids.
         device_map: passed to ``from_pretrained`` (e.g. ``"auto"`` to shard a large model over GPUs
             with accelerate); overrides ``device``. None or ``""``: off.
@@ -653,10 +655,20 @@ def load_model(
     torch_dtype = _parse_dtype(dtype, dev)
     device_map = device_map or None
     path, kwargs, source, fingerprint = _resolve_source(spec, revision)
+    info: dict[str, Any] = {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype, attn_implementation=attn_implementation, device_map=device_map, **kwargs
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype, attn_implementation=attn_implementation, device_map=device_map, **kwargs
+            )
+        except ValueError as err:
+            # GPT-Neo, BLOOM, ... have no sdpa/flash kernel; their eager attention gives the same numbers
+            if attn_implementation == "eager" or "does not support an attention implementation" not in str(err):
+                raise
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=torch_dtype, attn_implementation="eager", device_map=device_map, **kwargs
+            )
+            info["attn_implementation"] = f"eager ({attn_implementation!r} is not available for this architecture)"
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except OSError as err:
         raise ValueError(
@@ -676,7 +688,7 @@ def load_model(
         if commit:
             fingerprint = commit[:16]
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, spec=spec, source=source,
-                       fingerprint=fingerprint)
+                       fingerprint=fingerprint, info=info)
 
 
 def wrap_model(model: nn.Module, tokenizer: Any, spec: str = "in-memory") -> LoadedModel:

@@ -316,6 +316,20 @@ def test_load_model_from_save_pretrained_dir(saved_llama):
     assert load_model(str(path), device="cpu").fingerprint == loaded.fingerprint
 
 
+@pytest.mark.parametrize("arch", ["gpt_neo", "bloom"])
+def test_load_model_falls_back_to_eager_where_sdpa_is_missing(tokenizer, tmp_path, arch):
+    """Chapters that need no attention weights ask for sdpa; GPT-Neo and BLOOM have only their eager
+    attention (same numbers), so they load with it and say so."""
+    lm = build_tiny(arch, tokenizer)
+    lm.model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), device="cpu", attn_implementation="sdpa")
+    assert loaded.model.config._attn_implementation == "eager"
+    assert "'sdpa' is not available" in loaded.info["attn_implementation"]
+    x = _ids(lm)
+    torch.testing.assert_close(loaded.model(x).logits, lm.model(x).logits, atol=0, rtol=0)
+
+
 def test_load_model_dtype_option(saved_llama):
     _, path = saved_llama
     assert load_model(str(path), device="cpu", dtype="bfloat16").dtype == torch.bfloat16
