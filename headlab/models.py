@@ -789,7 +789,7 @@ def head_slice(lm: LoadedModel, name: str, head: int, part: str | None = None) -
     Raises:
         ValueError: a weight that holds no heads, a missing or wrong ``part``, a head out of range.
     """
-    layer, canon = parse_weight_name(lm, name)
+    _, canon = parse_weight_name(lm, name)
     if not 0 <= head < lm.n_heads:
         raise ValueError(f"head {head} out of range 0..{lm.n_heads - 1}.")
     dh = lm.head_dim

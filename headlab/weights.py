@@ -19,7 +19,14 @@ from torch import Tensor, nn
 
 from headlab.edits import seed_for
 from headlab.interventions import check_heads, hooks
-from headlab.models import LoadedModel, head_slice, neuron_slice, parse_weight_name, weight_module, weight_names
+from headlab.models import (
+    LoadedModel,
+    head_slice,
+    neuron_slice,
+    parse_weight_name,
+    weight_module,
+    weight_names,
+)
 
 __all__ = [
     "BIT_POSITIONS",
@@ -35,8 +42,8 @@ __all__ = [
     "noise_weights",
     "out_in",
     "prune_heads",
-    "prune_neurons",
     "prune_magnitude",
+    "prune_neurons",
     "prune_wanda",
     "random_weight_entries",
     "state_checksum",

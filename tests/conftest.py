@@ -170,20 +170,20 @@ def tiny_config(arch: str, **overrides):
 #: exactness also run on these.
 VARIANTS: dict[str, tuple[str, dict]] = {
     # Falcon-RW-like: one key/value head per query head (fused per head), biases, attention then MLP
-    "falcon-mha": ("falcon", dict(multi_query=False, parallel_attn=False, bias=True)),
+    "falcon-mha": ("falcon", {"multi_query": False, "parallel_attn": False, "bias": True}),
     # Falcon-40B/180B: new_decoder_architecture, 2 key/value groups of 2 query heads, two parallel norms
-    "falcon-40b": ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2)),
+    "falcon-40b": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}),
     # Falcon-RW with ALiBi instead of rotary
-    "falcon-alibi": ("falcon", dict(alibi=True, multi_query=False, parallel_attn=False, bias=True)),
+    "falcon-alibi": ("falcon", {"alibi": True, "multi_query": False, "parallel_attn": False, "bias": True}),
     # Phi-3 with a sliding window on every layer (Phi-3-mini-4k has one)
-    "phi3-window": ("phi3", dict(sliding_window=WINDOW)),
+    "phi3-window": ("phi3", {"sliding_window": WINDOW}),
     # Llama 3.x rope scaling
-    "llama3-rope": ("llama", dict(rope_parameters={
+    "llama3-rope": ("llama", {"rope_parameters": {
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}),
     # windows shorter than every prompt on architectures whose default tiny config has none
-    "gemma2-window": ("gemma2", dict(sliding_window=6)),
-    "mistral-window": ("mistral", dict(sliding_window=6)),
+    "gemma2-window": ("gemma2", {"sliding_window": 6}),
+    "mistral-window": ("mistral", {"sliding_window": 6}),
 }
 
 

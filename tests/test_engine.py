@@ -147,9 +147,9 @@ def test_forward_last_returns_full_vocab_logits(tiny_lm):
 
 
 @pytest.mark.parametrize("arch,overrides", [
-    ("gemma2", dict(sliding_window=6)),
-    ("mistral", dict(sliding_window=6)),
-    ("phi3", dict(sliding_window=6)),
+    ("gemma2", {"sliding_window": 6}),
+    ("mistral", {"sliding_window": 6}),
+    ("phi3", {"sliding_window": 6}),
     ("gemma3_text", {}),  # a local layer of 8 keys, then a global one
     ("gpt_neo", {}),  # the same, windows from GPT-Neo's own attention_layers / window_size
 ])

@@ -12,8 +12,8 @@ tokens) in every code path, cached or not, so the two paths score exactly the sa
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
