@@ -25,6 +25,11 @@
 #
 # Measures whose chapter has not been run are listed, not guessed. Correlations are Spearman ρ over the
 # heads both measures cover.
+#
+# When other models' results are given (`compare_roots`, one results folder per model, e.g. the
+# chapters run with `-p model gpt2 -p results_dir results-gpt2/...`), the last section puts the models
+# side by side: where in depth each measure's high-scoring heads sit, and which relations between
+# measures hold in every model.
 
 # %% tags=["parameters"]
 model: str = "smollm2-135m"  # must match the model the chapters' results come from (spec or fingerprint)
@@ -33,6 +38,8 @@ text: str = "The cat sat on the mat. The cat sat on the"  # short text for the a
 n_top: int = 5  # heads listed per measure in the top-heads table
 torch_threads: int = 0  # CPU threads for torch (0: torch's default)
 results_dir: str = "results/head_atlas"  # the joined table and its config
+compare_roots: list = []  # results folders of other models (one model's chapter results each) to compare with
+depth_bins: int = 4  # bins of relative depth (layer / (n_layers - 1)) in the cross-model profiles
 
 # %% tags=["hide-input"]
 import time
@@ -138,6 +145,27 @@ figures.show(figures.head_atlas(table, patterns, tokens, layer=int(start["layer"
                                                head=int(start["head"])))
 
 # %% [markdown]
+# ## Across models
+#
+# With `compare_roots`, every model's heads are placed at their relative depth (0 = first layer,
+# 1 = last) and each measure becomes a within-model percentile (1 = the model's highest head), since
+# raw scales differ between models; the figure shows each model's mean percentile per depth bin. The
+# table gives, for each pair of measures, every model's Spearman ρ and whether all models agree on its
+# sign (pairs where they do come first).
+
+# %%
+cross = None
+if compare_roots:
+    models_found = atlas.load_atlases([results_root, *compare_roots])
+    cross = atlas.compare_atlases(models_found, depth_bins=depth_bins)
+    records.save_frames(results_dir, cross_model_depth=cross.depth_profile, cross_model_agreement=cross.agreement)
+    plots.depth_profiles(cross.depth_profile, title=f"{len(cross.models)} models: where each measure's heads sit")
+    plt.show()
+    display(cross.agreement.round(3))
+else:
+    display(Markdown("Only this model's results were given (`compare_roots` is empty): nothing to compare."))
+
+# %% [markdown]
 # ## What we saw
 
 # %% tags=["hide-input"]
@@ -156,11 +184,24 @@ counts = pd.Series([h for s in tops.values() for h in s]).value_counts()
 multi = counts[counts > 1]
 lines.append("Heads in the top " + str(n_top) + " of more than one measure: " + (", ".join(
     f"{chapter.head_label(L, H)} ({', '.join(m for m, s in tops.items() if (L, H) in s)})" for (L, H) in multi.index) or "none") + ".")
+if cross is not None:
+    ag = cross.agreement[cross.agreement["n_models"] >= 2]
+    same = ag[ag["same_sign"]]
+    lines.append(f"Across {len(cross.models)} models ({', '.join(cross.models)}): {len(same)} of {len(ag)} measure pairs "
+                 "that at least two models share have the same sign of ρ in every model"
+                 + (f"; the strongest is {same.iloc[0]['measure_a']} vs {same.iloc[0]['measure_b']} "
+                    f"(ρ from {same.iloc[0]['min_rho']:.2f} to {same.iloc[0]['max_rho']:.2f})" if len(same) else "") + ".")
+    deep = cross.depth_profile.loc[cross.depth_profile.groupby(["model", "measure"])["mean_percentile"].idxmax()]
+    agree_depth = deep.groupby("measure")["depth_bin"].nunique()
+    lines.append("Measures whose highest-scoring depth bin is the same in every model: "
+                 + (", ".join(f"{m} (depth ~{deep[deep.measure == m]['depth'].iloc[0]:.2f})"
+                              for m in agree_depth[agree_depth == 1].index) or "none") + ".")
 chapter.bullets(lines)
 
 # %% tags=["hide-input"]
 records.write_config(results_dir, params, lm, elapsed_seconds=time.time() - t_start, sources=found.sources)
-records.write_summary(results_dir, n_measures=len(measures), n_heads=len(table), n_missing=len(found.missing))
+records.write_summary(results_dir, n_measures=len(measures), n_heads=len(table), n_missing=len(found.missing),
+                      n_models=1 + len(compare_roots))
 
 # %% tags=["remove-cell"]
 # The chapter's answer for the book's front page.
