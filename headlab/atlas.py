@@ -248,6 +248,24 @@ class CrossModel:
     def models(self) -> list[str]:
         return list(dict.fromkeys(self.long["model"]))
 
+    def peaks(self) -> pd.DataFrame:
+        """Per model and measure, the depth bin whose heads rank highest (``model, measure, depth_bin,
+        depth, mean_percentile``); measures flat over depth in a model (no peak) are left out."""
+        prof = self.depth_profile
+        spread = prof.groupby(["model", "measure"])["mean_percentile"].transform(lambda x: x.max() - x.min())
+        varying = prof[spread > 1e-9]  # (equal percentiles averaged over bins of different sizes round apart)
+        best = varying.loc[varying.groupby(["model", "measure"], sort=False)["mean_percentile"].idxmax()]
+        return best[["model", "measure", "depth_bin", "depth", "mean_percentile"]].reset_index(drop=True)
+
+    def shared_peaks(self) -> pd.DataFrame:
+        """Measures whose peak (:meth:`peaks`) is in the same depth bin in every model: ``measure,
+        depth_bin, depth``."""
+        peaks = self.peaks()
+        per = peaks.groupby("measure", sort=False).agg(n_models=("model", "nunique"), n_bins=("depth_bin", "nunique"),
+                                                       depth_bin=("depth_bin", "first"), depth=("depth", "first"))
+        keep = (per["n_models"] == len(self.models)) & (per["n_bins"] == 1)
+        return per.loc[keep, ["depth_bin", "depth"]].reset_index()
+
 
 def compare_atlases(atlases: dict[str, Atlas], depth_bins: int = 4) -> CrossModel:
     """Compare the per-head measures of several models by relative depth, and which measures agree.

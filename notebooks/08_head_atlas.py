@@ -191,11 +191,9 @@ if cross is not None:
                  "that at least two models share have the same sign of ρ in every model"
                  + (f"; the strongest is {same.iloc[0]['measure_a']} vs {same.iloc[0]['measure_b']} "
                     f"(ρ from {same.iloc[0]['min_rho']:.2f} to {same.iloc[0]['max_rho']:.2f})" if len(same) else "") + ".")
-    deep = cross.depth_profile.loc[cross.depth_profile.groupby(["model", "measure"])["mean_percentile"].idxmax()]
-    agree_depth = deep.groupby("measure")["depth_bin"].nunique()
-    lines.append("Measures whose highest-scoring depth bin is the same in every model: "
-                 + (", ".join(f"{m} (depth ~{deep[deep.measure == m]['depth'].iloc[0]:.2f})"
-                              for m in agree_depth[agree_depth == 1].index) or "none") + ".")
+    shared = cross.shared_peaks()
+    lines.append("Measures whose highest-ranking depth bin is the same in every model: "
+                 + (", ".join(f"{r.measure} (depth ~{r.depth:.2f})" for r in shared.itertuples()) or "none") + ".")
 chapter.bullets(lines)
 
 # %% tags=["hide-input"]

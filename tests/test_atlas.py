@@ -138,6 +138,12 @@ def test_compare_atlases_by_relative_depth_and_agreement(tmp_path):
     assert not split["same_sign"] and split["min_rho"] == pytest.approx(-1.0) and split["max_rho"] == pytest.approx(1.0)
     assert split["n_models"] == 2
     assert bool(cross.agreement["same_sign"].iloc[0])  # agreeing pairs come first
+    peaks = cross.peaks()
+    assert "first_token_mass" not in set(peaks["measure"])  # flat over depth: no peak
+    assert set(peaks.loc[peaks.measure == "entropy", "depth_bin"]) == {0, 1}  # rises in one model, falls in the other
+    shared = cross.shared_peaks()
+    assert list(shared["measure"]) == ["induction_score", "previous_token_score"]
+    assert list(shared["depth"]) == [0.75, 0.75]
     import matplotlib.pyplot as plt
 
     from headlab import plots
