@@ -43,7 +43,7 @@ from headlab.induction import RepeatedTokens, repeat_metrics
 from headlab.interventions import ablate_heads, ablate_neurons
 from headlab.models import LoadedModel
 from headlab.neurons import NeuronStats
-from headlab.shards import ShardStore, config_hash, run_grid
+from headlab.shards import ShardStore, computation_identity, config_hash, run_grid
 
 #: Layer ranges heads are chosen from. ``bottom_half``: layers ``0 .. n//2 - 1`` (nearer the input);
 #: ``top_half``: layers ``n//2 .. n - 1`` (nearer the output; it gets the extra layer of an odd count).
@@ -417,7 +417,7 @@ def head_ablation_sweep(
     if len(scores) != lm.n_layers * lm.n_heads:
         raise ValueError(f"scores has {len(scores)} rows; expected one per head "
                          f"({lm.n_layers} layers x {lm.n_heads} heads).")
-    base = {**key, "model": lm.fingerprint or lm.spec}
+    base = {**key, "model": lm.fingerprint or lm.spec, "computation": computation_identity(lm)}
     if "mean" in modes:
         if means is None:
             raise ValueError("mode 'mean' needs `means` (see headlab.attention.head_output_means).")
@@ -516,7 +516,8 @@ def neuron_ablation_sweep(
     next-token ``loss`` (nats) and ``loss_change`` (loss - clean loss).
     """
     layers = [int(x) for x in layers]
-    key = {"model": lm.fingerprint or lm.spec, "by": by, "tokens": config_hash({"t": ids.tolist()}),
+    key = {"model": lm.fingerprint or lm.spec, "computation": computation_identity(lm), "by": by,
+           "tokens": config_hash({"t": ids.tolist()}),
            "stats": config_hash({"n": stats.count, "m": stats.mean.double().round(decimals=5).tolist()})}
     rows = set_ablation_sweep(
         text_loss_scorer(lm, ids, layers, stats.means(), batch_size), neuron_pools(stats, layers, by),

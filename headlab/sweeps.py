@@ -68,7 +68,7 @@ def head_sweep(
     thr = task.config.threshold
     base = _task_scores(y, clean.logprobs, thr)
     store = ShardStore(out_dir, {"model": lm.fingerprint or lm.spec, "task": task.config.__dict__,
-                                 "n_prompts": len(y), "prompts": config_hash({"q": list(task.queries["text"])})})
+                                 "n_prompts": len(y), "prompts": config_hash(enc)}, lm=lm)
     points = [{**s, "layer": layer} for s in settings for layer in layers]
 
     def compute(point: dict[str, Any]) -> dict[str, pd.DataFrame]:

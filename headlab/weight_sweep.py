@@ -157,7 +157,7 @@ def weight_sweep(lm: Any, windows: Any, points: Iterable[dict[str, Any]], out_di
             raise ValueError(f"kind={p.get('kind')!r} in {p}; choose one of {WEIGHT_KINDS}.")
     store = ShardStore(out_dir, {"model": lm.fingerprint or lm.spec, **(base or {}),
                                  "windows": config_hash({"ids": windows.ids.tolist(),
-                                                         "first": windows.first.tolist()})})
+                                                         "first": windows.first.tolist()})}, lm=lm)
 
     def compute(point: dict[str, Any]) -> dict[str, pd.DataFrame]:
         ctx, first_layer, info = weight_setting(lm, point, wanda_norms=wanda_norms, head_ranking=head_ranking)
