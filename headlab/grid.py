@@ -451,7 +451,13 @@ def read_point(point_dir: str | Path) -> dict[str, Any] | None:
     path = Path(point_dir) / "point.json"
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict):
+            raise ValueError("not a mapping")
+    except (ValueError, OSError) as err:  # damaged: the point runs again
+        return {"status": "interrupted", "error": f"{path} is unreadable ({err}); the point runs again"}
+    return record
 
 
 def _is_done(point: GridPoint) -> bool:
@@ -483,6 +489,58 @@ def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
             continue
 
 
+#: Seconds between heartbeats of a running point (``heartbeat`` in its ``point.json``).
+HEARTBEAT_S = 15.0
+#: A ``running`` point on another host whose heartbeat is older than this is taken as interrupted.
+STALE_AFTER_S = 90.0
+#: Environment variable telling a point's runner the pid of the grid process it must die with.
+_PARENT_ENV = "HEADLAB_GRID_PARENT"
+
+
+def _wait_with_heartbeat(proc: subprocess.Popen, timeout: float | None, path: Path,
+                         record: dict[str, Any]) -> int:
+    """``proc.wait(timeout)``, renewing ``record["heartbeat"]`` in ``path`` every :data:`HEARTBEAT_S`."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        step = HEARTBEAT_S if deadline is None else min(HEARTBEAT_S, max(0.0, deadline - time.monotonic()))
+        try:
+            return proc.wait(timeout=step)
+        except subprocess.TimeoutExpired:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise
+        record["heartbeat"] = time.time()
+        _write_json(path, record)
+
+
+def _die_with_parent() -> None:
+    """Make this runner die when the grid process that started it dies, even by SIGKILL.
+
+    On Linux ``prctl(PR_SET_PDEATHSIG, SIGTERM)``; everywhere a watchdog thread that ends the process
+    when its parent pid changes. The point's Jupyter kernel then follows its runner (ipykernel polls
+    its parent). A runner whose parent is already gone exits at once.
+    """
+    parent = int(os.environ.get(_PARENT_ENV) or 0)
+    if not parent:
+        return
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    def watchdog() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(143)
+
+    if os.getppid() != parent:
+        os._exit(143)
+    threading.Thread(target=watchdog, name="die-with-parent", daemon=True).start()
+
+
 #: Child processes of the points running in this process (stopped when the grid is interrupted).
 _RUNNING: set[subprocess.Popen] = set()
 #: Set when this process stops its points (Ctrl-C, SIGTERM): their records then say ``interrupted``.
@@ -506,6 +564,7 @@ def run_point(point: GridPoint) -> dict[str, Any]:
     record: dict[str, Any] = {
         "name": point.name, "chapter": point.chapter, "varied": point.varied, "parameters": point.parameters,
         "status": "running", "host": socket.gethostname(), "pid": os.getpid(),
+        "pid_started": _process_start(os.getpid()), "heartbeat": time.time(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "attempt": int((old or {}).get("attempt", 0)) + 1,
         "env": point.env,
     }
@@ -515,13 +574,14 @@ def run_point(point: GridPoint) -> dict[str, Any]:
     t0 = time.perf_counter()
     with open(folder / "log.txt", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "headlab.grid", "_execute", str(task)],
-                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **point.env},
+                                stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **point.env, _PARENT_ENV: str(os.getpid())},
                                 start_new_session=True)
         _RUNNING.add(proc)
         record["runner_pid"] = proc.pid
         _write_json(folder / "point.json", record)
         try:
-            rc = proc.wait(timeout=point.timeout)
+            rc = _wait_with_heartbeat(proc, point.timeout, folder / "point.json", record)
             status = "done" if rc == 0 else "interrupted" if _STOPPING.is_set() else "failed"
         except subprocess.TimeoutExpired:
             _stop(proc)
@@ -557,6 +617,7 @@ def _execute(task_path: str) -> int:
     """Child-process entry: run one point's chapter with papermill (see :func:`run_point`)."""
     from headlab.book import ChapterError, execute_chapter
 
+    _die_with_parent()
     task = json.loads(Path(task_path).read_text())
     (Path(task["point_dir"]) / "error.txt").unlink(missing_ok=True)
     try:
@@ -738,17 +799,66 @@ def collect_summary(points: list[GridPoint]) -> pd.DataFrame:
 
 
 def _alive(record: dict[str, Any]) -> bool:
-    """Whether the grid process that marked a point ``running``, or the point's own runner, still
-    exists (on this host; a point running on another host counts as alive)."""
+    """Whether the process that marked a point ``running`` still runs it.
+
+    On this host: the grid process (``pid``, with its start time ``pid_started`` against a reused pid)
+    exists. On another host: its heartbeat (renewed every :data:`HEARTBEAT_S` seconds while the point
+    runs) is younger than :data:`STALE_AFTER_S`; a record without a heartbeat from another host counts
+    as alive (it cannot be told).
+    """
     if record.get("host") != socket.gethostname():
-        return True  # cannot tell; another machine may be running it
-    for key in ("pid", "runner_pid"):
+        beat = record.get("heartbeat")
+        return not isinstance(beat, (int, float)) or time.time() - beat < STALE_AFTER_S
+    try:
+        pid = int(record["pid"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    if not _pid_alive(pid):
+        return False
+    started = record.get("pid_started")
+    return started is None or _process_start(pid) in (None, started)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
+
+
+def _process_start(pid: int) -> int | None:
+    """Start time of a process in clock ticks after boot (Linux ``/proc``), None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _reap_orphan(point: GridPoint, record: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Stop the runner a dead grid process left behind for ``point`` (same host only), if it still runs.
+
+    Runners die with their grid process (:func:`_die_with_parent`); this covers the rest (another OS,
+    a runner that could not arm it). The runner is recognised by its command line, not only its pid.
+    """
+    if record.get("host") != socket.gethostname() or not record.get("runner_pid"):
+        return
+    pid = int(record["runner_pid"])
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return
+    if "headlab.grid _execute" in cmdline and str(Path(point.point_dir) / "task.json") in cmdline:
+        log(f"[grid] {point.name}: stopping runner {pid} left behind by a dead grid process {record.get('pid')}")
         try:
-            os.kill(int(record[key]), 0)
-            return True
-        except (KeyError, OSError, ValueError, TypeError):
-            continue
-    return False
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def _save_summary(out: Path, summary: pd.DataFrame) -> None:
@@ -793,6 +903,12 @@ def run_grid_spec(spec: GridSpec, *, dry_run: bool = False, summary_only: bool =
             "(--resubmit runs them again): " + ", ".join(p.name for p in flying))
     if dry_run:
         return collect_summary(points)
+    for p in todo:  # a point left `running` by a dead grid process: say so, stop what it left behind
+        rec = read_point(p.point_dir) or {}
+        if rec.get("status") == "running":
+            log(f"[grid] {p.name} was left running by process {rec.get('pid')} on {rec.get('host')}, which "
+                "is gone (or silent for long); running it again")
+            _reap_orphan(p, rec, log)
     spec.out.mkdir(parents=True, exist_ok=True)
     record = {"spec": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(spec).items()},
               "points": [{"name": p.name, "varied": p.varied} for p in points]}
@@ -840,13 +956,21 @@ def grid_main(argv: list[str] | None = None) -> int:
     try:
         import yaml
 
-        raw = yaml.safe_load(Path(ns.spec).read_text()) if Path(ns.spec).is_file() else None
-        if raw is None:
-            raise FileNotFoundError(f"grid spec {ns.spec!r} does not exist or is empty.")
+        if not Path(ns.spec).is_file():
+            raise FileNotFoundError(f"grid spec {ns.spec!r} does not exist.")
+        try:
+            raw = yaml.safe_load(Path(ns.spec).read_text())
+        except yaml.YAMLError as err:
+            raise ValueError(f"grid spec {ns.spec} is not valid YAML: {err}") from None
+        except UnicodeDecodeError as err:
+            raise ValueError(f"grid spec {ns.spec} is not UTF-8 text ({err.reason} at byte {err.start}).") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"grid spec {ns.spec} is {'empty' if raw is None else type(raw).__name__}; it must "
+                             f"be a YAML mapping with keys {sorted(SPEC_KEYS)}.")
         for key in ("device", "dtype", "timeout", "out"):
             if getattr(ns, key) is not None:
                 raw[key] = getattr(ns, key)
-        if ns.executor or ns.max_workers or ns.address or ns.no_wait:
+        if ns.executor or ns.max_workers is not None or ns.address or ns.no_wait:
             current = raw.get("executor") or "local"
             kind = ns.executor or (current if isinstance(current, str) else current.get("kind", "local"))
             opts = dict(current) if isinstance(current, dict) and current.get("kind", kind) == kind else {}
@@ -858,6 +982,7 @@ def grid_main(argv: list[str] | None = None) -> int:
             raw["executor"] = opts
         spec = parse_spec(raw, spec_path=Path(ns.spec))
         signal.signal(signal.SIGTERM, _interrupt)  # stop the running points on SIGTERM as on Ctrl-C
+        signal.signal(signal.SIGHUP, _interrupt)  # and when the terminal goes away
         summary = run_grid_spec(spec, dry_run=ns.dry_run, summary_only=ns.summary, resubmit=ns.resubmit)
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"headlab grid: error: {err}", file=sys.stderr)

@@ -260,6 +260,58 @@ def test_killed_grid_stops_its_points_and_resumes(toy: Path) -> None:
     assert [_runs(p) for p in points] == [1, 1, 1]  # point 1 not again; 2 and 3 once each
 
 
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP])
+def test_grid_killed_hard_leaves_no_orphans_and_reruns_the_point(toy: Path, sig: int) -> None:
+    """SIGKILL (no cleanup possible) or SIGHUP to `headlab grid`: the runner and kernel of the running
+    point die with it, the point's `running` record is recognised as stale (its grid process is gone),
+    and the next run executes it again (issue 16, item 6)."""
+    (toy / "g.yaml").write_text(yaml.safe_dump({"chapter": "toy", "out": "out", "grid": {"x": [1, 2, 3]},
+                                                "parameters": {"sleep_when": 2}}))
+    spec = grid.load_spec(toy / "g.yaml", cwd=toy)
+    points = grid.expand_points(spec)
+    proc = subprocess.Popen([sys.executable, "-m", "headlab.grid", "g.yaml"], cwd=toy,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pid_file = Path(points[1].parameters["results_dir"]) / "kernel.pid"
+    _wait_for(pid_file.exists)  # point 2 is inside its sleeping cell
+    record = grid.read_point(points[1].point_dir)
+    runner, kernel = record["runner_pid"], int(pid_file.read_text())
+    assert record["status"] == "running" and record["pid"] == proc.pid and "heartbeat" in record
+    proc.send_signal(sig)
+    proc.communicate(timeout=60)
+    _wait_for(lambda: not _pid_alive(runner) and not _pid_alive(kernel), 30)
+    statuses = list(grid.collect_summary(points)["status"])
+    assert statuses == ["done", "interrupted", "pending"]
+
+    toy_src = toy / "notebooks" / "toy.py"
+    toy_src.write_text(TOY.replace("if x == sleep_when:", "if x == sleep_when and False:"))
+    logged: list[str] = []
+    summary = grid.run_grid_spec(spec, log=logged.append)
+    assert list(summary["status"]) == ["done"] * 3
+    assert [_runs(p) for p in points] == [1, 1, 1]
+    if sig == signal.SIGKILL:  # SIGHUP is handled: the point was marked interrupted, not left running
+        assert any("was left running by process" in line for line in logged)
+
+
+def test_running_point_elsewhere_is_stale_once_its_heartbeat_stops(toy: Path) -> None:
+    spec = _spec(toy, grid={"x": [1]})
+    (point,) = grid.expand_points(spec)
+    Path(point.point_dir).mkdir(parents=True)
+    alive = {"name": point.name, "status": "running", "host": "another-host", "pid": 12345,
+             "heartbeat": time.time()}
+    (Path(point.point_dir) / "point.json").write_text(json.dumps(alive))
+    assert list(grid.run_grid_spec(spec)["status"]) == ["running"]  # left alone: it beats
+    assert _runs(point) == 0
+    (Path(point.point_dir) / "point.json").write_text(json.dumps({**alive, "heartbeat": time.time() - 3600}))
+    assert list(grid.collect_summary([point])["status"]) == ["interrupted"]
+    assert list(grid.run_grid_spec(spec)["status"]) == ["done"] and _runs(point) == 1
+    # a running record of this host whose pid now belongs to another process (pid reuse)
+    (Path(point.point_dir) / "point.json").write_text(json.dumps(
+        {**alive, "host": grid.socket.gethostname(), "pid": os.getpid(), "pid_started": 1}))
+    assert list(grid.collect_summary([point])["status"]) == ["interrupted"]
+    (Path(point.point_dir) / "point.json").write_text('{"status": "runn')  # damaged record
+    assert list(grid.collect_summary([point])["status"]) == ["interrupted"]
+
+
 def test_timeout_stops_a_point(toy: Path) -> None:
     spec = _spec(toy, parameters={"sleep_when": 1}, timeout=15)
     summary = grid.run_grid_spec(spec)
