@@ -21,6 +21,7 @@ import torch
 from headlab import metrics, perplexity, weights
 from headlab.edits import seed_for
 from headlab.models import parse_weight_name, weight_names
+from headlab.schema import Field, check_variant
 from headlab.shards import ShardStore, config_hash, run_grid
 
 #: Kinds of weight setting understood by :func:`weight_setting` (the ``kind`` key of a grid point).
@@ -31,6 +32,56 @@ from headlab.shards import ShardStore, config_hash, run_grid
 #: layer matrix (``seed``). ``bitflip``: bit ``bit`` of format ``fmt`` flipped in one random weight
 #: (``trial``, ``seed``). ``zero_entries``: single weights zeroed (``entries``, see :func:`entries_text`).
 WEIGHT_KINDS = ("dense", "ablate", "magnitude", "wanda", "heads", "noise", "bitflip", "zero_entries")
+
+
+def weight_point_fields(lm: Any) -> dict[str, dict[str, Field]]:
+    """The schema of a grid point of each kind (:data:`WEIGHT_KINDS`) for model ``lm``.
+
+    Other keys of a point are labels carried into the tables (e.g. ``method``); a key that looks like
+    a misspelling of one of the kind's keys is refused.
+    """
+    from headlab.weights import BIT_POSITIONS
+
+    seed = Field("int", low=0)
+    sparsity = Field("float", low=0, high=1)
+    bits = sorted(BIT_POSITIONS["bfloat16"])
+    return {
+        "dense": {},
+        "ablate": {"layer": Field("int", low=0, high=lm.n_layers - 1),
+                   "matrix": Field("str", choices=[c for c, _ in lm.adapter.weights]),
+                   "mode": Field("str", choices=["zero", "mean"])},
+        "magnitude": {"sparsity": sparsity},
+        "wanda": {"sparsity": sparsity},
+        "heads": {"fraction": Field("float", low=0, high=1), "order": Field("str", choices=["ranking", "random"]),
+                  "seed": Field("int", low=0, default=0)},
+        "noise": {"level": Field("float", low=0), "seed": seed},
+        "bitflip": {"bit": Field(("int", "str"), low=0, high=15, help=f"an integer in 0..15 or one of {bits}"),
+                    "fmt": Field("str", choices=sorted(BIT_POSITIONS)), "trial": Field("int", low=0), "seed": seed},
+        "zero_entries": {"entries": Field("str", nonempty=True, help="a text 'NAME:ROW:COL ...' (entries_text)")},
+    }
+
+
+def check_weight_point(lm: Any, point: Any, where: str = "weight grid point") -> dict[str, Any]:
+    """Check one grid point against :func:`weight_point_fields`; return it with defaults filled in.
+
+    Raises:
+        ValueError: an unknown kind or key, a missing key or a bad value, naming it and what is allowed.
+    """
+    what = f"{where} {point!r}"
+    out = check_variant(point, "kind", weight_point_fields(lm), what, labels=True)
+    if out["kind"] == "bitflip" and isinstance(out["bit"], str):
+        from headlab.weights import BIT_POSITIONS
+
+        if out["bit"] not in BIT_POSITIONS[out["fmt"]]:
+            raise ValueError(f"{what}: bit={out['bit']!r}; choose an integer in 0..15 or one of "
+                             f"{sorted(BIT_POSITIONS[out['fmt']])}.")
+    if out["kind"] == "zero_entries":
+        try:
+            for name in parse_entries(out["entries"]):
+                parse_weight_name(lm, name)
+        except ValueError as err:
+            raise ValueError(f"{what}: {err}") from None
+    return out
 
 
 def entries_text(entries: Iterable[tuple[str, int, int]]) -> str:
@@ -89,9 +140,8 @@ def weight_setting(lm: Any, point: dict[str, Any], *, wanda_norms: dict | None =
         ``(context manager, first layer it changes, info)``; ``info`` describes what was edited
         (e.g. the weight a bit flip hit, its value before and after).
     """
-    kind = point.get("kind")
-    if kind not in WEIGHT_KINDS:
-        raise ValueError(f"kind={kind!r} in {point}; choose one of {WEIGHT_KINDS}.")
+    point = check_weight_point(lm, point)
+    kind = point["kind"]
     names = weight_names(lm)
     if kind == "dense":
         return nullcontext(), 0, {}
@@ -152,9 +202,11 @@ def weight_sweep(lm: Any, windows: Any, points: Iterable[dict[str, Any]], out_di
         among scored tokens), ``window`` and ``nll``; one row per point with what was edited.
     """
     points = [dict(p) for p in points]
-    for p in points:  # fail before any work on a bad grid
-        if p.get("kind") not in WEIGHT_KINDS:
-            raise ValueError(f"kind={p.get('kind')!r} in {p}; choose one of {WEIGHT_KINDS}.")
+    for i, p in enumerate(points):  # fail before any work on a bad grid
+        check_weight_point(lm, p, f"weight grid point {i}")
+    if not points:
+        raise ValueError("points is empty; give at least one dict with 'kind' (one of "
+                         f"{list(WEIGHT_KINDS)}).")
     store = ShardStore(out_dir, {"model": lm.fingerprint or lm.spec, **(base or {}),
                                  "windows": config_hash({"ids": windows.ids.tolist(),
                                                          "first": windows.first.tolist()})}, lm=lm)
