@@ -29,8 +29,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from headlab.models import LoadedModel
 
-__all__ = ["bullets", "declared_parameters", "fmt_ci", "head_label", "head_list", "load", "parameters",
-           "parameters_from_source"]
+__all__ = ["bullets", "declared_parameters", "declared_types", "fmt_ci", "head_label", "head_list", "load",
+           "parameters", "parameters_from_source"]
 
 PARAMETERS_TAG = "parameters"
 
@@ -38,6 +38,23 @@ PARAMETERS_TAG = "parameters"
 # --------------------------------------------------------------------------------------------------
 # Parameters
 # --------------------------------------------------------------------------------------------------
+def _declarations(source: str, where: str) -> dict[str, tuple[Any, str]]:
+    """``{name: (default, annotation text)}`` of the annotated assignments in ``source``, in order."""
+    out: dict[str, tuple[Any, str]] = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign):
+            names = [ast.get_source_segment(source, t) for t in node.targets]
+            raise ValueError(f"{where} assigns {', '.join(map(str, names))} without a type annotation; "
+                             f"write `name: type = value` (only annotated names are parameters).")
+        if isinstance(node, ast.AnnAssign) and node.value is not None and isinstance(node.target, ast.Name):
+            try:
+                default = ast.literal_eval(node.value)
+            except ValueError:
+                default = ast.get_source_segment(source, node.value)
+            out[node.target.id] = (default, ast.get_source_segment(source, node.annotation))
+    return out
+
+
 def parameters_from_source(source: str, where: str = "the parameters cell") -> dict[str, Any]:
     """``{name: default}`` of the annotated assignments ``name: type = default`` in ``source``.
 
@@ -46,18 +63,20 @@ def parameters_from_source(source: str, where: str = "the parameters cell") -> d
     Raises:
         ValueError: an assignment without annotation (:func:`parameters` would not see it).
     """
-    out: dict[str, Any] = {}
-    for node in ast.parse(source).body:
-        if isinstance(node, ast.Assign):
-            names = [ast.get_source_segment(source, t) for t in node.targets]
-            raise ValueError(f"{where} assigns {', '.join(map(str, names))} without a type annotation; "
-                             f"write `name: type = value` (only annotated names are parameters).")
-        if isinstance(node, ast.AnnAssign) and node.value is not None and isinstance(node.target, ast.Name):
-            try:
-                out[node.target.id] = ast.literal_eval(node.value)
-            except ValueError:
-                out[node.target.id] = ast.get_source_segment(source, node.value)
-    return out
+    return {name: default for name, (default, _) in _declarations(source, where).items()}
+
+
+def _parameters_cell(chapter: str | Path) -> tuple[str, str]:
+    """The source of a chapter's cell tagged ``parameters`` and how errors name it."""
+    import jupytext
+
+    chapter = Path(chapter)
+    nb = jupytext.read(chapter, fmt="ipynb" if chapter.suffix == ".ipynb" else "py:percent")
+    cells = [c for c in nb.cells if PARAMETERS_TAG in c.get("metadata", {}).get("tags", [])]
+    if not cells:
+        raise ValueError(f"{chapter.name} has no cell tagged `{PARAMETERS_TAG}`; papermill needs one to inject "
+                         "values.")
+    return cells[0].source, f"the parameters cell of {chapter.name}"
 
 
 def declared_parameters(chapter: str | Path) -> dict[str, Any]:
@@ -73,15 +92,14 @@ def declared_parameters(chapter: str | Path) -> dict[str, Any]:
         ValueError: the chapter has no cell tagged ``parameters``, or the cell assigns a name without
             a type annotation.
     """
-    import jupytext
+    return parameters_from_source(*_parameters_cell(chapter))
 
-    chapter = Path(chapter)
-    nb = jupytext.read(chapter, fmt="ipynb" if chapter.suffix == ".ipynb" else "py:percent")
-    cells = [c for c in nb.cells if PARAMETERS_TAG in c.get("metadata", {}).get("tags", [])]
-    if not cells:
-        raise ValueError(f"{chapter.name} has no cell tagged `{PARAMETERS_TAG}`; papermill needs one to inject "
-                         "values.")
-    return parameters_from_source(cells[0].source, f"the parameters cell of {chapter.name}")
+
+def declared_types(chapter: str | Path) -> dict[str, str]:
+    """``{name: annotation text}`` of a chapter's ``parameters`` cell (``{"seq_len": "int", ...}``), read
+    by the same rule as :func:`declared_parameters`; :func:`headlab.params.check_parameters` checks
+    values against them before a run."""
+    return {name: annotation for name, (_, annotation) in _declarations(*_parameters_cell(chapter)).items()}
 
 
 def parameters(namespace: Mapping[str, Any]) -> dict[str, Any]:

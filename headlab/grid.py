@@ -63,7 +63,9 @@ from typing import Any
 
 import pandas as pd
 
-from headlab.chapter import declared_parameters
+from headlab.chapter import declared_parameters, declared_types
+from headlab.params import check_parameters
+from headlab.schema import Field, check_record
 from headlab.shards import config_hash
 
 __all__ = [
@@ -73,6 +75,7 @@ __all__ = [
     "SPEC_KEYS",
     "GridPoint",
     "GridSpec",
+    "chapter_parameter_types",
     "chapter_parameters",
     "collect_summary",
     "expand_points",
@@ -126,6 +129,23 @@ EXECUTOR_OPTIONS: dict[str, dict[str, str]] = {
         "additional": "further sbatch options, e.g. {account: abc, qos: high}",
         "wait": "wait for the jobs and write the summary (default true); false: submit and return",
     },
+}
+
+_POSITIVE = Field("int", low=1, required=False)
+#: The type and range of each executor option (:data:`EXECUTOR_OPTIONS` says what they mean).
+EXECUTOR_FIELDS: dict[str, dict[str, Field]] = {
+    "local": {"max_workers": _POSITIVE,
+              "gpus": Field("list", items=Field(("int", "str")), nonempty=True, required=False,
+                            help="a non-empty list of GPU ids, e.g. [0, 1]")},
+    "dask": {"address": Field("str", nonempty=True, required=False), "n_workers": _POSITIVE,
+             "threads_per_worker": _POSITIVE, "processes": Field("bool", required=False)},
+    "slurm": {"cluster": Field("str", choices=["slurm", "local", "debug"], required=False),
+              "folder": Field("str", nonempty=True, required=False),
+              "partition": Field("str", nonempty=True, required=False), "timeout_min": _POSITIVE,
+              "gpus_per_node": Field("int", low=0, required=False), "cpus_per_task": _POSITIVE,
+              "mem_gb": Field("float", low=1e-3, required=False), "array_parallelism": _POSITIVE,
+              "setup": Field("list", items=Field("str"), required=False),
+              "additional": Field("dict", required=False), "wait": Field("bool", required=False)},
 }
 
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
@@ -235,23 +255,13 @@ def _parse_executor(value: Any) -> tuple[str, dict[str, Any]]:
             _fail(f"executor mapping {value!r} needs `kind`: one of {sorted(EXECUTOR_OPTIONS)}.")
     else:
         _fail(f"executor={value!r}; give one of {sorted(EXECUTOR_OPTIONS)} or a mapping with `kind`.")
-    if kind not in EXECUTOR_OPTIONS:
+    if not isinstance(kind, str) or kind not in EXECUTOR_OPTIONS:
         _fail(f"executor kind {kind!r} is unknown; choose one of {sorted(EXECUTOR_OPTIONS)}.")
     allowed = EXECUTOR_OPTIONS[kind]
     bad = sorted(set(options) - set(allowed))
     if bad:
         _fail(f"executor {kind!r} has no option(s) {bad}; it accepts {sorted(allowed)}.")
-    for key in ("max_workers", "n_workers", "threads_per_worker", "cpus_per_task", "array_parallelism"):
-        if key in options and (not isinstance(options[key], int) or isinstance(options[key], bool)
-                               or options[key] < 1):
-            _fail(f"executor option {key}={options[key]!r} must be an integer >= 1.")
-    if "gpus" in options:
-        gpus = options["gpus"]
-        if not isinstance(gpus, list) or not gpus or not all(isinstance(g, (int, str)) for g in gpus):
-            _fail(f"executor option gpus={gpus!r} must be a non-empty list of GPU ids, e.g. [0, 1].")
-    if "cluster" in options and options["cluster"] not in ("slurm", "local", "debug"):
-        _fail(f"executor option cluster={options['cluster']!r}; choose slurm, local or debug.")
-    return kind, options
+    return kind, check_record(options, EXECUTOR_FIELDS[kind], f"executor {kind!r} option")
 
 
 def parse_spec(raw: Any, spec_path: Path | None = None, cwd: Path | None = None) -> GridSpec:
@@ -361,6 +371,12 @@ def chapter_parameters(chapter: str | Path) -> dict[str, Any]:
     """The names and defaults of a chapter's ``parameters`` cell: :func:`headlab.chapter.declared_parameters`
     (the rule the chapter itself applies with :func:`headlab.chapter.parameters`)."""
     return declared_parameters(chapter)
+
+
+def chapter_parameter_types(chapter: str | Path) -> dict[str, str]:
+    """``{name: annotation text}`` of a chapter's ``parameters`` cell (:func:`headlab.chapter.declared_types`);
+    :func:`headlab.params.check_parameters` checks values against them."""
+    return declared_types(chapter)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -893,6 +909,10 @@ def run_grid_spec(spec: GridSpec, *, dry_run: bool = False, summary_only: bool =
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     points = expand_points(spec, chapter_parameters(spec.chapter))
+    types = chapter_parameter_types(spec.chapter)
+    for p in points:  # every value fits its declared type before anything runs
+        check_parameters({k: v for k, v in p.parameters.items() if k != "results_dir"}, types,
+                         f"{spec.chapter.name} (grid point {p.name})")
     todo = [p for p in points if not _is_done(p)]
     flying = [p for p in todo if _in_flight(p)] if not resubmit else []
     todo = [p for p in todo if p not in flying]

@@ -20,11 +20,14 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import yaml
 
-__all__ = ["add_parameter_option", "parse_parameters", "parse_value"]
+if TYPE_CHECKING:  # pragma: no cover
+    from headlab.schema import Field
+
+__all__ = ["add_parameter_option", "annotation_field", "check_parameters", "parse_parameters", "parse_value"]
 
 _EXAMPLES = "8, 0.5, 1e-3, true, null, [4, 8], {k: 3} or plain text"
 
@@ -178,3 +181,97 @@ def add_parameter_option(parser: argparse.ArgumentParser, help: str) -> None:
         "-p", "--parameter", nargs=2, action=_ParameterAction, dest="parameters", default={},
         metavar=("NAME", "VALUE"), help=f"{help} (repeatable); VALUE is YAML: {_EXAMPLES}".replace("%", "%%"),
     )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameters checked against a chapter's declarations
+# --------------------------------------------------------------------------------------------------
+_SIMPLE = {"int": "int", "float": "float", "str": "str", "bool": "bool", "list": "list", "tuple": "list",
+           "dict": "dict", "None": "none", "NoneType": "none", "Any": "any", "object": "any"}
+
+
+def annotation_field(annotation: str | None) -> Field:
+    """The values a parameter annotated ``annotation`` (source text, e.g. ``"int"``, ``"list[int]"``,
+    ``"float | None"``, ``"Optional[str]"``, ``"Literal['zero', 'mean']"``) accepts.
+
+    ``float`` accepts integers too; ``list`` accepts a list (items checked for ``list[X]``); unknown
+    annotations accept anything.
+    """
+    import ast
+
+    from headlab.schema import Field
+
+    def kinds(node: ast.AST) -> tuple[tuple[str, ...], Field | None, list | None]:
+        if isinstance(node, ast.Constant) and node.value is None:
+            return ("none",), None, None
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):  # a quoted annotation
+            return kinds(ast.parse(node.value, mode="eval").body)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+            (a, ia, ca), (b, ib, cb) = kinds(node.left), kinds(node.right)
+            return a + b, ia or ib, None if ca is None and cb is None else (ca or []) + (cb or [])
+        if isinstance(node, (ast.Name, ast.Attribute)):
+            name = node.id if isinstance(node, ast.Name) else node.attr
+            return (_SIMPLE.get(name, "any"),), None, None
+        if isinstance(node, ast.Subscript):
+            outer = node.value.id if isinstance(node.value, ast.Name) else getattr(node.value, "attr", "")
+            inner = node.slice
+            if outer == "Optional":
+                k, i, c = kinds(inner)
+                return (*k, "none"), i, c
+            if outer == "Union":
+                parts = inner.elts if isinstance(inner, ast.Tuple) else [inner]
+                out: tuple[str, ...] = ()
+                for part in parts:
+                    out += kinds(part)[0]
+                return out, None, None
+            if outer == "Literal":
+                values = [ast.literal_eval(e) for e in (inner.elts if isinstance(inner, ast.Tuple) else [inner])]
+                return ("any",), None, values
+            if outer in ("list", "List", "Sequence", "tuple", "Tuple") and not isinstance(inner, ast.Tuple):
+                k, i, c = kinds(inner)
+                return ("list",), Field(k if len(k) > 1 else k[0], items=i, choices=c), None
+            return (_SIMPLE.get(outer, "any"),), None, None
+        return ("any",), None, None
+
+    if not annotation:
+        return Field("any")
+    try:
+        found, items, choices = kinds(ast.parse(annotation, mode="eval").body)
+    except (SyntaxError, ValueError):
+        return Field("any")
+    if "any" in found and choices is None:
+        return Field("any")
+    found = tuple(dict.fromkeys(found))
+    return Field(found if len(found) > 1 else found[0], items=items, choices=choices)
+
+
+def check_parameters(parameters: dict[str, Any], declared: dict[str, str | None], chapter: str) -> None:
+    """Check parameter names and values against a chapter's annotated ``parameters`` cell.
+
+    Args:
+        parameters: the values to inject (from ``-p`` or a grid spec).
+        declared: ``{name: annotation text}`` of the parameters cell (see
+            :func:`headlab.grid.chapter_parameter_types`).
+        chapter: the chapter's name, for messages.
+
+    Raises:
+        ValueError: a name the cell does not declare (with the closest declared one), or a value that
+            does not fit its annotation, naming the parameter, its declared type and the value.
+    """
+    import difflib
+
+    unknown = [n for n in parameters if n not in declared]
+    if unknown:
+        hints = [f"{n!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(n, list(declared), 1, 0.7))
+                 else repr(n) for n in unknown]
+        raise ValueError(f"{chapter} has no parameter {', '.join(hints)}; its parameters cell declares "
+                         f"{sorted(declared)}.")
+    for name, value in parameters.items():
+        field = annotation_field(declared[name])
+        try:
+            field.check(value, name)
+        except ValueError:
+            raise ValueError(
+                f"parameter {name}={value!r} ({type(value).__name__}) does not fit its declaration "
+                f"`{name}: {declared[name]}` in {chapter}; expected {field.describe()}.") from None
+

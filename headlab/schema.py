@@ -24,7 +24,7 @@ from typing import Any
 __all__ = ["Field", "check_record", "check_value", "check_variant"]
 
 _MISSING = object()
-_KINDS = ("int", "float", "str", "bool", "list", "dict", "any")
+_KINDS = ("int", "float", "str", "bool", "list", "dict", "none", "any")
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,8 @@ class Field:
     Attributes:
         kind: ``"int"`` (Python or numpy integers; no bools, no floats, not even 3.0), ``"float"``
             (any real number, finite unless ``finite=False``), ``"str"``, ``"bool"``, ``"list"`` (a list,
-            tuple or 1-d array), ``"dict"`` or ``"any"``; or a tuple of these (the first that fits).
+            tuple or 1-d array), ``"dict"``, ``"none"`` (only None) or ``"any"``; or a tuple of these (the
+            first that fits).
         required: the key must be present (unless it has a ``default``).
         default: value used when the key is absent (makes the field optional).
         low, high: inclusive bounds of a number (or of each item's length for nothing else).
@@ -89,6 +90,8 @@ class Field:
             return what + (f" of {_plural(self.items.describe())}" if self.items else "")
         if kind == "dict":
             return "a mapping"
+        if kind == "none":
+            return "null"
         return "any value"
 
     def check(self, value: Any, name: str, what: str = "") -> Any:
@@ -111,6 +114,10 @@ class Field:
     def _check(self, kind: str, value: Any, name: str, what: str) -> Any:
         if kind == "any":
             out = value
+        elif kind == "none":
+            if value is not None:
+                raise _Mismatch()
+            out = None
         elif kind == "bool":
             if not _is_bool(value):
                 raise _Mismatch()

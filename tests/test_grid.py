@@ -102,8 +102,8 @@ def _runs(point: grid.GridPoint) -> int:
     ({"chapter": "toy", "executor": "ray"}, r"executor kind 'ray' is unknown; choose one of \['dask', 'local', 'slurm'\]"),
     ({"chapter": "toy", "executor": {"kind": "local", "workers": 2}},
      r"executor 'local' has no option\(s\) \['workers'\]; it accepts \['gpus', 'max_workers'\]"),
-    ({"chapter": "toy", "executor": {"kind": "local", "max_workers": 0}}, "max_workers=0 must be an integer >= 1"),
-    ({"chapter": "toy", "executor": {"kind": "slurm", "cluster": "pbs"}}, "cluster='pbs'; choose slurm, local or debug"),
+    ({"chapter": "toy", "executor": {"kind": "local", "max_workers": 0}}, "max_workers=0 is out of range; expected an integer >= 1"),
+    ({"chapter": "toy", "executor": {"kind": "slurm", "cluster": "pbs"}}, "cluster=.pbs. is not allowed; expected one of \\[.slurm., .local., .debug.\\]"),
     ({"chapter": "toy", "points": {"x": 1}}, "points=.* must be a list of mappings"),
     (["chapter", "toy"], "a grid spec is a YAML mapping"),
 ])
