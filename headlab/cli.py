@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,9 +35,24 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from headlab.book import execute_chapter
+    from headlab.book import ChapterError, execute_chapter
+    from headlab.grid import chapter_parameter_types
+    from headlab.params import check_parameters
 
-    out = execute_chapter(Path(args.notebook), Path(args.out), parameters=args.parameters)
+    src = Path(args.notebook)
+    if not src.is_file():
+        hint = sorted(p.name for p in Path("notebooks").glob("*.py")) if Path("notebooks").is_dir() else []
+        raise FileNotFoundError(f"chapter {args.notebook!r} does not exist" +
+                                (f"; notebooks/ has {hint}." if hint else "."))
+    if src.suffix not in (".py", ".ipynb"):
+        raise ValueError(f"chapter {args.notebook!r} is a {src.suffix or 'suffix-less'} file; give a jupytext "
+                         ".py (or an .ipynb).")
+    check_parameters(args.parameters, chapter_parameter_types(src), src.name)  # before anything runs
+    try:
+        out = execute_chapter(src, Path(args.out), parameters=args.parameters)
+    except ChapterError as err:
+        print(f"headlab run: {err}", file=sys.stderr)
+        return 1
     print(out)
     return 0
 
@@ -77,7 +93,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="results/notebooks", help="folder for the executed notebook")
     p.set_defaults(func=_run)
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError, OSError) as err:
+        # the message names the problem; a traceback around it only hides it (HEADLAB_DEBUG=1 shows it)
+        if os.environ.get("HEADLAB_DEBUG"):
+            raise
+        print(f"headlab {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"headlab {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -48,13 +48,15 @@ __all__ = [
 SENTIMENT_LABELS = ("negative", "positive")
 
 
+_LABELS = {"1": "positive", "0": "negative", "pos": "positive", "neg": "negative",
+           "fresh": "positive", "rotten": "negative", "positive": "positive", "negative": "negative"}
+
+
 def _normalise_label(value: object) -> str:
     text = str(value).strip().lower()
-    table = {"1": "positive", "0": "negative", "pos": "positive", "neg": "negative",
-             "fresh": "positive", "rotten": "negative", "positive": "positive", "negative": "negative"}
-    if text not in table:
+    if text not in _LABELS:
         raise ValueError(f"Sentiment label {value!r} not understood; use positive/negative (or 1/0, pos/neg).")
-    return table[text]
+    return _LABELS[text]
 
 
 def load_sentiment(source: str = "rotten_tomatoes") -> pd.DataFrame:
@@ -89,14 +91,41 @@ def load_sentiment(source: str = "rotten_tomatoes") -> pd.DataFrame:
             raise FileNotFoundError(
                 f"Sentiment source {source!r} is neither 'rotten_tomatoes', 'hf:NAME' nor an existing CSV file."
             )
-        raw = pd.read_csv(path)
-        missing = {"text", "label"} - set(raw.columns)
-        if missing:
-            raise ValueError(f"{path} lacks column(s) {sorted(missing)}; it has {list(raw.columns)}.")
-        frame = pd.DataFrame({"text": raw["text"].astype(str), "label": raw["label"].map(_normalise_label)})
+        raw = _read_sentiment_csv(path)
+        frame = pd.DataFrame({"text": raw["text"].fillna("").astype(str), "label": raw["label"].map(_normalise_label)})
     frame["text"] = frame["text"].astype(str).str.replace(r"\s+", " ", regex=True).str.strip()
     frame = frame[frame["text"].str.len() > 0].drop_duplicates("text").reset_index(drop=True)
+    if frame.empty:
+        raise ValueError(f"Sentiment source {source!r} has no example with a non-empty text.")
     return frame
+
+
+def _read_sentiment_csv(path: Path) -> pd.DataFrame:
+    """Read a ``text,label`` CSV as text columns; every problem is a ValueError naming the file, the
+    row and the value (an empty or non-UTF-8 file, a header without rows, a missing column, a blank or
+    unknown label)."""
+    allowed = "positive/negative (or 1/0, pos/neg, fresh/rotten)"
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path} is empty; expected a CSV with the header `text,label` and one example per "
+                         "row.") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.object[err.start:err.start + 1]!r} at position "
+                         f"{err.start}); save it as UTF-8.") from None
+    except pd.errors.ParserError as err:
+        raise ValueError(f"{path} is not a readable CSV: {err}") from None
+    missing = {"text", "label"} - set(raw.columns)
+    if missing:
+        raise ValueError(f"{path} lacks column(s) {sorted(missing)}; it has {list(raw.columns)}.")
+    if raw.empty:
+        raise ValueError(f"{path} has a header but no rows; add one example per row (`text,label`).")
+    labels = raw["label"].str.strip().str.lower()
+    for i, (value, norm) in enumerate(zip(raw["label"], labels)):
+        if norm not in _LABELS:
+            what = "an empty label" if not norm else f"the label {value!r}"
+            raise ValueError(f"{path}, row {i + 2} (line {i + 2} counting the header): {what}; use {allowed}.")
+    return raw
 
 
 def split_frame(

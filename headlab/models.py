@@ -25,6 +25,7 @@ import importlib.util
 import inspect
 import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -558,22 +559,32 @@ def _converted_from_gguf(gguf: Path) -> tuple[Path, str]:
     out = cache_dir() / "converted" / f"{gguf.stem}-{sha[:16]}"
     if (out / "headlab.json").exists():
         return out, sha
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")  # one per converting process
     tmp.mkdir(parents=True, exist_ok=True)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the weights we save are dequantized float32
-    config.save_pretrained(tmp)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(tmp)
-    save_model(model, str(tmp / "model.safetensors"))
-    tok.save_pretrained(tmp)
-    (tmp / "headlab.json").write_text(json.dumps({"gguf": str(gguf), "sha256": sha}, indent=1))
-    if out.exists():  # a concurrent conversion finished first
-        return out, sha
-    tmp.rename(out)
+    try:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except Exception as err:  # noqa: BLE001 - the GGUF reader raises many kinds for a damaged file
+            raise ValueError(f"Could not read the GGUF file {gguf} ({type(err).__name__}: {err}); is it a "
+                             "complete GGUF model file? Fetch or download it again.") from err
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the weights we save are dequantized float32
+        config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))
+        tok.save_pretrained(tmp)
+        (tmp / "headlab.json").write_text(json.dumps({"gguf": str(gguf), "sha256": sha}, indent=1))
+        if not out.exists():  # else a concurrent conversion finished first
+            try:
+                tmp.rename(out)
+            except OSError:
+                if not (out / "headlab.json").exists():
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays in the cache
     return out, sha
 
 
@@ -607,6 +618,48 @@ def _resolve_source(spec: str, revision: str | None) -> tuple[str, dict[str, Any
     # Anything else is a hub id; the hub resolves (and caches) it.
     kwargs = {"revision": revision} if revision else {}
     return spec, kwargs, f"hub:{spec}@{revision or 'main'}", revision or "main"
+
+
+def _check_device(device: str | torch.device | None) -> torch.device:
+    """The device to load on; ``None`` / ``"auto"``: CUDA when available.
+
+    Raises:
+        ValueError: not a device name, or a CUDA / MPS device this machine does not have.
+    """
+    if device is None or device == "auto":
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a device; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}, but this machine has no usable CUDA GPU "
+                             "(torch.cuda.is_available() is False); use device='cpu' or 'auto'.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}, but this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1}).")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device={device!r}, but MPS is not available here; use device='cpu' or 'auto'.")
+    return dev
+
+
+def _check_spec(spec: str) -> None:
+    """Refuse, with the fix, specs that can only be mistakes: a near-miss of an embedded name (which
+    would otherwise go to the hub and retry for many seconds) and an existing file that is not a model."""
+    import difflib
+
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix != ".gguf":
+        raise ValueError(f"{spec!r} is a file but not a model headlab can load ({path.suffix or 'no'} suffix); "
+                         f"expected {SUPPORTED_SPECS}.")
+    if spec in EMBEDDED_MODELS or path.exists() or "/" in spec:
+        return
+    near = [n for n in EMBEDDED_MODELS if n == spec.lower()] or difflib.get_close_matches(
+        spec.lower(), list(EMBEDDED_MODELS), n=1, cutoff=0.8)
+    if near:
+        raise ValueError(f"Unknown model {spec!r}; did you mean the embedded {near[0]!r}? (Embedded names are "
+                         f"lower case: {sorted(EMBEDDED_MODELS)}; hub ids look like 'org/name'.)")
 
 
 SUPPORTED_SPECS = (
@@ -651,9 +704,10 @@ def load_model(
     spec = str(spec)
     if not spec.strip():
         raise ValueError(f"Empty model spec; expected {SUPPORTED_SPECS}.")
-    dev = default_device() if device in (None, "auto") else torch.device(device)
+    dev = _check_device(device)  # before any loading: a missing GPU is known at once
     torch_dtype = _parse_dtype(dtype, dev)
     device_map = device_map or None
+    _check_spec(spec)
     path, kwargs, source, fingerprint = _resolve_source(spec, revision)
     info: dict[str, Any] = {}
     try:
