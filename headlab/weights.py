@@ -10,6 +10,7 @@ down projection, Yu et al. 2024). Weight names come from :func:`headlab.models.w
 from __future__ import annotations
 
 import hashlib
+import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -142,6 +143,8 @@ def out_in(lm: LoadedModel, name: str) -> Tensor:
 
 
 def _check_names(lm: LoadedModel, names: Sequence[str]) -> list[str]:
+    if isinstance(names, str):
+        raise ValueError(f"names={names!r} is one text; give a list of weight names, e.g. [{names!r}].")
     names = list(names)
     if not names:
         raise ValueError("No weight names given; see headlab.models.weight_names(lm).")
@@ -273,8 +276,8 @@ def noise_weights(lm: LoadedModel, names: Sequence[str], level: float, seed: int
     ``eps`` is drawn from a generator keyed by ``(seed, name)`` only, so a matrix gets the same noise
     whatever else is perturbed with it. ``level = 0`` leaves the weights untouched.
     """
-    if level < 0:
-        raise ValueError(f"noise level={level} must be >= 0.")
+    if not level >= 0 or level == float("inf"):
+        raise ValueError(f"noise level={level} must be a finite number >= 0.")
 
     def make(name: str) -> WeightFn:
         def fn(w: Tensor) -> None:
@@ -348,8 +351,9 @@ def bit_index(bit: int | str, fmt: str) -> int:
         if bit not in BIT_POSITIONS[fmt]:
             raise ValueError(f"bit {bit!r}; choose one of {sorted(BIT_POSITIONS[fmt])} or an int 0..15.")
         return BIT_POSITIONS[fmt][bit]
-    if not 0 <= int(bit) <= 15:
-        raise ValueError(f"bit={bit} must be in 0..15 for a 16-bit format.")
+    if isinstance(bit, bool) or not isinstance(bit, numbers.Integral) or not 0 <= int(bit) <= 15:
+        raise ValueError(f"bit={bit!r} must be an integer in 0..15 for a 16-bit format, or one of "
+                         f"{sorted(BIT_POSITIONS[fmt])}.")
     return int(bit)
 
 

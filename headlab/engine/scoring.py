@@ -64,6 +64,8 @@ class EncodedPrompts:
 
 def encode_prompts(lm: LoadedModel, prefix: str, queries: Sequence[str]) -> EncodedPrompts:
     """Tokenise a shared ``prefix`` (with special tokens) and each query (without)."""
+    if isinstance(queries, str) or not len(queries):
+        raise ValueError(f"queries={queries!r}: give a non-empty list of prompt texts.")
     tok = lm.tokenizer
     pre = tok(prefix, add_special_tokens=True)["input_ids"] if prefix else []
     if not prefix and tok.bos_token_id is not None and getattr(tok, "add_bos_token", False):
