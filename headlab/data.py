@@ -110,9 +110,15 @@ def _read_sentiment_csv(path: Path) -> pd.DataFrame:
     except pd.errors.EmptyDataError:
         raise ValueError(f"{path} is empty; expected a CSV with the header `text,label` and one example per "
                          "row.") from None
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text (byte {err.object[err.start:err.start + 1]!r} at position "
-                         f"{err.start}); save it as UTF-8.") from None
+    except UnicodeDecodeError:
+        content = path.read_bytes()
+        try:
+            content.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = content[:err.start].count(b"\n") + 1
+            raise ValueError(f"{path} is not UTF-8 text (byte 0x{content[err.start]:02x} on line {line}, offset "
+                             f"{err.start}); save it as UTF-8.") from None
+        raise
     except pd.errors.ParserError as err:
         raise ValueError(f"{path} is not a readable CSV: {err}") from None
     missing = {"text", "label"} - set(raw.columns)

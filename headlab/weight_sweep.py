@@ -201,9 +201,10 @@ def weight_sweep(lm: Any, windows: Any, points: Iterable[dict[str, Any]], out_di
         ``(tokens, info)``: one row per (point, scored token) with the point's keys, ``position`` (index
         among scored tokens), ``window`` and ``nll``; one row per point with what was edited.
     """
-    points = [dict(p) for p in points]
+    points = list(points)
     for i, p in enumerate(points):  # fail before any work on a bad grid
         check_weight_point(lm, p, f"weight grid point {i}")
+    points = [dict(p) for p in points]
     if not points:
         raise ValueError("points is empty; give at least one dict with 'kind' (one of "
                          f"{list(WEIGHT_KINDS)}).")
