@@ -83,14 +83,15 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
 
 def test_run_and_book_read_a_list_the_same_way(captured: dict[str, Any], tmp_path: Path) -> None:
-    argv = ["-p", "shot_counts", "[4, 8]", "-p", "n_test", "200", "-p", "prompt", "gpt2"]
+    argv = ["-p", "shot_counts", "[4, 8]", "-p", "n_test", "200", "-p", "model", "gpt2"]
     assert cli.main(["run", "notebooks/01_baseline.py", "--out", str(tmp_path), *argv]) == 0
     assert cli.main(["book", "--root", str(tmp_path), *argv]) == 0
-    expected = {"shot_counts": [4, 8], "n_test": 200, "prompt": "gpt2"}
+    expected = {"shot_counts": [4, 8], "n_test": 200, "model": "gpt2"}
     assert captured["run"] == expected
     assert captured["book"] == expected
     # the long option (and its `--param` abbreviation, the former name in `headlab run`) reads the same
-    assert cli.main(["run", "x.py", "--out", str(tmp_path), "--param", "shot_counts", "[4, 8]"]) == 0
+    assert cli.main(["run", "notebooks/01_baseline.py", "--out", str(tmp_path), "--param", "shot_counts",
+                     "[4, 8]"]) == 0
     assert captured["run"] == {"shot_counts": [4, 8]}
 
 
