@@ -28,7 +28,9 @@ Forward passes
 * :mod:`headlab.neurons` -- FFN neurons: streaming activation statistics, top snippets, promoted tokens
 
 Sweeps and statistics
-* :mod:`headlab.shards` -- resumable result shards keyed by configuration
+* :mod:`headlab.shards` -- resumable result shards keyed by everything that changes a number, verified
+  on load, one writer per point
+* :mod:`headlab.schema` -- setting dicts checked against declarative field specs before any work
 * :mod:`headlab.sweeps` -- head sweeps (noise and ablation of every head) and head rankings
 * :mod:`headlab.ablation` -- set ablation: one resumable sweep of top-k vs random-k heads or neurons, and
   the top-vs-random comparison (permutation p-value, band, verdict)
