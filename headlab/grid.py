@@ -620,11 +620,14 @@ def run_point(point: GridPoint) -> dict[str, Any]:
             lines = (folder / "log.txt").read_text(errors="replace").strip().splitlines()
             record["error"] = "\n".join(lines[-6:])
     results = Path(point.parameters["results_dir"])
-    if (results / "summary.json").is_file():
-        record["metrics"] = json.loads((results / "summary.json").read_text())
-    if (results / "config.json").is_file():
-        model = json.loads((results / "config.json").read_text()).get("model") or {}
-        record.update({k: model[k] for k in ("device", "dtype") if k in model})
+    try:  # a damaged summary.json / config.json of the chapter costs its metrics, not the grid
+        if (results / "summary.json").is_file():
+            record["metrics"] = json.loads((results / "summary.json").read_text())
+        if (results / "config.json").is_file():
+            model = json.loads((results / "config.json").read_text()).get("model") or {}
+            record.update({k: model[k] for k in ("device", "dtype") if k in model})
+    except (ValueError, AttributeError, OSError) as err:
+        record["metrics_error"] = f"could not read the chapter's summary/config in {results}: {err}"
     _write_json(folder / "point.json", record)
     return record
 
@@ -806,7 +809,8 @@ def collect_summary(points: list[GridPoint]) -> pd.DataFrame:
         row: dict[str, Any] = {"point": p.name, **{k: _cell(v) for k, v in p.varied.items()},
                                "status": status, "seconds": rec.get("seconds"),
                                "device": rec.get("device"), "dtype": rec.get("dtype")}
-        for key, value in (rec.get("metrics") or {}).items():
+        metrics = rec.get("metrics") if isinstance(rec.get("metrics"), dict) else {}
+        for key, value in metrics.items():
             row[f"metric_{key}" if key in row else key] = _cell(value)
         row["error"] = rec["error"].splitlines()[0] if rec.get("error") else None
         row["notebook"] = str(Path(p.point_dir) / f"{Path(p.chapter).stem}.ipynb")
