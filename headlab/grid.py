@@ -66,7 +66,7 @@ import pandas as pd
 from headlab.chapter import declared_parameters, declared_types
 from headlab.params import check_parameters
 from headlab.schema import Field, check_record
-from headlab.shards import config_hash
+from headlab.shards import config_hash, process_alive, process_start
 
 __all__ = [
     "DEVICES",
@@ -580,7 +580,7 @@ def run_point(point: GridPoint) -> dict[str, Any]:
     record: dict[str, Any] = {
         "name": point.name, "chapter": point.chapter, "varied": point.varied, "parameters": point.parameters,
         "status": "running", "host": socket.gethostname(), "pid": os.getpid(),
-        "pid_started": _process_start(os.getpid()), "heartbeat": time.time(),
+        "pid_started": process_start(os.getpid()), "heartbeat": time.time(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "attempt": int((old or {}).get("attempt", 0)) + 1,
         "env": point.env,
     }
@@ -833,31 +833,7 @@ def _alive(record: dict[str, Any]) -> bool:
         pid = int(record["pid"])
     except (KeyError, TypeError, ValueError):
         return False
-    if not _pid_alive(pid):
-        return False
-    started = record.get("pid_started")
-    return started is None or _process_start(pid) in (None, started)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (OverflowError, ValueError):
-        return False
-    return True
-
-
-def _process_start(pid: int) -> int | None:
-    """Start time of a process in clock ticks after boot (Linux ``/proc``), None where unknown."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
+    return process_alive(pid, record.get("pid_started"))
 
 
 def _reap_orphan(point: GridPoint, record: dict[str, Any], log: Callable[[str], None]) -> None:

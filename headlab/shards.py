@@ -50,6 +50,8 @@ __all__ = [
     "canonical",
     "computation_identity",
     "config_hash",
+    "process_alive",
+    "process_start",
     "run_grid",
     "weights_digest",
 ]
@@ -214,16 +216,30 @@ _HOST = socket.gethostname()
 _HELD: set[str] = set()
 
 
-def _pid_alive(pid: int) -> bool:
+def process_start(pid: int) -> int | None:
+    """Start time of a process in clock ticks after boot (Linux ``/proc``), None where unknown.
+
+    With the pid it identifies a process: a pid reused by a later process has another start time.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def process_alive(pid: int, started: int | None = None) -> bool:
+    """Whether process ``pid`` exists on this host (and, when ``started`` is given and known here, is
+    the process that started then, not a later one with a reused pid)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    except (OverflowError, ValueError):
+        pass
+    except (OverflowError, ValueError, TypeError):
         return False
-    return True
+    return started is None or process_start(pid) in (None, started)
 
 
 class ShardLock:
@@ -231,8 +247,8 @@ class ShardLock:
     modification time is the heartbeat, renewed every ``heartbeat`` seconds by a thread while held.
 
     A lock is *stale* (and taken over by :meth:`acquire`) when its process no longer exists on this
-    host, or when its heartbeat is older than ``stale_after`` seconds (its process on another host,
-    or a hung one).
+    host (its pid is gone, or now belongs to a later process), or, for a process on another host, when
+    its heartbeat is older than ``stale_after`` seconds.
     """
 
     def __init__(self, path: str | Path, heartbeat: float = 10.0, stale_after: float = 120.0) -> None:
@@ -262,10 +278,11 @@ class ShardLock:
     def stale_reason(self, owner: dict[str, Any]) -> str | None:
         """Why the lock described by ``owner`` (:meth:`owner`) is stale, or None while it is live."""
         if owner.get("host") == _HOST and isinstance(owner.get("pid"), int):
-            if not _pid_alive(owner["pid"]):
+            if not process_alive(owner["pid"], owner.get("pid_started")):
                 return f"its process {owner['pid']} on {_HOST} is gone"
             if owner["pid"] == os.getpid() and owner.get("token") not in _HELD:
                 return f"it is a leftover of an earlier process {owner['pid']}"
+            return None  # alive on this host: never taken from it, however slow its heartbeat
         if owner["age"] > self.stale_after:
             return (f"its heartbeat stopped {owner['age']:.0f} s ago (process {owner.get('pid')} on "
                     f"{owner.get('host')})")
@@ -288,8 +305,8 @@ class ShardLock:
                     print(f"shard lock {self.path.name}: taken over, {reason}", file=sys.stderr, flush=True)
                 continue
             with os.fdopen(fd, "w") as f:
-                json.dump({"pid": os.getpid(), "host": _HOST, "token": token,
-                           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f)
+                json.dump({"pid": os.getpid(), "pid_started": process_start(os.getpid()), "host": _HOST,
+                           "token": token, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f)
             self.token = token
             _HELD.add(token)
             self._stop.clear()

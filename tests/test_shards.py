@@ -300,3 +300,30 @@ def test_lock_of_a_silent_process_elsewhere_goes_stale(tmp_path: Path) -> None:
     lock.release()
     assert not lock.path.exists() and other.acquire()
     other.release()
+
+
+def test_lock_of_a_live_process_here_is_kept_however_old_its_heartbeat(tmp_path: Path) -> None:
+    """A live holder on this host is never robbed (its heartbeat may lag on a busy machine); a pid now
+    used by a later process (another start time) is a dead holder."""
+    parent = os.getppid()
+    lock = shards.ShardLock(tmp_path / "x.lock", heartbeat=0.2, stale_after=1.0)
+    lock.path.write_text(json.dumps({"pid": parent, "pid_started": shards.process_start(parent),
+                                     "host": shards._HOST, "token": "t"}))
+    old = time.time() - 3600
+    os.utime(lock.path, (old, old))
+    assert not lock.acquire()
+    lock.path.write_text(json.dumps({"pid": parent, "pid_started": -1, "host": shards._HOST, "token": "t"}))
+    if shards.process_start(parent) is not None:  # Linux: the reused pid is recognised
+        assert lock.acquire()
+        lock.release()
+
+
+def test_accelerator_digest_sees_every_edit() -> None:
+    w = torch.randn(1000)
+    base = shards._word_sums(w)
+    assert shards._word_sums(w.clone()) == base
+    for i in (0, 517, 999):
+        v = w.clone()
+        v[i] = torch.nextafter(v[i], torch.tensor(10.0))  # the smallest possible change
+        assert shards._word_sums(v) != base
+    assert shards._word_sums(w[torch.randperm(1000)]) != base
