@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from headlab import ablation, data, engine, models, neurons, shards, sweeps, tasks, weight_sweep, weights
+from headlab import ablation, data, engine, induction, models, neurons, shards, sweeps, tasks, weight_sweep, weights
 from headlab.models import load_model
 
 TOY = '''\
@@ -109,24 +109,29 @@ def _wpoint(**point: Any) -> Callable[[Any], None]:
 
 
 def _induction(**kw: Any) -> Callable[[Any], None]:
-    return lambda c: ablation.induction_ablation_sweep(c.lm, None, c.scores, c.out, progress=False,
-                                                       **{"k_list": [0, 1], "n_permutations": 1, **kw})
+    def run(c: SimpleNamespace) -> None:
+        batch = induction.repeated_random_tokens(c.lm, 2, 4, seed=0)
+        ablation.induction_ablation_sweep(c.lm, batch, c.scores, c.out, progress=False,
+                                          **{"k_list": [0, 1], "n_random": 1, **kw})
+
+    return run
 
 
 def _ranked(**kw: Any) -> Callable[[Any], None]:
     def run(c: SimpleNamespace) -> None:
         enc = engine.encode_prompts(c.lm, "Review:", ["good", "bad"])
         ablation.ranked_ablation_sweep(c.lm, enc, [5, 6], c.scores, "s", {"d": lambda lp: lp[:, 0]}, c.out,
-                                       progress=False, **{"k_list": [0, 1], "n_permutations": 1, **kw})
+                                       progress=False, **{"k_list": [0, 1], "n_random": 1, **kw})
 
     return run
 
 
 def _neurons(**kw: Any) -> Callable[[Any], None]:
     def run(c: SimpleNamespace) -> None:
-        stats = neurons.NeuronStats.empty([0, 1], c.lm.d_mlp, 2)
-        ablation.neuron_ablation_sweep(c.lm, torch.ones(2, 4, dtype=torch.long), stats, c.out, progress=False,
-                                       **{"layers": [0], "k_list": [1], "n_permutations": 1, **kw})
+        ids = torch.randint(4, 200, (2, 6), generator=torch.Generator().manual_seed(0))
+        stats = neurons.neuron_stats(c.lm, ids, layers=[0, 1])
+        ablation.neuron_ablation_sweep(c.lm, ids, stats, c.out, progress=False,
+                                       **{"layers": [0], "k_list": [1], "n_random": 1, **kw})
 
     return run
 
@@ -187,13 +192,13 @@ CASES: list[tuple[str, Callable[[Any], Any], str]] = [
     ("induction: k -1", _induction(k_list=[-1]), r"k_list\[0\]=-1 is out of range; expected an integer >= 0"),
     ("induction: k as text", _induction(k_list=["1"]), r"k_list\[0\]='1'; expected an integer >= 0"),
     ("induction: no k", _induction(k_list=[]), r"k_list=\[\] is empty; expected a non-empty list"),
-    ("induction: permutations 2.5", _induction(n_permutations=2.5), r"n_permutations=2.5 is a float; expected an integer >= 1"),
-    ("induction: layer range", _induction(layer_ranges=["top"]), r"layer range\(s\) \['top'\] invalid; choose from \('full'"),
-    ("ranked: k 1.5", _ranked(k_list=[1.5]), r"k_list\[0\]=1.5 is a float; expected an integer in 0..8"),
-    ("ranked: k 99", _ranked(k_list=[99]), r"k_list\[0\]=99 is out of range; expected an integer in 0..8"),
+    ("induction: random sets 2.5", _induction(n_random=2.5), r"n_random=2.5 is a float; expected an integer >= 1"),
+    ("induction: layer range", _induction(layer_ranges=["top"]), r"layer range 'top'; choose one of \('full', 'top_half', 'bottom_half'\)"),
+    ("ranked: k 1.5", _ranked(k_list=[1.5]), r"k_list\[0\]=1.5 is a float; expected an integer >= 0"),
+    ("ranked: k 99", _ranked(k_list=[99]), r"k=99 exceeds the largest top set \(8\) of layer_range 'full'"),
     ("ranked: mode", _ranked(modes=["half"]), r"mode\(s\) \['half'\] invalid; choose from \('zero', 'mean'\)"),
     ("neurons: layers as text", _neurons(layers=["1"]), r"layers\[0\]='1'; expected an integer"),
-    ("neurons: k 1.5", _neurons(k_list=[1.5]), r"k_list\[0\]=1.5 is a float; expected an integer in 1..24"),
+    ("neurons: k 1.5", _neurons(k_list=[1.5]), r"k_list\[0\]=1.5 is a float; expected an integer >= 0"),
     # ---- weights, prompts, keys (item 7) ----
     ("zero_weights given a string", lambda c: weights.zero_weights(c.lm, "L0.attn.q"), r"names='L0.attn.q' is one text; give a list of weight names, e.g. \['L0.attn.q'\]"),
     ("zero_weights of nothing", lambda c: weights.zero_weights(c.lm, []), r"No weight names given"),
