@@ -470,7 +470,7 @@ def read_point(point_dir: str | Path) -> dict[str, Any] | None:
     try:
         record = json.loads(path.read_text())
         if not isinstance(record, dict):
-            raise ValueError("not a mapping")
+            raise ValueError("not a mapping")  # noqa: TRY004 - handled right below
     except (ValueError, OSError) as err:  # damaged: the point runs again
         return {"status": "interrupted", "error": f"{path} is unreadable ({err}); the point runs again"}
     return record
@@ -965,7 +965,7 @@ def grid_main(argv: list[str] | None = None) -> int:
         except UnicodeDecodeError as err:
             raise ValueError(f"grid spec {ns.spec} is not UTF-8 text ({err.reason} at byte {err.start}).") from None
         if not isinstance(raw, dict):
-            raise ValueError(f"grid spec {ns.spec} is {'empty' if raw is None else type(raw).__name__}; it must "
+            raise ValueError(f"grid spec {ns.spec} is {'empty' if raw is None else type(raw).__name__}; it must "  # noqa: TRY004
                              f"be a YAML mapping with keys {sorted(SPEC_KEYS)}.")
         for key in ("device", "dtype", "timeout", "out"):
             if getattr(ns, key) is not None:

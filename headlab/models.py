@@ -565,7 +565,7 @@ def _converted_from_gguf(gguf: Path) -> tuple[Path, str]:
         try:
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        except Exception as err:  # noqa: BLE001 - the GGUF reader raises many kinds for a damaged file
+        except Exception as err:  # the GGUF reader raises many kinds for a damaged file
             raise ValueError(f"Could not read the GGUF file {gguf} ({type(err).__name__}: {err}); is it a "
                              "complete GGUF model file? Fetch or download it again.") from err
         config = model.config

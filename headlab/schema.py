@@ -151,9 +151,9 @@ class Field:
             out = dict(value)
         if self.choices is not None and kind in ("str", "int", "any") and out not in list(self.choices):
             raise _Mismatch(" is not allowed")
-        if kind in ("int", "float"):
-            if (self.low is not None and out < self.low) or (self.high is not None and out > self.high):
-                raise _Mismatch(" is out of range")
+        if kind in ("int", "float") and ((self.low is not None and out < self.low)
+                                         or (self.high is not None and out > self.high)):
+            raise _Mismatch(" is out of range")
         return out
 
 
@@ -220,8 +220,8 @@ def check_record(record: Any, fields: Mapping[str, Field], what: str, *, labels:
         ValueError: an unknown key (with the closest allowed one), a missing required key or a bad
             value, naming it and what is allowed.
     """
-    if not isinstance(record, Mapping):
-        raise ValueError(f"{what}: {_show(record)} is a {type(record).__name__}; expected a dict with keys "
+    if not isinstance(record, Mapping):  # a ValueError like every other bad setting
+        raise ValueError(f"{what}: {_show(record)} is a {type(record).__name__}; expected a dict with keys "  # noqa: TRY004
                          f"{sorted(fields)}.")
     unknown = [k for k in record if k not in fields]
     for key in unknown:
@@ -252,8 +252,8 @@ def check_variant(record: Any, tag: str, variants: Mapping[Any, Mapping[str, Fie
         ValueError: a missing or unknown tag (listing the allowed ones), or what :func:`check_record`
             raises for the chosen schema (which always allows the tag key itself).
     """
-    if not isinstance(record, Mapping):
-        raise ValueError(f"{what}: {_show(record)} is a {type(record).__name__}; expected a dict with {tag!r}.")
+    if not isinstance(record, Mapping):  # a ValueError like every other bad setting
+        raise ValueError(f"{what}: {_show(record)} is a {type(record).__name__}; expected a dict with {tag!r}.")  # noqa: TRY004
     if tag not in record:
         raise ValueError(f"{what}: missing key {tag!r}; choose one of {list(variants)}.")
     value = record[tag]

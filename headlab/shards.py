@@ -355,13 +355,6 @@ class ShardLock:
         _HELD.discard(self.token)
         self.token = ""
 
-    def __enter__(self) -> ShardLock:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.token:
-            self.release()
-
 
 # --------------------------------------------------------------------------------------------------
 # Store

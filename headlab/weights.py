@@ -144,7 +144,7 @@ def out_in(lm: LoadedModel, name: str) -> Tensor:
 
 def _check_names(lm: LoadedModel, names: Sequence[str]) -> list[str]:
     if isinstance(names, str):
-        raise ValueError(f"names={names!r} is one text; give a list of weight names, e.g. [{names!r}].")
+        raise ValueError(f"names={names!r} is one text; give a list of weight names, e.g. [{names!r}].")  # noqa: TRY004
     names = list(names)
     if not names:
         raise ValueError("No weight names given; see headlab.models.weight_names(lm).")

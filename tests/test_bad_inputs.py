@@ -21,7 +21,19 @@ import pytest
 import torch
 import yaml
 
-from headlab import ablation, data, engine, induction, models, neurons, shards, sweeps, tasks, weight_sweep, weights
+from headlab import (
+    ablation,
+    data,
+    engine,
+    induction,
+    models,
+    neurons,
+    shards,
+    sweeps,
+    tasks,
+    weight_sweep,
+    weights,
+)
 from headlab.models import load_model
 
 TOY = '''\

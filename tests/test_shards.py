@@ -279,7 +279,7 @@ def test_killed_holder_lock_is_taken_over(tmp_path: Path) -> None:
     os.kill(pid, signal.SIGKILL)  # no cleanup of any kind
     first.communicate(timeout=30)
     second = _worker(folder, log, hang=-1)
-    out, err = second.communicate(timeout=240)
+    _, err = second.communicate(timeout=240)
     assert second.returncode == 0, err
     assert f"process {pid} on" in err and "is gone" in err
     assert _computed(log) == sorted([*range(8), 5])  # 0-4 once, 5 by both (the first died inside it), 6-7 once
