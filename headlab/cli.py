@@ -36,7 +36,7 @@ def _fetch(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from headlab.book import ChapterError, execute_chapter
-    from headlab.grid import chapter_parameter_types
+    from headlab.chapter import declared_types
     from headlab.params import check_parameters
 
     src = Path(args.notebook)
@@ -47,7 +47,7 @@ def _run(args: argparse.Namespace) -> int:
     if src.suffix not in (".py", ".ipynb"):
         raise ValueError(f"chapter {args.notebook!r} is a {src.suffix or 'suffix-less'} file; give a jupytext "
                          ".py (or an .ipynb).")
-    check_parameters(args.parameters, chapter_parameter_types(src), src.name)  # before anything runs
+    check_parameters(args.parameters, declared_types(src), src.name)  # before anything runs
     try:
         out = execute_chapter(src, Path(args.out), parameters=args.parameters)
     except ChapterError as err:
