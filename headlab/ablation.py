@@ -43,6 +43,7 @@ from headlab.induction import RepeatedTokens, repeat_metrics
 from headlab.interventions import ablate_heads, ablate_neurons
 from headlab.models import LoadedModel
 from headlab.neurons import NeuronStats
+from headlab.schema import Field, check_value
 from headlab.shards import ShardStore, computation_identity, config_hash, run_grid
 
 #: Layer ranges heads are chosen from. ``bottom_half``: layers ``0 .. n//2 - 1`` (nearer the input);
@@ -316,11 +317,7 @@ def set_ablation_sweep(
     modes, set_types = list(modes), list(set_types)
     _check_choices("mode", modes, ABLATION_MODES)
     _check_choices("set type", set_types, SET_TYPES)
-    k_list = list(k_list)
-    bad_k = [k for k in k_list if int(k) != k or k < 0]
-    if bad_k or not k_list:
-        raise ValueError(f"k_list entries {bad_k or k_list} invalid; each k must be an integer >= 0.")
-    k_list = sorted({int(k) for k in k_list})
+    k_list = sorted(set(check_value(k_list, Field("list", items=Field("int", low=0), nonempty=True), "k_list")))
     if not pools:
         raise ValueError("pools is empty.")
     for name, pool in pools.items():
@@ -328,8 +325,8 @@ def set_ablation_sweep(
             if max(k_list) > pool.max_k(st):
                 raise ValueError(f"k={max(k_list)} exceeds the largest {st} set ({pool.max_k(st)}) of "
                                  f"{pool_column} {name!r} ({len(pool)} units).")
-    if n_random < 1 or perm_chunk < 1:
-        raise ValueError(f"n_random={n_random} and perm_chunk={perm_chunk} must be >= 1.")
+    check_value(n_random, Field("int", low=1), "n_random")
+    check_value(perm_chunk, Field("int", low=1), "perm_chunk")
     if pool_column in _ROW_COLUMNS or pool_column in items.columns:
         raise ValueError(f"pool_column={pool_column!r} clashes with a row or item column.")
     store = ShardStore(out_dir, {**key, "seed": seed, "pools": {str(n): p.key() for n, p in pools.items()}})
@@ -411,7 +408,8 @@ def head_ablation_sweep(
     Returns:
         :func:`set_ablation_sweep` rows with ``model`` first and the pool column ``layer_range``.
     """
-    modes, k_list = list(modes), list(k_list)
+    modes = list(modes)
+    k_list = check_value(k_list, Field("list", items=Field("int", low=0), nonempty=True), "k_list")
     if max_heads is not None and [k for k in k_list if k > max_heads]:
         raise ValueError(f"k_list {k_list} has entries above max_heads={max_heads}.")
     if len(scores) != lm.n_layers * lm.n_heads:
@@ -515,7 +513,8 @@ def neuron_ablation_sweep(
     corpus *disjoint* from the held-out rows ``ids``. Rows: ``model``, ``layer``, the row's mean
     next-token ``loss`` (nats) and ``loss_change`` (loss - clean loss).
     """
-    layers = [int(x) for x in layers]
+    layers = check_value(layers, Field("list", items=Field("int", low=0, high=lm.n_layers - 1), nonempty=True),
+                         "layers")
     key = {"model": lm.fingerprint or lm.spec, "computation": computation_identity(lm), "by": by,
            "tokens": config_hash({"t": ids.tolist()}),
            "stats": config_hash({"n": stats.count, "m": stats.mean.double().round(decimals=5).tolist()})}

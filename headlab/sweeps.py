@@ -20,10 +20,17 @@ from torch import Tensor
 from headlab import engine, metrics
 from headlab.edits import MODES, Setting
 from headlab.models import LoadedModel
+from headlab.schema import Field, check_value, check_variant
 from headlab.shards import ShardStore, config_hash, run_grid
 from headlab.tasks import FewShotTask
 
-__all__ = ["MODES", "head_sweep", "rank_heads", "seed_agreement"]
+__all__ = ["MODES", "SETTING_FIELDS", "head_sweep", "rank_heads", "seed_agreement"]
+
+_NOISE = {"level": Field("float", low=0), "seed": Field("int", low=0, default=0)}
+_ABLATE = {"level": Field("float", required=False), "seed": Field("int", required=False)}  # ignored
+#: The schema of a setting of each mode (:mod:`headlab.schema`): a noise mode needs a finite
+#: ``level >= 0`` (``seed`` defaults to 0); an ablation ignores ``level`` and ``seed``.
+SETTING_FIELDS = {m: _NOISE if m not in ("zero", "mean") else _ABLATE for m in MODES}
 
 
 def head_sweep(
@@ -53,15 +60,16 @@ def head_sweep(
         from the clean run; and one row per (setting, layer, head, prompt) with the logit difference
         change, for bootstrap intervals over prompts.
     """
-    settings = [dict(s) for s in settings]
+    settings = list(settings)
     if not settings:
         raise ValueError("settings is empty; give at least one dict with 'mode' (and 'level', 'seed').")
-    layers = list(range(lm.n_layers)) if layers is None else list(layers)
-    for s in settings:  # fail before any work or file, not at the first bad grid point
+    # fail before any work or file, not at the first bad grid point: keys by the schema, values by Setting
+    settings = [check_variant(s, "mode", SETTING_FIELDS, f"setting {i} {s!r}") for i, s in enumerate(settings)]
+    for s in settings:
         Setting.parse(s)
-    bad = [layer for layer in layers if not 0 <= layer < lm.n_layers]
-    if bad:
-        raise ValueError(f"layer(s) {bad} out of range 0..{lm.n_layers - 1}.")
+    layers = list(range(lm.n_layers)) if layers is None else check_value(
+        layers, Field("list", items=Field("int", low=0, high=lm.n_layers - 1), nonempty=True), "layers")
+    check_value(batch_size, Field("int", low=1), "batch_size")
     enc = task.encode(lm)
     clean = engine.clean_run(lm, enc, task.label_ids(lm), batch_size=batch_size)
     y = task.labels

@@ -750,6 +750,6 @@ def test_head_sweep_bad_settings_fail_before_any_work(tiny_factory, tmp_path):
     assert "'gaussian'" in str(err.value) and all(m in str(err.value) for m in sweeps.MODES)
     with pytest.raises(ValueError, match="level"):
         sweeps.head_sweep(lm, task, [{"mode": "absolute", "level": -1.0}], tmp_path / "x", progress=False)
-    with pytest.raises(ValueError, match=r"layer\(s\) \[2\]"):
+    with pytest.raises(ValueError, match=r"layers\[1\]=2 is out of range; expected an integer in 0..1"):
         sweeps.head_sweep(lm, task, [{"mode": "zero"}], tmp_path / "x", layers=[0, 2], progress=False)
     assert not (tmp_path / "x").exists()  # nothing computed or written
