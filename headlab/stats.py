@@ -35,6 +35,7 @@ from numpy.typing import ArrayLike
 __all__ = [
     "cluster_bootstrap",
     "cluster_se",
+    "design_variance",
     "holm",
     "percentile_interval",
     "rank_intervals",
@@ -232,20 +233,27 @@ def top_k_status(rank_low: ArrayLike, rank_high: ArrayLike, k: int) -> np.ndarra
 
 
 def variance_components(frame: pd.DataFrame, value: str, item: Sequence[str] | str = ("layer", "head"),
-                        group: str = "group", prompt: str = "prompt", draw: str = "draw") -> pd.DataFrame:
+                        group: str = "group", prompt: str = "prompt", draw: str = "draw",
+                        balance: str | None = None) -> pd.DataFrame:
     """Method-of-moments variance components of a nested-crossed design, per item.
 
     The design: prompts are split into groups; every prompt is measured under each of ``R`` noise
-    draws; draw ``r`` of group ``g`` shares one prefix noise among the group's prompts. The model is
-    ``y[g, m, r] = theta + u[g, m] + v[g, r] + e[g, m, r]``: a prompt effect ``u`` (how the effect
-    differs between prompts), a prefix-draw effect ``v`` shared by a group's prompts, and a residual
-    ``e`` (the prompt's own query noise and how the noise effect differs between prompts). Within
-    each group the prompt x draw table gives the usual two-way mean squares, pooled over groups:
-    ``E[MS_prompt] = s2_e + R s2_u``, ``E[MS_draw] = s2_e + M s2_v``, ``E[MS_resid] = s2_e``.
+    draws; draw ``r`` of group ``g`` shares one prefix noise among the group's ``M`` prompts. The model
+    is ``y[g, m, r] = theta + u[g, m] + v[g, r] + e[g, m, r]``: a prompt effect ``u`` (how the effect
+    differs between prompts), a prefix-draw effect ``v`` shared by the group's prompts, and a residual
+    ``e``: the prompt's own query noise and how its response to the prefix draw differs from the
+    group's. Within each group the prompt x draw table gives the usual two-way mean squares, pooled
+    over groups: ``E[MS_prompt] = s2_e + R s2_u``, ``E[MS_draw] = s2_e + M s2_v``,
+    ``E[MS_resid] = s2_e``. The mean over ``N = G M`` prompts under ``R`` draws per group then has
+    variance ``s2_u / N + s2_v / (G R) + s2_e / (N R)`` (:func:`design_variance`).
 
     Args:
         frame: one row per (item, group, prompt, draw) with the measured ``value``. Every group must
-            have the same prompts under at least two draws (``M >= 2`` prompts, ``R >= 2`` draws).
+            have the same prompts under at least two draws (``R >= 2``).
+        balance: a column (e.g. the label) every group holds in equal shares. The prompt and residual
+            mean squares are then taken within (group, label), so label differences, and draws that
+            move the two labels in opposite directions, which cancel in every group mean, are not
+            counted (needs >= 2 prompts per label and group).
 
     Returns:
         One row per item: ``var_prompt``, ``var_prefix``, ``var_query`` (components, clipped at 0),
@@ -254,31 +262,69 @@ def variance_components(frame: pd.DataFrame, value: str, item: Sequence[str] | s
     item = [item] if isinstance(item, str) else list(item)
     rows = []
     for key, f in frame.groupby(item, sort=True):
-        ms_p = ms_d = ms_e = 0.0
-        df_p = df_d = df_e = 0
+        ss = {"p": 0.0, "d": 0.0, "e": 0.0}
+        df = {"p": 0, "d": 0, "e": 0}
         sizes = set()
-        for _, g in f.groupby(group):
+        for gid, g in f.groupby(group):
             t = g.pivot_table(index=prompt, columns=draw, values=value, aggfunc="mean")
             if t.isna().any().any():
-                raise ValueError(f"group {g[group].iloc[0]} of item {key} is not a complete prompt x draw table.")
+                raise ValueError(f"group {gid} of item {key} is not a complete prompt x draw table.")
             m, r = t.shape
             sizes.add((m, r))
-            if m < 2 or r < 2:
-                raise ValueError(f"variance_components needs >= 2 prompts per group and >= 2 draws; "
-                                 f"group {g[group].iloc[0]} has {m} prompt(s) x {r} draw(s).")
+            if r < 2:
+                raise ValueError(f"variance_components needs >= 2 draws per prompt; group {gid} has {r}.")
             x = t.to_numpy()
-            grand = x.mean()
-            pm, dm = x.mean(1), x.mean(0)
-            ms_p += r * ((pm - grand) ** 2).sum()
-            ms_d += m * ((dm - grand) ** 2).sum()
-            ms_e += ((x - pm[:, None] - dm[None, :] + grand) ** 2).sum()
-            df_p, df_d, df_e = df_p + m - 1, df_d + r - 1, df_e + (m - 1) * (r - 1)
+            dm = x.mean(0)
+            ss["d"] += m * ((dm - dm.mean()) ** 2).sum()
+            df["d"] += r - 1
+            if balance is None:
+                parts = [x]
+            else:
+                lab = g.drop_duplicates(prompt).set_index(prompt)[balance].reindex(t.index).to_numpy()
+                parts = [x[lab == v] for v in pd.unique(lab)]
+                if len({len(p) for p in parts}) != 1:
+                    raise ValueError(f"group {gid} of item {key} is not balanced in {balance!r}: "
+                                     f"{[len(p) for p in parts]} prompts per value.")
+            for part in parts:
+                mp = len(part)
+                if mp < 2:
+                    raise ValueError(f"variance_components needs >= 2 prompts per group"
+                                     f"{' and ' + balance if balance else ''}; group {gid} has {mp}.")
+                pm, dmp, grand = part.mean(1), part.mean(0), part.mean()
+                ss["p"] += r * ((pm - grand) ** 2).sum()
+                ss["e"] += ((part - pm[:, None] - dmp[None, :] + grand) ** 2).sum()
+                df["p"] += mp - 1
+                df["e"] += (mp - 1) * (r - 1)
         if len(sizes) != 1:
             raise ValueError(f"item {key}: groups differ in size {sorted(sizes)}; the design must be balanced.")
         m, r = sizes.pop()
-        ms_p, ms_d, ms_e = ms_p / df_p, ms_d / df_d, ms_e / df_e
+        ms = {k: ss[k] / df[k] for k in ss}
         key = key if isinstance(key, tuple) else (key,)
-        rows.append({**dict(zip(item, key)), "var_prompt": max((ms_p - ms_e) / r, 0.0),
-                     "var_prefix": max((ms_d - ms_e) / m, 0.0), "var_query": ms_e,
+        rows.append({**dict(zip(item, key)), "var_prompt": max((ms["p"] - ms["e"]) / r, 0.0),
+                     "var_prefix": max((ms["d"] - ms["e"]) / m, 0.0), "var_query": ms["e"],
                      "n_groups": f[group].nunique(), "prompts_per_group": m, "draws": r})
     return pd.DataFrame(rows)
+
+
+def design_variance(components: pd.DataFrame, n_prompts: int, n_groups: int, draws: int = 1) -> pd.DataFrame:
+    """What each variance component adds to the variance of a head's mean under a design.
+
+    Args:
+        components: from :func:`variance_components`.
+        n_prompts, n_groups, draws: the design: ``n_prompts`` prompts in ``n_groups`` prefix-draw
+            groups, each prompt measured under ``draws`` draws.
+
+    Returns:
+        ``components`` with ``from_prompts = var_prompt / N``, ``from_prefix = var_prefix / (G R)``,
+        ``from_query = var_query / (N R)``, their sum ``variance`` and each one's ``share_*``.
+    """
+    if min(n_prompts, n_groups, draws) < 1:
+        raise ValueError(f"n_prompts={n_prompts}, n_groups={n_groups}, draws={draws} must all be >= 1.")
+    out = components.copy()
+    out["from_prompts"] = out["var_prompt"] / n_prompts
+    out["from_prefix"] = out["var_prefix"] / (n_groups * draws)
+    out["from_query"] = out["var_query"] / (n_prompts * draws)
+    out["variance"] = out[["from_prompts", "from_prefix", "from_query"]].sum(axis=1)
+    for k in ("prompts", "prefix", "query"):
+        out[f"share_{k}"] = out[f"from_{k}"] / out["variance"].where(out["variance"] > 0)
+    return out

@@ -104,3 +104,35 @@ def test_variance_components_recovers_simulated_components():
     one_draw = pd.DataFrame(rows).query("draw == 0")
     with pytest.raises(ValueError, match="2 draws"):
         stats.variance_components(one_draw, "y")
+
+
+def test_variance_components_balance_removes_what_cancels_in_group_means():
+    # label effect +-3 and a prefix draw that moves the two labels in opposite directions (+-w): both
+    # cancel in every label-balanced group mean, so with balance= they must not be counted
+    rng = np.random.default_rng(2)
+    G, R = 300, 2
+    rows = []
+    for g in range(G):
+        v = rng.normal(0, 1.0, R)
+        w = rng.normal(0, 2.0, R)
+        for m in range(4):
+            lab = m % 2
+            u = rng.normal(0, 1.5)
+            for r in range(R):
+                y = (3.0 if lab else -3.0) + u + v[r] + (w[r] if lab else -w[r]) + rng.normal(0, 0.5)
+                rows.append({"layer": 0, "head": 0, "group": g, "prompt": g * 4 + m, "draw": r,
+                             "label": lab, "y": y})
+    frame = pd.DataFrame(rows)
+    vc = stats.variance_components(frame, "y", balance="label").iloc[0]
+    assert vc["var_prompt"] == pytest.approx(1.5 ** 2, rel=0.2)
+    assert vc["var_prefix"] == pytest.approx(1.0, rel=0.25)
+    assert vc["var_query"] == pytest.approx(0.25, rel=0.2)
+    naive = stats.variance_components(frame, "y").iloc[0]
+    assert naive["var_prompt"] > 5 and naive["var_query"] > 2  # label and label x draw counted
+    # the design variance of a group mean agrees with the observed variance of group means
+    dv = stats.design_variance(stats.variance_components(frame, "y", balance="label"), 4, 1, 1).iloc[0]
+    observed = frame[frame["draw"] == 0].groupby("group")["y"].mean().var()
+    assert dv["variance"] == pytest.approx(observed, rel=0.25)
+    assert dv[["share_prompts", "share_prefix", "share_query"]].sum() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="balanced"):
+        stats.variance_components(frame[frame["prompt"] != 0], "y", balance="label")
