@@ -104,21 +104,40 @@ def cluster_bootstrap(
     parts = _strata(strata, n)
     rng = np.random.default_rng(seed)
     counts = np.zeros((n_boot, n))
-    for b in range(n_boot):
-        for idx in parts:
-            counts[b] += np.bincount(idx[rng.integers(0, len(idx), len(idx))], minlength=n)
+    for idx in parts:  # with one stratum these are bootstrap_rows' draws, replicate by replicate
+        drawn = idx[rng.integers(0, len(idx), (n_boot, len(idx)))]
+        np.add.at(counts, (np.repeat(np.arange(n_boot), len(idx)), drawn.ravel()), 1.0)
     num = counts @ (w * v).T  # (n_boot, items)
     den = counts @ w.T
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, num / den, np.nan)
 
 
-def percentile_interval(boots: Float[np.ndarray, "n_boot items"], level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile interval ``(low, high)`` of each column of bootstrap replicates."""
+def percentile_interval(boots: Float[np.ndarray, "n_boot items"], level: float = 0.95,
+                        df: ArrayLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile interval ``(low, high)`` of each column of bootstrap replicates.
+
+    With ``df`` (degrees of freedom per column, e.g. clusters - 1) the interval is the *expanded*
+    percentile interval (Hesterberg 2015): the quantiles are taken at the wider level whose normal
+    quantile equals ``sqrt((df + 1) / df) * t_df``, which undoes the two ways the plain percentile
+    interval is too narrow with few clusters (the bootstrap variance is ``(n - 1) / n`` of the
+    unbiased one, and normal instead of t quantiles) while keeping the bootstrap's skewness.
+    """
+    from scipy import stats as sps
+
     if not 0 < level < 1:
         raise ValueError(f"level={level} must be in (0, 1).")
-    alpha = (1 - level) / 2
-    low, high = np.nanquantile(np.asarray(boots, dtype=float), [alpha, 1 - alpha], axis=0)
+    b = np.asarray(boots, dtype=float)
+    alpha = np.full(b.shape[1], (1 - level) / 2)
+    if df is not None:
+        d = np.maximum(np.asarray(df, dtype=float), 1.0)
+        z = np.sqrt((d + 1) / d) * sps.t.ppf(1 - alpha, d)
+        alpha = sps.norm.sf(z)
+    low, high = np.full(b.shape[1], np.nan), np.full(b.shape[1], np.nan)
+    ok = np.isfinite(b).any(0)
+    for a in np.unique(alpha[ok]):  # columns sharing a level in one call
+        cols = np.flatnonzero(ok & (alpha == a))
+        low[cols], high[cols] = np.nanquantile(b[:, cols], [a, 1 - a], axis=0)
     return low, high
 
 
@@ -182,7 +201,7 @@ def holm(p: ArrayLike) -> np.ndarray:
 
 def rank_intervals(
     estimate: ArrayLike, boots: Float[np.ndarray, "n_boot items"], level: float = 0.95,
-    items: Sequence[int] | None = None,
+    items: Sequence[int] | None = None, inflate: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Confidence intervals for the rank of each item (rank 1 = largest effect).
 
@@ -197,6 +216,9 @@ def rank_intervals(
         boots: ``(n_boot, items)`` paired replicates (:func:`cluster_bootstrap`).
         level: coverage of each item's interval.
         items: compute only these items (others get NaN); default all.
+        inflate: factor on the bootstrap standard deviations of the differences, e.g.
+            ``sqrt(n / (n - 1))`` for ``n`` clusters (the bootstrap variance is ``(n - 1) / n`` of the
+            unbiased one).
 
     Returns:
         ``(rank_low, rank_high)`` (floats, NaN where not computed).
@@ -215,7 +237,7 @@ def rank_intervals(
         d = centred[:, others] - centred[:, [i]]  # (n_boot, n-1) deviations of theta_j - theta_i
         sd = np.nanstd(d, 0)
         sd = np.where(sd > 0, sd, np.inf)
-        crit = np.nanquantile(np.nanmax(np.abs(d) / sd, 1), level) if n > 1 else 0.0
+        crit = inflate * np.nanquantile(np.nanmax(np.abs(d) / sd, 1), level) if n > 1 else 0.0
         diff = est[others] - est[i]
         above = int((diff - crit * np.where(np.isfinite(sd), sd, 0) > 0).sum())
         below = int((diff + crit * np.where(np.isfinite(sd), sd, 0) < 0).sum())
@@ -260,50 +282,44 @@ def variance_components(frame: pd.DataFrame, value: str, item: Sequence[str] | s
         ``n_groups``, ``prompts_per_group``, ``draws``.
     """
     item = [item] if isinstance(item, str) else list(item)
-    rows = []
-    for key, f in frame.groupby(item, sort=True):
-        ss = {"p": 0.0, "d": 0.0, "e": 0.0}
-        df = {"p": 0, "d": 0, "e": 0}
-        sizes = set()
-        for gid, g in f.groupby(group):
-            t = g.pivot_table(index=prompt, columns=draw, values=value, aggfunc="mean")
-            if t.isna().any().any():
-                raise ValueError(f"group {gid} of item {key} is not a complete prompt x draw table.")
-            m, r = t.shape
-            sizes.add((m, r))
-            if r < 2:
-                raise ValueError(f"variance_components needs >= 2 draws per prompt; group {gid} has {r}.")
-            x = t.to_numpy()
-            dm = x.mean(0)
-            ss["d"] += m * ((dm - dm.mean()) ** 2).sum()
-            df["d"] += r - 1
-            if balance is None:
-                parts = [x]
-            else:
-                lab = g.drop_duplicates(prompt).set_index(prompt)[balance].reindex(t.index).to_numpy()
-                parts = [x[lab == v] for v in pd.unique(lab)]
-                if len({len(p) for p in parts}) != 1:
-                    raise ValueError(f"group {gid} of item {key} is not balanced in {balance!r}: "
-                                     f"{[len(p) for p in parts]} prompts per value.")
-            for part in parts:
-                mp = len(part)
-                if mp < 2:
-                    raise ValueError(f"variance_components needs >= 2 prompts per group"
-                                     f"{' and ' + balance if balance else ''}; group {gid} has {mp}.")
-                pm, dmp, grand = part.mean(1), part.mean(0), part.mean()
-                ss["p"] += r * ((pm - grand) ** 2).sum()
-                ss["e"] += ((part - pm[:, None] - dmp[None, :] + grand) ** 2).sum()
-                df["p"] += mp - 1
-                df["e"] += (mp - 1) * (r - 1)
-        if len(sizes) != 1:
-            raise ValueError(f"item {key}: groups differ in size {sorted(sizes)}; the design must be balanced.")
-        m, r = sizes.pop()
-        ms = {k: ss[k] / df[k] for k in ss}
-        key = key if isinstance(key, tuple) else (key,)
-        rows.append({**dict(zip(item, key)), "var_prompt": max((ms["p"] - ms["e"]) / r, 0.0),
-                     "var_prefix": max((ms["d"] - ms["e"]) / m, 0.0), "var_query": ms["e"],
-                     "n_groups": f[group].nunique(), "prompts_per_group": m, "draws": r})
-    return pd.DataFrame(rows)
+    by = [balance] if balance else []
+    f = frame.sort_values(item + [group] + by + [prompt, draw], kind="stable")
+    cells = f.groupby(item + [group, prompt])[draw]
+    n_draws = cells.nunique()
+    if (cells.size() != n_draws).any() or n_draws.nunique() != 1:
+        raise ValueError("every (item, group, prompt) must be measured once under each of the same number of "
+                         f"draws; found {sorted(set(n_draws))} draws per prompt and repeated draws: "
+                         f"{bool((cells.size() != n_draws).any())}.")
+    R = int(n_draws.iloc[0])
+    if R < 2:
+        raise ValueError(f"variance_components needs >= 2 draws per prompt; the frame has {R}.")
+    per = f.groupby(item + [group] + by)[prompt].nunique()
+    if balance and per.groupby(level=list(range(len(item) + 1))).nunique().max() > 1:
+        raise ValueError(f"some group is not balanced in {balance!r}: prompts per value {sorted(set(per))}.")
+    if per.nunique() != 1:
+        raise ValueError(f"groups differ in size ({sorted(set(per))} prompts); the design must be balanced.")
+    m_l = int(per.iloc[0])
+    if m_l < 2:
+        raise ValueError(f"variance_components needs >= 2 prompts per group{' and ' + balance if balance else ''}; "
+                         f"the groups have {m_l}.")
+    n_items = f.groupby(item).ngroups
+    n_groups = f.groupby(item)[group].nunique()
+    if n_groups.nunique() != 1:
+        raise ValueError(f"items are measured on different numbers of groups {sorted(set(n_groups))}.")
+    G = int(n_groups.iloc[0])
+    n_lab = f[balance].nunique() if balance else 1
+    x = f[value].to_numpy(float).reshape(n_items, G, n_lab, m_l, R)
+    m = n_lab * m_l
+    dm = x.mean((2, 3))  # (I, G, R) group means per draw: label effects cancel here
+    ms_d = m * ((dm - dm.mean(-1, keepdims=True)) ** 2).sum((1, 2)) / (G * (R - 1))
+    pm = x.mean(-1, keepdims=True)  # prompt means
+    dl = x.mean(-2, keepdims=True)  # draw means within (group, label)
+    grand = x.mean((-1, -2), keepdims=True)
+    ms_p = R * ((pm - grand) ** 2).sum((1, 2, 3, 4)) / (G * n_lab * (m_l - 1))
+    ms_e = ((x - pm - dl + grand) ** 2).sum((1, 2, 3, 4)) / (G * n_lab * (m_l - 1) * (R - 1))
+    keys = f.groupby(item, sort=True).size().index.to_frame(index=False)
+    return keys.assign(var_prompt=np.maximum((ms_p - ms_e) / R, 0.0), var_prefix=np.maximum((ms_d - ms_e) / m, 0.0),
+                       var_query=ms_e, n_groups=G, prompts_per_group=m, draws=R)
 
 
 def design_variance(components: pd.DataFrame, n_prompts: int, n_groups: int, draws: int = 1) -> pd.DataFrame:

@@ -1,0 +1,448 @@
+"""Head rankings that reproduce: a designed noise experiment, honest intervals, a settled top-k.
+
+Estimand: for head ``h`` under a noise setting, ``theta_h = E_prompt E_noise[drop]``, the expected drop
+of the logit difference toward the correct label when Gaussian noise is added to the head's output at
+every position of the prompt. The seed scripts draw fresh noise for every prompt; the exact engine
+(:func:`headlab.engine.sweep_heads`) runs the shared few-shot prefix once per edit, so all prompts of
+one call share the prefix's draw. Both estimate the same ``theta_h`` (each prompt's noise has the
+same distribution); they differ in variance. This module spends the engine's evaluations so that the
+variance is small and fully accounted for:
+
+* **Prefix-draw groups.** The prompts are split into label-balanced groups of ``prompts_per_group``;
+  each group gets its own noise draw (the prefix is still run once per edit and group). The prefix
+  noise then has as many independent draws as there are groups, not one per seed. A group, with its
+  prompts and its draws, is the unit of independent replication for intervals (a cluster).
+* **Antithetic pairs.** Every draw ``eps`` is also evaluated as ``-eps`` and the two drops averaged:
+  the part of the drop that is odd in ``eps`` (above all the first-order term, mean zero and
+  large) cancels exactly; the even part, which carries the expected effect, stays.
+* **Common prompts.** Every head is measured on the same groups of prompts, so comparisons between
+  heads are paired (a prompt that is fragile for every head does not reorder them).
+* **Racing for the top-k.** Phase 1 measures every head; each later phase adds new groups (new
+  prompts, new draws) only for the heads whose rank interval still crosses the top-``k`` boundary,
+  until none does (the top-k is *settled*) or the phases are used up.
+
+Statistics (:mod:`headlab.stats`): each head's mean over its groups, a cluster bootstrap (groups
+resampled within each phase, the same draw for every head) for 95% intervals and for rank intervals,
+cluster-robust t tests with Holm (family-wise) and Benjamini-Hochberg (false discovery) corrections.
+:func:`reference_effects` keeps the seeds' semantics (fresh noise at every position of every prompt,
+through the plain hook path) to check the design against on a few heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from headlab import engine, metrics, stats, sweeps
+from headlab.edits import HeadEdit, seed_for
+from headlab.engine import CleanRun
+from headlab.interventions import noise_heads
+from headlab.models import LoadedModel
+from headlab.shards import ShardStore, config_hash
+
+__all__ = [
+    "RankDesign",
+    "ablation_observations",
+    "agreement",
+    "antithetic_efficiency",
+    "balanced_order",
+    "compute_used",
+    "effect_column",
+    "group_seed",
+    "race",
+    "rank_table",
+    "reference_effects",
+    "run_groups",
+]
+
+
+@dataclass(frozen=True)
+class RankDesign:
+    """How one ranking run spends its evaluations.
+
+    Attributes:
+        mode, level: the noise setting (``absolute``, ``fraction_of_max`` or ``fraction_of_std`` of
+            :data:`headlab.sweeps.MODES`, and its level).
+        prompts_per_group: prompts sharing one prefix draw; even, half of each label.
+        phases: groups per phase. Phase 1 measures every head; each later phase measures only the
+            heads still tied at the top-``top_k`` boundary.
+        antithetic: evaluate each draw as ``+eps`` and ``-eps`` and average the two drops.
+        top_k: the size of the top set the racing settles.
+        seed: noise seed of the run; runs with different seeds draw independent noise.
+        level_ci: coverage of intervals and rank intervals (and the racing rule).
+    """
+
+    mode: str = "fraction_of_std"
+    level: float = 3.0
+    prompts_per_group: int = 4
+    phases: tuple[int, ...] = (16,)
+    antithetic: bool = True
+    top_k: int = 10
+    seed: int = 0
+    level_ci: float = 0.95
+
+    def __post_init__(self) -> None:
+        if self.mode not in sweeps.MODES[:3]:
+            raise ValueError(f"mode={self.mode!r}; a ranking design takes a noise mode, one of {sweeps.MODES[:3]}.")
+        if self.level < 0:
+            raise ValueError(f"level={self.level} must be >= 0.")
+        if self.prompts_per_group < 2 or self.prompts_per_group % 2:
+            raise ValueError(f"prompts_per_group={self.prompts_per_group} must be an even number >= 2 "
+                             "(groups are label-balanced).")
+        if not self.phases or any(int(g) < 2 for g in self.phases):
+            raise ValueError(f"phases={self.phases} must list >= 2 groups per phase (at least one phase).")
+        if self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k} must be >= 1.")
+        if not 0 < self.level_ci < 1:
+            raise ValueError(f"level_ci={self.level_ci} must be in (0, 1).")
+        object.__setattr__(self, "phases", tuple(int(g) for g in self.phases))
+
+    @property
+    def n_groups(self) -> int:
+        return sum(self.phases)
+
+    @property
+    def n_prompts(self) -> int:
+        """Prompts the run may use (all phases)."""
+        return self.n_groups * self.prompts_per_group
+
+    def key(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def balanced_order(labels: Sequence[int], per_group: int) -> np.ndarray:
+    """An order of the prompts in which every consecutive block of ``per_group`` holds each of two
+    labels ``per_group / 2`` times (order within a label kept); prompts that do not fill a block are
+    left out.
+
+    Balanced groups cancel, in every group mean, the label effect and any noise that shifts the
+    model toward one label (it moves the two labels' logit differences in opposite directions).
+    """
+    y = np.asarray(labels)
+    values = np.unique(y)
+    if len(values) != 2 or per_group % 2:
+        raise ValueError(f"balanced_order needs two labels and an even per_group; got labels {values.tolist()}, "
+                         f"per_group={per_group}.")
+    half = per_group // 2
+    a, b = np.flatnonzero(y == values[0]), np.flatnonzero(y == values[1])
+    n_blocks = min(len(a), len(b)) // half
+    blocks = [np.concatenate([a[i * half:(i + 1) * half], b[i * half:(i + 1) * half]]) for i in range(n_blocks)]
+    return np.concatenate(blocks) if blocks else np.empty(0, dtype=int)
+
+
+def _subset(clean: CleanRun, rows: Sequence[int]) -> CleanRun:
+    """The clean run restricted to prompts ``rows`` (their query noise keys become 0..len-1)."""
+    idx = list(rows)
+    return dataclasses.replace(clean, enc=clean.enc.subset(idx), query_hidden=clean.query_hidden[:, idx],
+                               logprobs=clean.logprobs[idx])
+
+
+def _signed(edit: HeadEdit, sign: int) -> HeadEdit:
+    """The antithetic partner of a noise edit: the same draw with the opposite sign."""
+    return dataclasses.replace(edit, scale=sign * edit.scale)
+
+
+def group_seed(design: RankDesign, group: int) -> int:
+    """The noise seed of one group of a run (independent across groups and across run seeds)."""
+    return seed_for("headrank", design.seed, group)
+
+
+def run_groups(
+    lm: LoadedModel,
+    clean: CleanRun,
+    labels: Sequence[int],
+    design: RankDesign,
+    pool: Sequence[int],
+    heads: Sequence[tuple[int, int]],
+    groups: Sequence[int],
+    store: ShardStore | None = None,
+    phase: int = 1,
+    batch_size: int = 64,
+    progress: Callable[[str], None] | None = None,
+) -> pd.DataFrame:
+    """Measure ``heads`` on prompt groups ``groups`` of ``pool`` under the design's noise.
+
+    Group ``g`` holds prompts ``pool[g * M:(g + 1) * M]`` (``M = prompts_per_group``; make ``pool``
+    with :func:`balanced_order`). For each head it gets one noise draw (seed :func:`group_seed`): one
+    prefix draw shared by its prompts and one query draw per prompt, evaluated as ``+eps`` and, with
+    ``antithetic``, as ``-eps``. One shard per group when ``store`` is given (a rerun resumes).
+
+    Returns:
+        One row per (head, prompt): ``layer, head, phase, group, prompt`` (index into the task),
+        ``drop_plus`` (and ``drop_minus``): the drop of the logit difference toward the correct label,
+        ``seconds`` (the group's wall time, on its first row only) and ``evaluations`` (query rows)
+        and ``prefix_passes`` (on the same row).
+    """
+    M = design.prompts_per_group
+    heads = [(int(a), int(b)) for a, b in heads]
+    signs = (1, -1) if design.antithetic else (1,)
+    y = np.asarray(labels)
+    if len(y) != len(clean.enc):
+        raise ValueError(f"labels has {len(y)} entries; the clean run has {len(clean.enc)} prompts.")
+    sign_y = np.where(y == 1, 1.0, -1.0)
+    clean_ld = (clean.logprobs[:, 1] - clean.logprobs[:, 0]).numpy() * sign_y
+    scales = {}
+    for layer in sorted({layer for layer, _ in heads}):
+        hs = [h for l_, h in heads if l_ == layer]
+        for e in sweeps.head_edits(clean, design.mode, design.level, 0, layer, hs):
+            scales[(layer, e.head)] = e.scale
+    frames = []
+    for g in groups:
+        rows = [int(p) for p in pool[g * M:(g + 1) * M]]
+        if len(rows) < M:
+            raise ValueError(f"group {g} needs prompts {g * M}..{(g + 1) * M - 1} of the pool, which has {len(pool)}.")
+        point = {"group": int(g), "phase": int(phase), "heads": config_hash({"h": heads}), "prompts": rows,
+                 **design.key()}
+        if store is not None and store.done(point):
+            frames.append(store.load(point)["obs"])
+            continue
+        t0 = time.perf_counter()
+        seed = group_seed(design, g)
+        edits = [_signed(HeadEdit("noise", layer, head, scales[(layer, head)], seed), s)
+                 for layer, head in heads for s in signs]
+        lp = engine.sweep_heads(lm, _subset(clean, rows), edits, batch_size=batch_size)  # (E, M, 2)
+        ld = (lp[:, :, 1] - lp[:, :, 0]).numpy() * sign_y[rows][None]
+        drop = (clean_ld[rows][None] - ld).reshape(len(heads), len(signs), M)
+        frame = pd.DataFrame({
+            "layer": np.repeat([h[0] for h in heads], M), "head": np.repeat([h[1] for h in heads], M),
+            "phase": phase, "group": int(g), "prompt": np.tile(rows, len(heads)),
+            "label": np.tile(y[rows], len(heads)),
+            "drop_plus": drop[:, 0].reshape(-1),
+        })
+        if design.antithetic:
+            frame["drop_minus"] = drop[:, 1].reshape(-1)
+        frame["seconds"] = 0.0
+        frame["evaluations"] = 0
+        frame["prefix_passes"] = 0
+        frame.loc[0, ["seconds", "evaluations", "prefix_passes"]] = (
+            time.perf_counter() - t0, len(edits) * M, len(edits))
+        if store is not None:
+            store.save(point, {"obs": frame})
+        frames.append(frame)
+        if progress is not None:
+            progress(f"group {g} (phase {phase}): {len(heads)} heads x {M} prompts x {len(signs)} signs "
+                     f"in {frame['seconds'].sum():.1f} s")
+    return pd.concat(frames, ignore_index=True)
+
+
+def effect_column(obs: pd.DataFrame) -> pd.Series:
+    """Each observation's effect: the mean of the antithetic pair's drops (or the single drop)."""
+    if "drop_minus" in obs:
+        return (obs["drop_plus"] + obs["drop_minus"]) / 2
+    return obs["drop_plus"]
+
+
+def rank_table(obs: pd.DataFrame, value: str = "effect", top_k: int = 10, level: float = 0.95,
+               n_boot: int = 2000, seed: int = 0, cluster: str = "group", stratum: str = "phase") -> pd.DataFrame:
+    """Rank heads by the mean of ``value`` with intervals that include every source of variance.
+
+    Observations are averaged per (head, cluster); a cluster is the unit of independent replication
+    (a prefix-draw group with its prompts and draws; a prompt for deterministic ablation). Clusters
+    are resampled within strata (phases, runs), jointly for all heads
+    (:func:`headlab.stats.cluster_bootstrap`).
+
+    Args:
+        obs: one row per observation with ``layer, head``, ``cluster``, ``stratum`` and ``value``
+            (``value="effect"`` is computed from ``drop_plus`` / ``drop_minus`` when absent).
+        top_k: the boundary the ``status`` column refers to.
+        level: coverage of the effect and rank intervals.
+
+    Returns:
+        One row per head, largest effect first: ``effect`` with its (expanded) percentile interval
+        ``effect_low, effect_high`` (:func:`headlab.stats.percentile_interval` with the head's ``df``), cluster-robust ``se`` and ``df``, the two-sided t-test ``p`` of
+        effect 0 with ``p_holm`` (family-wise) and ``q_bh`` (false discovery rate), ``rank`` with its
+        confidence interval ``rank_low, rank_high`` (:func:`headlab.stats.rank_intervals`),
+        ``status`` (``in`` / ``out`` / ``tied`` at the top-``top_k`` boundary), ``n_clusters`` and
+        ``n_obs``.
+    """
+    if value == "effect" and "effect" not in obs:
+        obs = obs.assign(effect=effect_column(obs))
+    vals = obs[value].to_numpy(float)
+    layer, head = obs["layer"].to_numpy(int), obs["head"].to_numpy(int)
+    head_keys, head_id = np.unique(np.stack([layer, head], 1), axis=0, return_inverse=True)
+    strat = obs[stratum].to_numpy() if stratum in obs else np.zeros(len(obs), dtype=int)
+    s_id = pd.factorize(strat, sort=True)[0]
+    c_id = pd.factorize(obs[cluster].to_numpy(), sort=True)[0]
+    cl_keys, cl_id = np.unique(np.stack([s_id, c_id], 1), axis=0, return_inverse=True)
+    head_id, cl_id = head_id.reshape(-1), cl_id.reshape(-1)
+    sums = np.zeros((len(head_keys), len(cl_keys)))
+    w = np.zeros_like(sums)
+    np.add.at(sums, (head_id, cl_id), vals)
+    np.add.at(w, (head_id, cl_id), 1.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        v = np.where(w > 0, sums / w, np.nan)  # (heads, clusters) cluster means
+    strata = cl_keys[:, 0]
+    est, se, df = stats.cluster_se(v, w, strata)
+    boots = stats.cluster_bootstrap(v, w, strata, n_boot=n_boot, seed=seed)
+    low, high = stats.percentile_interval(boots, level, df=df)
+    n_min = max(int((w > 0).sum(1).min()), 2)
+    rank_low, rank_high = stats.rank_intervals(est, boots, level, inflate=float(np.sqrt(n_min / (n_min - 1))))
+    p = stats.t_pvalues(est, se, df)
+    p_filled = np.nan_to_num(p, nan=1.0)
+    out = pd.DataFrame({
+        "layer": head_keys[:, 0], "head": head_keys[:, 1],
+        "effect": est, "effect_low": low, "effect_high": high, "se": se, "df": df, "p": p,
+        "p_holm": stats.holm(p_filled), "q_bh": metrics.benjamini_hochberg(p_filled),
+        "rank_low": rank_low, "rank_high": rank_high,
+        "n_clusters": (w > 0).sum(1), "n_obs": w.sum(1).astype(int),
+    })
+    out["status"] = stats.top_k_status(out["rank_low"], out["rank_high"], min(top_k, len(out)))
+    out = out.sort_values("effect", ascending=False, kind="stable").reset_index(drop=True)
+    out.insert(2, "rank", np.arange(1, len(out) + 1))
+    return out
+
+
+def race(
+    lm: LoadedModel,
+    clean: CleanRun,
+    labels: Sequence[int],
+    design: RankDesign,
+    pool: Sequence[int],
+    store: ShardStore | None = None,
+    heads: Sequence[tuple[int, int]] | None = None,
+    batch_size: int = 64,
+    n_boot: int = 2000,
+    progress: Callable[[str], None] | None = None,
+) -> pd.DataFrame:
+    """Run the design's phases: every head first, then only the heads tied at the top-k boundary.
+
+    Phase ``i`` uses the next ``design.phases[i]`` groups of ``pool`` (new prompts, new draws). After
+    each phase the heads are ranked (:func:`rank_table`); the next phase measures only the heads
+    whose rank interval crosses ``design.top_k``. The racing stops early when none does.
+
+    Returns:
+        The observations of all phases (:func:`run_groups`).
+    """
+    heads = [(layer, h) for layer in range(lm.n_layers) for h in range(lm.n_heads)] if heads is None else list(heads)
+    if len(pool) < design.n_prompts:
+        raise ValueError(f"the design uses up to {design.n_prompts} prompts ({design.n_groups} groups of "
+                         f"{design.prompts_per_group}); the pool has {len(pool)}.")
+    frames: list[pd.DataFrame] = []
+    todo, first = heads, 0
+    for phase, n_groups in enumerate(design.phases, start=1):
+        if phase > 1:
+            table = rank_table(pd.concat(frames, ignore_index=True), top_k=design.top_k, level=design.level_ci,
+                               n_boot=n_boot)
+            tied = table[table["status"] == "tied"]
+            todo = list(zip(tied["layer"].astype(int), tied["head"].astype(int)))
+            if progress is not None:
+                progress(f"after phase {phase - 1}: {len(todo)} heads tied at the top-{design.top_k} boundary")
+            if not todo:
+                break
+        frames.append(run_groups(lm, clean, labels, design, pool, todo, range(first, first + n_groups), store,
+                                 phase=phase, batch_size=batch_size, progress=progress))
+        first += n_groups
+    return pd.concat(frames, ignore_index=True)
+
+
+def compute_used(obs: pd.DataFrame) -> dict[str, float]:
+    """Evaluations (query rows), prefix passes and seconds spent on observations of :func:`run_groups`."""
+    return {"evaluations": int(obs["evaluations"].sum()), "prefix_passes": int(obs["prefix_passes"].sum()),
+            "seconds": float(obs["seconds"].sum())}
+
+
+def ablation_observations(lm: LoadedModel, clean: CleanRun, labels: Sequence[int], prompts: Sequence[int],
+                          mode: str = "zero", heads: Sequence[tuple[int, int]] | None = None,
+                          batch_size: int = 64) -> pd.DataFrame:
+    """Zero- or mean-ablate each head on ``prompts``; one row per (head, prompt) with its ``drop``.
+
+    Ablation is deterministic, so the only source of variance is the prompts: rank these with
+    ``rank_table(obs, "drop", cluster="prompt")``.
+    """
+    if mode not in ("zero", "mean"):
+        raise ValueError(f"mode={mode!r}; use 'zero' or 'mean'.")
+    heads = [(layer, h) for layer in range(lm.n_layers) for h in range(lm.n_heads)] if heads is None else list(heads)
+    y = np.asarray(labels)
+    rows = [int(p) for p in prompts]
+    sign_y = np.where(y[rows] == 1, 1.0, -1.0)
+    edits = [HeadEdit(mode, layer, h) for layer, h in heads]
+    t0 = time.perf_counter()
+    lp = engine.sweep_heads(lm, _subset(clean, rows), edits, batch_size=batch_size)
+    seconds = time.perf_counter() - t0
+    clean_ld = (clean.logprobs[rows, 1] - clean.logprobs[rows, 0]).numpy() * sign_y
+    drop = clean_ld[None] - (lp[:, :, 1] - lp[:, :, 0]).numpy() * sign_y[None]
+    frame = pd.DataFrame({"layer": np.repeat([h[0] for h in heads], len(rows)),
+                          "head": np.repeat([h[1] for h in heads], len(rows)),
+                          "prompt": np.tile(rows, len(heads)), "label": np.tile(y[rows], len(heads)),
+                          "drop": drop.reshape(-1)})
+    frame.attrs["seconds"] = seconds
+    return frame
+
+
+@torch.inference_mode()
+def reference_effects(lm: LoadedModel, task: Any, design: RankDesign, heads: Sequence[tuple[int, int]],
+                      prompts: Sequence[int], draws: int = 2, scales: dict[tuple[int, int], float] | None = None,
+                      clean: CleanRun | None = None) -> pd.DataFrame:
+    """The seeds' semantics on a few heads: fresh noise at every position of every prompt.
+
+    Each (head, prompt, draw) is one plain full forward of the whole prompt with the noise hooked in
+    (:func:`headlab.interventions.noise_heads` with no shared prefix: the prefix positions get the
+    prompt's own draw too), no engine and no antithetic pairing. Its mean estimates the same
+    ``theta_h`` as the design, with one independent cluster per prompt.
+
+    Args:
+        task: the :class:`headlab.tasks.FewShotTask`.
+        heads: ``(layer, head)`` pairs.
+        prompts: task indices.
+        draws: independent draws per prompt (a batch of that many rows per forward).
+        scales: noise std per head; default from ``clean`` (the design's mode and level).
+
+    Returns:
+        One row per (head, prompt, draw): ``layer, head, prompt, draw, drop``.
+    """
+    enc = task.encode(lm)
+    if scales is None:
+        if clean is None:
+            raise ValueError("reference_effects needs `scales` or the `clean` run to compute them from.")
+        scales = {(layer, h): sweeps.head_edits(clean, design.mode, design.level, 0, layer, [h])[0].scale
+                  for layer, h in heads}
+    idx = torch.tensor(task.label_ids(lm))
+    y = task.labels
+    rows = []
+    seed = seed_for("reference", design.seed)
+    for p in prompts:
+        p = int(p)
+        sgn = 1.0 if y[p] == 1 else -1.0
+        ids = enc.full(p)[None].to(lm.device)
+        lp = torch.log_softmax(lm.model(input_ids=ids).logits[:, -1].float(), -1)[:, idx.to(lm.device)].cpu()
+        clean_ld = float(lp[0, 1] - lp[0, 0]) * sgn
+        batch = ids.expand(draws, -1)
+        for layer, h in heads:
+            edit = HeadEdit("noise", layer, h, scales[(layer, h)], seed)
+            with noise_heads(lm, [edit], samples=[f"{p}/{r}" for r in range(draws)]):
+                out = lm.model(input_ids=batch).logits[:, -1].float()
+            lpn = torch.log_softmax(out, -1)[:, idx.to(lm.device)].cpu()
+            for r in range(draws):
+                rows.append({"layer": layer, "head": h, "prompt": p, "draw": r,
+                             "drop": clean_ld - float(lpn[r, 1] - lpn[r, 0]) * sgn})
+    return pd.DataFrame(rows)
+
+
+def agreement(rankings: dict[str, pd.DataFrame], value: str = "effect") -> pd.DataFrame:
+    """Spearman, Kendall and top-10 overlap of the head rankings of independent runs, every pair."""
+    wide = pd.concat({name: r.set_index(["layer", "head"])[value] for name, r in rankings.items()}, axis=1)
+    return metrics.rank_agreement(wide.dropna())
+
+
+def antithetic_efficiency(obs: pd.DataFrame) -> pd.DataFrame:
+    """How much the antithetic pairs buy, per head, at equal evaluations.
+
+    ``efficiency = var(group mean of single drops) / (2 var(group mean of pair means))``: a pair costs
+    two evaluations, so above 1 the pairs beat twice as many independent draws. Computed on phase 1.
+    """
+    if "drop_minus" not in obs:
+        raise ValueError("no antithetic pairs in these observations (drop_minus missing).")
+    first = obs[obs["phase"] == obs["phase"].min()].assign(pair=effect_column(obs))
+    g = first.groupby(["layer", "head", "group"])[["drop_plus", "pair"]].mean()
+    v = g.groupby(["layer", "head"]).var()
+    out = v.rename(columns={"drop_plus": "var_single", "pair": "var_pair"}).reset_index()
+    out["efficiency"] = out["var_single"] / (2 * out["var_pair"])
+    return out

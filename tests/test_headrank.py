@@ -1,0 +1,177 @@
+"""headlab.headrank on a tiny model: the design's observations are the engine's numbers, racing measures
+only tied heads, shards resume, the seeds' reference estimates the same effects, and -- by simulation
+against effects computed from many draws -- the nominal 95% intervals cover about 95% of the time."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from headlab import engine, headrank, shards, tasks
+from headlab.edits import HeadEdit
+
+POS = ["a gripping, funny and warm film.", "one of the best movies of the year.", "charming and clever.",
+       "a great film, funny and warm.", "beautifully shot and clever.", "the best film of the year.",
+       "warm, funny and charming.", "a good film."]
+NEG = ["the plot is dull and the acting is worse.", "a tedious mess that never ends.",
+       "boring, predictable and far too long.", "an awful film.", "dull and boring.",
+       "the acting is awful.", "a mess.", "far too long and dull."]
+
+
+def _task(n_per_label: int = 8) -> tasks.FewShotTask:
+    shots = pd.DataFrame({"text": [POS[0], NEG[0], POS[1], NEG[1]], "label": ["positive", "negative"] * 2})
+    texts, labels = [], []
+    for p, n in zip(POS[:n_per_label], NEG[:n_per_label]):
+        texts += [p, n]
+        labels += ["positive", "negative"]
+    splits = {"shots": shots, "test": pd.DataFrame({"text": texts, "label": labels})}
+    return tasks.make_task(splits, "test", tasks.PromptConfig("plain", k=2, shot_seed=0))
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_factory):
+    lm = tiny_factory("llama")
+    task = _task()
+    clean = engine.clean_run(lm, task.encode(lm), task.label_ids(lm))
+    return lm, task, clean
+
+
+def test_balanced_order_blocks_hold_both_labels():
+    y = np.array([1, 1, 1, 0, 1, 0, 0, 1, 0])
+    order = headrank.balanced_order(y, 4)
+    assert len(order) == 8 and len(set(order)) == 8
+    for block in order.reshape(-1, 4):
+        assert sorted(y[block]) == [0, 0, 1, 1]
+    assert headrank.balanced_order(y, 2)[:2].tolist() == [3, 0]  # order within each label is kept
+    with pytest.raises(ValueError, match="even"):
+        headrank.balanced_order(y, 3)
+
+
+def test_design_validation_names_the_bad_value():
+    with pytest.raises(ValueError, match="prompts_per_group=3"):
+        headrank.RankDesign(prompts_per_group=3)
+    with pytest.raises(ValueError, match="zero"):
+        headrank.RankDesign(mode="zero")
+    with pytest.raises(ValueError, match="phases"):
+        headrank.RankDesign(phases=(8, 1))
+    assert headrank.RankDesign(phases=[4, 2], prompts_per_group=2).n_prompts == 12
+
+
+def test_run_groups_are_the_engines_numbers(setup):
+    lm, task, clean = setup
+    design = headrank.RankDesign(mode="absolute", level=0.7, prompts_per_group=2, phases=(2,), seed=3)
+    pool = headrank.balanced_order(task.labels, 2)
+    heads = [(0, 1), (1, 2)]
+    obs = headrank.run_groups(lm, clean, task.labels, design, pool, heads, [1])
+    rows = pool[2:4].tolist()
+    assert obs["prompt"].tolist() == rows * 2 and (obs["group"] == 1).all()
+    sub = headrank._subset(clean, rows)
+    seed = headrank.group_seed(design, 1)
+    sign = torch.tensor(np.where(task.labels[rows] == 1, 1.0, -1.0), dtype=torch.float32)
+    clean_ld = (clean.logprobs[rows, 1] - clean.logprobs[rows, 0]) * sign
+    for s, col in [(1, "drop_plus"), (-1, "drop_minus")]:
+        lp = engine.sweep_heads(lm, sub, [HeadEdit("noise", layer, h, s * 0.7, seed) for layer, h in heads])
+        want = clean_ld[None] - (lp[..., 1] - lp[..., 0]) * sign[None]
+        np.testing.assert_allclose(obs[col].to_numpy(), want.reshape(-1).numpy(), atol=1e-5)
+    # antithetic partners differ (the draw matters) and other groups get other draws
+    assert not np.allclose(obs["drop_plus"], obs["drop_minus"])
+    other = headrank.run_groups(lm, clean, task.labels, design, np.tile(rows, 2), heads, [0])  # same prompts
+    assert not np.allclose(other["drop_plus"], obs["drop_plus"])
+    assert obs["evaluations"].sum() == 2 * 2 * 2 and obs["prefix_passes"].sum() == 4
+
+
+def test_race_measures_only_tied_heads_and_resumes(setup, tmp_path, monkeypatch):
+    lm, task, clean = setup
+    design = headrank.RankDesign(mode="fraction_of_std", level=1.0, prompts_per_group=2, phases=(4, 2),
+                                 top_k=2, seed=1)
+    pool = headrank.balanced_order(task.labels, 2)
+    store = shards.ShardStore(tmp_path, {"model": "tiny"})
+    obs = headrank.race(lm, clean, task.labels, design, pool, store, n_boot=300)
+    first = obs[obs["phase"] == 1]
+    assert first.groupby(["layer", "head"]).ngroups == lm.n_layers * lm.n_heads
+    table = headrank.rank_table(first, top_k=2, n_boot=300)
+    tied = set(zip(table.loc[table["status"] == "tied", "layer"], table.loc[table["status"] == "tied", "head"]))
+    second = obs[obs["phase"] == 2]
+    assert set(zip(second["layer"], second["head"])) == tied
+    assert set(second["group"]) == ({4, 5} if tied else set())
+    # rerun: every group is read back from its shard, nothing is recomputed
+    monkeypatch.setattr(engine, "sweep_heads", lambda *a, **k: pytest.fail("recomputed a saved group"))
+    again = headrank.race(lm, clean, task.labels, design, pool, store, n_boot=300)
+    pd.testing.assert_frame_equal(again, obs)
+    with pytest.raises(ValueError, match="pool has 4"):
+        headrank.race(lm, clean, task.labels, design, pool[:4])
+
+
+def test_rank_table_columns_and_ablation(setup):
+    lm, task, clean = setup
+    obs = headrank.ablation_observations(lm, clean, task.labels, range(len(task.labels)), "zero")
+    lp = engine.sweep_heads(lm, clean, [HeadEdit("zero", 1, 3)])
+    sign = np.where(task.labels == 1, 1.0, -1.0)
+    want = ((clean.logprobs[:, 1] - clean.logprobs[:, 0]).numpy() - (lp[0, :, 1] - lp[0, :, 0]).numpy()) * sign
+    got = obs[(obs["layer"] == 1) & (obs["head"] == 3)]["drop"].to_numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    table = headrank.rank_table(obs, "drop", cluster="prompt", n_boot=300)
+    assert table["rank"].tolist() == list(range(1, 9))
+    assert (table["effect"].diff().dropna() <= 0).all()
+    assert ((table["effect_low"] <= table["effect"]) & (table["effect"] <= table["effect_high"])).all()
+    assert ((table["rank_low"] <= table["rank"]) & (table["rank"] <= table["rank_high"])).all()
+    assert (table["p_holm"] >= table["q_bh"] - 1e-12).all() and (table["n_clusters"] == 16).all()
+
+
+def _bank(lm, task, clean, design, n_draws):
+    """Every prompt of the task under ``n_draws`` draws of the design (draw d = one prefix draw shared
+    by all prompts + one query draw per prompt), all heads, antithetic pairs: the finite population
+    the simulated runs sample from."""
+    order = np.arange(len(task.labels))
+    bank_design = headrank.RankDesign(design.mode, design.level, prompts_per_group=len(order),
+                                      phases=(n_draws,), seed=design.seed)
+    heads = [(layer, h) for layer in range(lm.n_layers) for h in range(lm.n_heads)]
+    bank = headrank.run_groups(lm, clean, task.labels, bank_design, np.tile(order, n_draws), heads,
+                               range(n_draws))
+    return bank.assign(effect=headrank.effect_column(bank)).rename(columns={"group": "draw"})
+
+
+def test_intervals_cover_the_expected_effect_by_simulation(setup):
+    """Coverage of the nominal 95% intervals of :func:`rank_table` under the design, by simulation.
+
+    The population: 16 prompts (8 per label) x 48 noise draws of a tiny llama, every head, antithetic
+    pairs (the bank). Its mean per head is the exact expected effect ``theta_h`` of the sampling below,
+    computed from all 768 (prompt, draw) evaluations. One simulated run draws 10 groups, each a
+    random draw (with replacement: groups are iid) and 2 prompts per label (without replacement);
+    a group's prompts share the draw's prefix noise, as in the real design. 300 runs x 8 heads = 2400
+    intervals. Runs are iid, so the standard error of the coverage comes from the spread of the
+    per-run coverage (which accounts for the heads of one run sharing their groups); the test allows
+    3 standard errors around 0.95 (a 0.3% false alarm rate if coverage is exactly 95%). The rank
+    intervals must cover each head's true rank at least as often (they are simultaneous over pairs).
+    """
+    lm, task, clean = setup
+    design = headrank.RankDesign("fraction_of_std", 1.5, prompts_per_group=4, phases=(10,), seed=11)
+    bank = _bank(lm, task, clean, design, n_draws=48)
+    heads = bank[["layer", "head"]].drop_duplicates().to_numpy()
+    n_h = len(heads)
+    cube = bank.pivot_table(index=["draw", "prompt"], columns=["layer", "head"], values="effect")
+    cube = cube.to_numpy().reshape(48, len(task.labels), n_h)  # (draw, prompt, head)
+    theta = cube.mean((0, 1))
+    true_rank = np.argsort(np.argsort(-theta)) + 1
+    y = task.labels
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    rng = np.random.default_rng(0)
+    cover, cover_rank = [], []
+    for _ in range(300):
+        draws = rng.integers(0, 48, 10)
+        prompts = np.stack([np.concatenate([rng.choice(pos, 2, replace=False), rng.choice(neg, 2, replace=False)])
+                            for _ in range(10)])  # (group, 4)
+        vals = cube[draws[:, None], prompts]  # (group, 4, head)
+        obs = pd.DataFrame({"layer": np.tile(heads[:, 0], 40), "head": np.tile(heads[:, 1], 40),
+                            "group": np.repeat(np.arange(10), 4 * n_h), "phase": 1, "effect": vals.reshape(-1)})
+        t = headrank.rank_table(obs, n_boot=400, seed=int(rng.integers(1 << 30)))
+        t = t.set_index(["layer", "head"]).loc[[tuple(h) for h in heads]]
+        cover.append(((t["effect_low"] <= theta) & (theta <= t["effect_high"])).mean())
+        cover_rank.append(((t["rank_low"] <= true_rank) & (true_rank <= t["rank_high"])).mean())
+    cover = np.array(cover)
+    mean, se = cover.mean(), cover.std(ddof=1) / np.sqrt(len(cover))
+    print(f"interval coverage {mean:.3f} +- {se:.3f}; rank-interval coverage {np.mean(cover_rank):.3f}")
+    assert abs(mean - 0.95) <= 3 * se, f"coverage {mean:.3f} (se {se:.3f}) is not 0.95"
+    assert np.mean(cover_rank) >= 0.95 - 3 * np.std(cover_rank, ddof=1) / np.sqrt(len(cover_rank))
