@@ -130,6 +130,9 @@ class HeadEdit:
         layer, head: which head (integers >= 0).
         scale: noise standard deviation, absolute (``"noise"`` only; finite, >= 0).
         seed: noise seed (``"noise"`` only; an integer).
+        sign: ``1`` or ``-1`` (``"noise"`` only): the draw enters as ``+eps`` or ``-eps``. Two edits
+            that differ only in sign are an antithetic pair: averaging their effects cancels every
+            part of the effect that is odd in ``eps`` (see :mod:`headlab.headrank`).
     """
 
     kind: str
@@ -137,6 +140,7 @@ class HeadEdit:
     head: int
     scale: float = 0.0
     seed: int = 0
+    sign: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -146,8 +150,11 @@ class HeadEdit:
         object.__setattr__(self, "head", _index("head", self.head, self))
         object.__setattr__(self, "scale", _magnitude("scale", self.scale, self))
         object.__setattr__(self, "seed", _integer("seed", self.seed, self))
-        if self.kind != "noise" and (self.scale != 0 or self.seed != 0):
-            raise ValueError(f"scale and seed apply to kind='noise' only; {self} sets them for "
+        object.__setattr__(self, "sign", _integer("sign", self.sign, self))
+        if self.sign not in (1, -1):
+            raise ValueError(f"sign={self.sign} in {self}: must be 1 or -1.")
+        if self.kind != "noise" and (self.scale != 0 or self.seed != 0 or self.sign != 1):
+            raise ValueError(f"scale, seed and sign apply to kind='noise' only; {self} sets them for "
                              f"kind={self.kind!r}.")
 
     def check(self, n_layers: int, n_heads: int) -> HeadEdit:
@@ -159,11 +166,13 @@ class HeadEdit:
         return self
 
     def noise(self, keys: NoiseKeys, d_head: int) -> Float[Tensor, "s d_head"]:
-        """The standard-normal noise of a row whose positions take the draws ``keys`` (:func:`noise_keys`)."""
+        """The standard-normal noise of a row whose positions take the draws ``keys`` (:func:`noise_keys`),
+        times ``sign``."""
         draws = [head_noise(self.seed, self.layer, self.head, key, n, d_head) for key, n in keys]
         if not draws:
             return torch.empty(0, d_head)
-        return draws[0] if len(draws) == 1 else torch.cat(draws)
+        eps = draws[0] if len(draws) == 1 else torch.cat(draws)
+        return eps if self.sign == 1 else -eps
 
     def apply(self, z: Float[Tensor, "*rows s d_head"], keys: NoiseKeys = (),
               means: Float[Tensor, "n_heads d_head"] | None = None) -> None:

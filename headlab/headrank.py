@@ -41,8 +41,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from headlab import engine, metrics, stats, sweeps
-from headlab.edits import HeadEdit, seed_for
+from headlab import engine, metrics, stats
+from headlab.edits import ABLATIONS, MODES, HeadEdit, Setting, seed_for
 from headlab.engine import CleanRun
 from headlab.interventions import noise_heads
 from headlab.models import LoadedModel
@@ -70,7 +70,8 @@ class RankDesign:
 
     Attributes:
         mode, level: the noise setting (``absolute``, ``fraction_of_max`` or ``fraction_of_std`` of
-            :data:`headlab.sweeps.MODES`, and its level).
+            :data:`headlab.edits.MODES`, and its level; resolved per head by
+            :meth:`headlab.edits.Setting.edit`).
         prompts_per_group: prompts sharing one prefix draw; even, half of each label.
         phases: groups per phase. Phase 1 measures every head; each later phase measures only the
             heads still tied at the top-``top_k`` boundary.
@@ -90,8 +91,9 @@ class RankDesign:
     level_ci: float = 0.95
 
     def __post_init__(self) -> None:
-        if self.mode not in sweeps.MODES[:3]:
-            raise ValueError(f"mode={self.mode!r}; a ranking design takes a noise mode, one of {sweeps.MODES[:3]}.")
+        noise_modes = tuple(m for m in MODES if m not in ABLATIONS)
+        if self.mode not in noise_modes:
+            raise ValueError(f"mode={self.mode!r}; a ranking design takes a noise mode, one of {noise_modes}.")
         if self.level < 0:
             raise ValueError(f"level={self.level} must be >= 0.")
         if self.prompts_per_group < 2 or self.prompts_per_group % 2:
@@ -138,18 +140,6 @@ def balanced_order(labels: Sequence[int], per_group: int) -> np.ndarray:
     return np.concatenate(blocks) if blocks else np.empty(0, dtype=int)
 
 
-def _subset(clean: CleanRun, rows: Sequence[int]) -> CleanRun:
-    """The clean run restricted to prompts ``rows`` (their query noise keys become 0..len-1)."""
-    idx = list(rows)
-    return dataclasses.replace(clean, enc=clean.enc.subset(idx), query_hidden=clean.query_hidden[:, idx],
-                               logprobs=clean.logprobs[idx])
-
-
-def _signed(edit: HeadEdit, sign: int) -> HeadEdit:
-    """The antithetic partner of a noise edit: the same draw with the opposite sign."""
-    return dataclasses.replace(edit, scale=sign * edit.scale)
-
-
 def group_seed(design: RankDesign, group: int) -> int:
     """The noise seed of one group of a run (independent across groups and across run seeds)."""
     return seed_for("headrank", design.seed, group)
@@ -189,11 +179,8 @@ def run_groups(
         raise ValueError(f"labels has {len(y)} entries; the clean run has {len(clean.enc)} prompts.")
     sign_y = np.where(y == 1, 1.0, -1.0)
     clean_ld = (clean.logprobs[:, 1] - clean.logprobs[:, 0]).numpy() * sign_y
-    scales = {}
-    for layer in sorted({layer for layer, _ in heads}):
-        hs = [h for l_, h in heads if l_ == layer]
-        for e in sweeps.head_edits(clean, design.mode, design.level, 0, layer, hs):
-            scales[(layer, e.head)] = e.scale
+    setting = Setting(design.mode, design.level)
+    base = {hd: setting.edit(hd[0], hd[1], clean) for hd in heads}
     frames = []
     for g in groups:
         rows = [int(p) for p in pool[g * M:(g + 1) * M]]
@@ -206,9 +193,10 @@ def run_groups(
             continue
         t0 = time.perf_counter()
         seed = group_seed(design, g)
-        edits = [_signed(HeadEdit("noise", layer, head, scales[(layer, head)], seed), s)
-                 for layer, head in heads for s in signs]
-        lp = engine.sweep_heads(lm, _subset(clean, rows), edits, batch_size=batch_size)  # (E, M, 2)
+        # one edit per (head, sign): the group's own prefix draw, shared by its prompts
+        edits = [dataclasses.replace(base[hd], seed=seed, sign=s) for hd in heads for s in signs]
+        lp = engine.sweep_heads(lm, clean, edits, batch_size=batch_size, prompts=[rows] * len(edits))
+        lp = lp[:, rows]  # (E, M, 2)
         ld = (lp[:, :, 1] - lp[:, :, 0]).numpy() * sign_y[rows][None]
         drop = (clean_ld[rows][None] - ld).reshape(len(heads), len(signs), M)
         frame = pd.DataFrame({
@@ -363,9 +351,9 @@ def ablation_observations(lm: LoadedModel, clean: CleanRun, labels: Sequence[int
     y = np.asarray(labels)
     rows = [int(p) for p in prompts]
     sign_y = np.where(y[rows] == 1, 1.0, -1.0)
-    edits = [HeadEdit(mode, layer, h) for layer, h in heads]
+    edits = [Setting(mode).edit(layer, h, clean) for layer, h in heads]
     t0 = time.perf_counter()
-    lp = engine.sweep_heads(lm, _subset(clean, rows), edits, batch_size=batch_size)
+    lp = engine.sweep_heads(lm, clean, edits, batch_size=batch_size, prompts=[rows] * len(edits))[:, rows]
     seconds = time.perf_counter() - t0
     clean_ld = (clean.logprobs[rows, 1] - clean.logprobs[rows, 0]).numpy() * sign_y
     drop = clean_ld[None] - (lp[:, :, 1] - lp[:, :, 0]).numpy() * sign_y[None]
@@ -402,8 +390,8 @@ def reference_effects(lm: LoadedModel, task: Any, design: RankDesign, heads: Seq
     if scales is None:
         if clean is None:
             raise ValueError("reference_effects needs `scales` or the `clean` run to compute them from.")
-        scales = {(layer, h): sweeps.head_edits(clean, design.mode, design.level, 0, layer, [h])[0].scale
-                  for layer, h in heads}
+        setting = Setting(design.mode, design.level)
+        scales = {(layer, h): setting.edit(layer, h, clean).scale for layer, h in heads}
     idx = torch.tensor(task.label_ids(lm))
     y = task.labels
     rows = []

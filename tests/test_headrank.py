@@ -67,12 +67,12 @@ def test_run_groups_are_the_engines_numbers(setup):
     obs = headrank.run_groups(lm, clean, task.labels, design, pool, heads, [1])
     rows = pool[2:4].tolist()
     assert obs["prompt"].tolist() == rows * 2 and (obs["group"] == 1).all()
-    sub = headrank._subset(clean, rows)
     seed = headrank.group_seed(design, 1)
     sign = torch.tensor(np.where(task.labels[rows] == 1, 1.0, -1.0), dtype=torch.float32)
     clean_ld = (clean.logprobs[rows, 1] - clean.logprobs[rows, 0]) * sign
     for s, col in [(1, "drop_plus"), (-1, "drop_minus")]:
-        lp = engine.sweep_heads(lm, sub, [HeadEdit("noise", layer, h, s * 0.7, seed) for layer, h in heads])
+        lp = engine.sweep_heads(lm, clean, [HeadEdit("noise", layer, h, 0.7, seed, sign=s) for layer, h in heads])
+        lp = lp[:, rows]
         want = clean_ld[None] - (lp[..., 1] - lp[..., 0]) * sign[None]
         np.testing.assert_allclose(obs[col].to_numpy(), want.reshape(-1).numpy(), atol=1e-5)
     # antithetic partners differ (the draw matters) and other groups get other draws

@@ -753,3 +753,37 @@ def test_head_sweep_bad_settings_fail_before_any_work(tiny_factory, tmp_path):
     with pytest.raises(ValueError, match=r"layers\[1\]=2 is out of range; expected an integer in 0..1"):
         sweeps.head_sweep(lm, task, [{"mode": "zero"}], tmp_path / "x", layers=[0, 2], progress=False)
     assert not (tmp_path / "x").exists()  # nothing computed or written
+
+
+# --------------------------------------------------------------------------------------------------
+# Designs: antithetic sign, per-edit prompt subsets
+# --------------------------------------------------------------------------------------------------
+def test_antithetic_sign_negates_the_draw(llama):
+    lm, enc, labels, clean = llama
+    plus, minus = HeadEdit("noise", 1, 2, 0.5, 7), HeadEdit("noise", 1, 2, 0.5, 7, sign=-1)
+    keys = [("prefix", 3), (4, 2)]
+    torch.testing.assert_close(minus.noise(keys, 8), -plus.noise(keys, 8))
+    # the engine with sign -1 equals the plain hooks with sign -1 (the one apply)
+    ref = _reference(lm, clean, [minus])
+    torch.testing.assert_close(engine.sweep_heads(lm, clean, [minus]), ref, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="sign=2"):
+        HeadEdit("noise", 0, 0, 1.0, 0, sign=2)
+    with pytest.raises(ValueError, match="sign"):
+        HeadEdit("zero", 0, 0, sign=-1)
+
+
+def test_sweep_heads_per_edit_prompt_subsets(llama):
+    lm, enc, labels, clean = llama
+    edits = _mixed_edits()
+    full = engine.sweep_heads(lm, clean, edits)
+    subsets = [[0, 3], None, [4], [1, 2, 3], [], [2], [0, 1, 2, 3, 4], [3, 1]]
+    part = engine.sweep_heads(lm, clean, edits, batch_size=3, prompts=subsets)
+    for i, ps in enumerate(subsets):
+        ps = range(len(enc)) if ps is None else ps
+        torch.testing.assert_close(part[i, list(ps)], full[i, list(ps)], atol=2e-5, rtol=1e-4)
+        rest = [p for p in range(len(enc)) if p not in ps]
+        assert torch.isnan(part[i, rest]).all()
+    with pytest.raises(ValueError, match="one per edit"):
+        engine.sweep_heads(lm, clean, edits, prompts=subsets[:2])
+    with pytest.raises(ValueError, match=r"\[5\] out of range"):
+        engine.sweep_heads(lm, clean, edits[:1], prompts=[[0, 5]])

@@ -139,6 +139,7 @@ def sweep_heads(
     edits_per_group: int = 16,
     progress: Callable[[int], None] | None = None,
     shared_prefix_attention: bool | None = None,
+    prompts: Sequence[Sequence[int] | None] | None = None,
 ) -> Float[Tensor, "n_edits N n_labels"]:
     """Label log-probabilities of every prompt under every head edit, computing only what changes.
 
@@ -163,9 +164,14 @@ def sweep_heads(
             the architecture's attention goes through transformers' AttentionInterface (all but
             GPT-Neo, BLOOM and Falcon, see :func:`prefix_attention_unsupported`); ``False``:
             transformers' own attention over a per-batch cache (the reference path).
+        prompts: per edit, the indices of the prompts it runs on (``None``: all; default: every edit
+            on every prompt). An edit's noise is the same whichever prompts it runs on (the query draw
+            is keyed by the prompt's index in ``clean``), so a design can give groups of prompts their
+            own prefix draw (one edit per group, differing in seed) without a prefix pass per prompt.
 
     Returns:
-        ``(n_edits, n_prompts, n_labels)`` float32 on the CPU, in the order of ``edits``.
+        ``(n_edits, n_prompts, n_labels)`` float32 on the CPU, in the order of ``edits``; NaN where an
+        edit did not run on a prompt.
     """
     if edits_per_group <= 0:
         raise ValueError(f"edits_per_group={edits_per_group} must be positive.")
@@ -173,7 +179,14 @@ def sweep_heads(
         e.check(lm.n_layers, lm.n_heads)
     enc, P, dev = clean.enc, clean.prefix_len, lm.device
     N, L = len(enc), lm.n_layers
-    out = torch.empty(len(edits), N, len(clean.label_ids))
+    if prompts is not None and len(prompts) != len(edits):
+        raise ValueError(f"prompts gives {len(prompts)} prompt lists for {len(edits)} edits; give one per edit.")
+    runs_on = [list(range(N)) if prompts is None or prompts[i] is None else [int(p) for p in prompts[i]]
+               for i in range(len(edits))]
+    bad = sorted({p for ps in runs_on for p in ps if not 0 <= p < N})
+    if bad:
+        raise ValueError(f"prompt index(es) {bad[:5]} out of range 0..{N - 1} in `prompts`.")
+    out = torch.full((len(edits), N, len(clean.label_ids)), float("nan"))
     idx = torch.tensor(clean.label_ids, device=dev)
     lengths = torch.tensor([len(q) for q in enc.queries])
     qmax = max(len(q) for q in enc.queries)
@@ -216,7 +229,8 @@ def sweep_heads(
             # 2) (edit, prompt) rows in batches
             # Rows sorted by query length: a batch then holds one prompt under many edits (or prompts
             # of similar length), so left padding wastes almost nothing.
-            rows = sorted(((m, p) for m in range(g) for p in range(N)), key=lambda r: (int(lengths[r[1]]), r[1], r[0]))
+            rows = sorted(((m, p) for m in range(g) for p in runs_on[members[m]]),
+                          key=lambda r: (int(lengths[r[1]]), r[1], r[0]))
             row_lengths = [int(lengths[p]) for _, p in rows]
             for chunk in chunks(rows, row_lengths, batch_size, equal_lengths):
                 chunk = sorted(chunk, key=lambda r: r[0])  # each edit's rows contiguous (one prefix cache)
