@@ -52,14 +52,17 @@ __all__ = [
     "RankDesign",
     "ablation_observations",
     "agreement",
+    "accuracy_drops",
     "antithetic_efficiency",
     "balanced_order",
     "compute_used",
     "effect_column",
     "group_seed",
+    "pool_runs",
     "race",
     "rank_table",
     "reference_effects",
+    "replicate_pools",
     "run_groups",
 ]
 
@@ -94,8 +97,7 @@ class RankDesign:
         noise_modes = tuple(m for m in MODES if m not in ABLATIONS)
         if self.mode not in noise_modes:
             raise ValueError(f"mode={self.mode!r}; a ranking design takes a noise mode, one of {noise_modes}.")
-        if self.level < 0:
-            raise ValueError(f"level={self.level} must be >= 0.")
+        object.__setattr__(self, "level", self.setting.level)  # the one validation of the level
         if self.prompts_per_group < 2 or self.prompts_per_group % 2:
             raise ValueError(f"prompts_per_group={self.prompts_per_group} must be an even number >= 2 "
                              "(groups are label-balanced).")
@@ -106,6 +108,11 @@ class RankDesign:
         if not 0 < self.level_ci < 1:
             raise ValueError(f"level_ci={self.level_ci} must be in (0, 1).")
         object.__setattr__(self, "phases", tuple(int(g) for g in self.phases))
+
+    @property
+    def setting(self) -> Setting:
+        """The noise setting (mode and level; each group gets its own seed)."""
+        return Setting(self.mode, self.level)
 
     @property
     def n_groups(self) -> int:
@@ -140,6 +147,21 @@ def balanced_order(labels: Sequence[int], per_group: int) -> np.ndarray:
     return np.concatenate(blocks) if blocks else np.empty(0, dtype=int)
 
 
+def replicate_pools(labels: Sequence[int], per_group: int, n_prompts: int, n_pools: int = 2) -> list[np.ndarray]:
+    """``n_pools`` disjoint prompt pools of ``n_prompts`` each, every block of ``per_group`` label-balanced.
+
+    Pool ``i`` is the ``i``-th run of ``n_prompts`` of :func:`balanced_order`: independent runs on
+    disjoint prompt samples (for the reproducibility check) take different pools.
+    """
+    if n_prompts % per_group:
+        raise ValueError(f"n_prompts={n_prompts} must be a multiple of per_group={per_group}.")
+    order = balanced_order(labels, per_group)
+    if len(order) < n_pools * n_prompts:
+        raise ValueError(f"{n_pools} pools of {n_prompts} label-balanced prompts need {n_pools * n_prompts}; "
+                         f"the {len(labels)} prompts give {len(order)}.")
+    return [order[i * n_prompts:(i + 1) * n_prompts] for i in range(n_pools)]
+
+
 def group_seed(design: RankDesign, group: int) -> int:
     """The noise seed of one group of a run (independent across groups and across run seeds)."""
     return seed_for("headrank", design.seed, group)
@@ -156,6 +178,7 @@ def run_groups(
     store: ShardStore | None = None,
     phase: int = 1,
     batch_size: int = 64,
+    threshold: float = 0.0,
     progress: Callable[[str], None] | None = None,
 ) -> pd.DataFrame:
     """Measure ``heads`` on prompt groups ``groups`` of ``pool`` under the design's noise.
@@ -168,6 +191,8 @@ def run_groups(
     Returns:
         One row per (head, prompt): ``layer, head, phase, group, prompt`` (index into the task),
         ``drop_plus`` (and ``drop_minus``): the drop of the logit difference toward the correct label,
+        ``correct_clean``, ``correct_plus`` (and ``correct_minus``): whether the prediction at
+        ``threshold`` (on ``lp(label 1) - lp(label 0)``) is right, clean and under the noise,
         ``seconds`` (the group's wall time, on its first row only) and ``evaluations`` (query rows)
         and ``prefix_passes`` (on the same row).
     """
@@ -178,16 +203,17 @@ def run_groups(
     if len(y) != len(clean.enc):
         raise ValueError(f"labels has {len(y)} entries; the clean run has {len(clean.enc)} prompts.")
     sign_y = np.where(y == 1, 1.0, -1.0)
-    clean_ld = (clean.logprobs[:, 1] - clean.logprobs[:, 0]).numpy() * sign_y
-    setting = Setting(design.mode, design.level)
-    base = {hd: setting.edit(hd[0], hd[1], clean) for hd in heads}
+    clean_raw = (clean.logprobs[:, 1] - clean.logprobs[:, 0]).numpy()
+    clean_ld = clean_raw * sign_y
+    clean_ok = (clean_raw > threshold).astype(int) == y
+    base = {hd: design.setting.edit(hd[0], hd[1], clean) for hd in heads}
     frames = []
     for g in groups:
         rows = [int(p) for p in pool[g * M:(g + 1) * M]]
         if len(rows) < M:
             raise ValueError(f"group {g} needs prompts {g * M}..{(g + 1) * M - 1} of the pool, which has {len(pool)}.")
         point = {"group": int(g), "phase": int(phase), "heads": config_hash({"h": heads}), "prompts": rows,
-                 **design.key()}
+                 "threshold": float(threshold), **design.key()}
         if store is not None and store.done(point):
             frames.append(store.load(point)["obs"])
             continue
@@ -197,16 +223,18 @@ def run_groups(
         edits = [dataclasses.replace(base[hd], seed=seed, sign=s) for hd in heads for s in signs]
         lp = engine.sweep_heads(lm, clean, edits, batch_size=batch_size, prompts=[rows] * len(edits))
         lp = lp[:, rows]  # (E, M, 2)
-        ld = (lp[:, :, 1] - lp[:, :, 0]).numpy() * sign_y[rows][None]
-        drop = (clean_ld[rows][None] - ld).reshape(len(heads), len(signs), M)
+        raw = (lp[:, :, 1] - lp[:, :, 0]).numpy()
+        drop = (clean_ld[rows][None] - raw * sign_y[rows][None]).reshape(len(heads), len(signs), M)
+        ok = ((raw > threshold).astype(int) == y[rows][None]).reshape(len(heads), len(signs), M)
         frame = pd.DataFrame({
             "layer": np.repeat([h[0] for h in heads], M), "head": np.repeat([h[1] for h in heads], M),
             "phase": phase, "group": int(g), "prompt": np.tile(rows, len(heads)),
-            "label": np.tile(y[rows], len(heads)),
-            "drop_plus": drop[:, 0].reshape(-1),
+            "label": np.tile(y[rows], len(heads)), "correct_clean": np.tile(clean_ok[rows], len(heads)),
+            "drop_plus": drop[:, 0].reshape(-1), "correct_plus": ok[:, 0].reshape(-1),
         })
         if design.antithetic:
             frame["drop_minus"] = drop[:, 1].reshape(-1)
+            frame["correct_minus"] = ok[:, 1].reshape(-1)
         frame["seconds"] = 0.0
         frame["evaluations"] = 0
         frame["prefix_passes"] = 0
@@ -298,6 +326,7 @@ def race(
     heads: Sequence[tuple[int, int]] | None = None,
     batch_size: int = 64,
     n_boot: int = 2000,
+    threshold: float = 0.0,
     progress: Callable[[str], None] | None = None,
 ) -> pd.DataFrame:
     """Run the design's phases: every head first, then only the heads tied at the top-k boundary.
@@ -326,7 +355,7 @@ def race(
             if not todo:
                 break
         frames.append(run_groups(lm, clean, labels, design, pool, todo, range(first, first + n_groups), store,
-                                 phase=phase, batch_size=batch_size, progress=progress))
+                                 phase=phase, batch_size=batch_size, threshold=threshold, progress=progress))
         first += n_groups
     return pd.concat(frames, ignore_index=True)
 
@@ -390,8 +419,7 @@ def reference_effects(lm: LoadedModel, task: Any, design: RankDesign, heads: Seq
     if scales is None:
         if clean is None:
             raise ValueError("reference_effects needs `scales` or the `clean` run to compute them from.")
-        setting = Setting(design.mode, design.level)
-        scales = {(layer, h): setting.edit(layer, h, clean).scale for layer, h in heads}
+        scales = {(layer, h): design.setting.edit(layer, h, clean).scale for layer, h in heads}
     idx = torch.tensor(task.label_ids(lm))
     y = task.labels
     rows = []
@@ -434,3 +462,39 @@ def antithetic_efficiency(obs: pd.DataFrame) -> pd.DataFrame:
     out = v.rename(columns={"drop_plus": "var_single", "pair": "var_pair"}).reset_index()
     out["efficiency"] = out["var_single"] / (2 * out["var_pair"])
     return out
+
+
+def pool_runs(runs: dict[str, pd.DataFrame], pools: dict[str, str]) -> pd.DataFrame:
+    """Observations of several runs, ready for one :func:`rank_table` over all of them.
+
+    Runs on the same prompt pool share their prompts group by group, so their observations of a
+    group form one cluster (resampling it keeps the prompt variance counted once); runs on other pools
+    add clusters of their own. Clusters are resampled within (pool, phase).
+
+    Args:
+        runs: run name -> its observations (:func:`race`).
+        pools: run name -> the name of the prompt pool it used.
+
+    Returns:
+        The observations with ``run``, ``block`` (the cluster) and ``stratum`` columns; rank them with
+        ``rank_table(frame, cluster="block", stratum="stratum")``.
+    """
+    missing = sorted(set(runs) - set(pools))
+    if missing:
+        raise ValueError(f"run(s) {missing} have no pool in `pools`.")
+    parts = []
+    for name, obs in runs.items():
+        pool = str(pools[name])
+        parts.append(obs.assign(run=name, block=pool + "/" + obs["group"].astype(str),
+                                stratum=pool + "/" + obs["phase"].astype(str)))
+    return pd.concat(parts, ignore_index=True)
+
+
+def accuracy_drops(obs: pd.DataFrame) -> pd.DataFrame:
+    """Per head: ``accuracy_drop``, the mean over observations of clean minus noisy correctness (the
+    antithetic pair's two answers averaged), in [-1, 1]."""
+    noisy = obs["correct_plus"].astype(float)
+    if "correct_minus" in obs:
+        noisy = (noisy + obs["correct_minus"].astype(float)) / 2
+    drop = obs["correct_clean"].astype(float) - noisy
+    return drop.groupby([obs["layer"], obs["head"]]).mean().rename("accuracy_drop").reset_index()

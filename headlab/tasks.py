@@ -219,6 +219,14 @@ class FewShotTask:
             raise ValueError(f"n={n} must be positive.")
         return FewShotTask(self.config, self.prefix, self.queries.head(n).reset_index(drop=True), self.shots)
 
+    def subset(self, rows: list[int] | np.ndarray) -> "FewShotTask":
+        """The same task on queries ``rows`` (positions in this task), in that order."""
+        rows = [int(r) for r in rows]
+        bad = [r for r in rows if not 0 <= r < len(self.queries)]
+        if not rows or bad:
+            raise ValueError(f"rows must be a non-empty list of positions 0..{len(self.queries) - 1}; bad: {bad[:5]}.")
+        return FewShotTask(self.config, self.prefix, self.queries.iloc[rows].reset_index(drop=True), self.shots)
+
     def predictions(self, logprobs: torch.Tensor, threshold: float | None = None) -> np.ndarray:
         """Predicted class with the configured (or given) threshold on the logit difference."""
         thr = self.config.threshold if threshold is None else threshold
