@@ -58,12 +58,14 @@ __all__ = [
     "compute_used",
     "effect_column",
     "group_seed",
+    "phase_log",
     "pool_runs",
     "race",
     "rank_table",
     "reference_effects",
     "replicate_pools",
     "run_groups",
+    "significance_counts",
 ]
 
 
@@ -498,3 +500,29 @@ def accuracy_drops(obs: pd.DataFrame) -> pd.DataFrame:
         noisy = (noisy + obs["correct_minus"].astype(float)) / 2
     drop = obs["correct_clean"].astype(float) - noisy
     return drop.groupby([obs["layer"], obs["head"]]).mean().rename("accuracy_drop").reset_index()
+
+
+def significance_counts(table: pd.DataFrame, level: float = 0.05) -> pd.DataFrame:
+    """How many heads of a :func:`rank_table` have a non-zero effect: uncorrected, with Holm's
+    family-wise correction and with Benjamini-Hochberg's false discovery rate, each at ``level``.
+
+    Returns:
+        One row per correction: ``test``, ``level``, ``heads non-zero``, ``hurt (effect > 0)``,
+        ``help (effect < 0)`` and ``of`` (heads tested).
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level={level} must be in (0, 1).")
+    rows = []
+    for name, col in [("uncorrected p", "p"), ("Holm (FWER)", "p_holm"), ("Benjamini-Hochberg (FDR)", "q_bh")]:
+        sig = table[col] <= level
+        rows.append({"test": name, "level": level, "heads non-zero": int(sig.sum()),
+                     "hurt (effect > 0)": int((sig & (table["effect"] > 0)).sum()),
+                     "help (effect < 0)": int((sig & (table["effect"] < 0)).sum()), "of": len(table)})
+    return pd.DataFrame(rows)
+
+
+def phase_log(obs: pd.DataFrame) -> pd.DataFrame:
+    """Per phase of a run: how many heads were measured and on how many groups."""
+    return pd.DataFrame({
+        "heads": obs.drop_duplicates(["phase", "layer", "head"]).groupby("phase").size(),
+        "groups": obs.groupby("phase")["group"].nunique()}).reset_index()

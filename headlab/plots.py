@@ -96,7 +96,7 @@ def head_heatmap(frame: pd.DataFrame, value: str, title: str = "", center: float
 
 
 def ranked_effects(ranking: pd.DataFrame, top: int = 20, value: str = "effect",
-                   title: str = "") -> Figure:
+                   title: str = "", xlabel: str | None = None) -> Figure:
     """Horizontal bars of the ``top`` heads of a ranking with their ``{value}_low``/``_high`` CIs."""
     r = ranking.head(top).iloc[::-1]
     labels = [f"L{int(a)}H{int(b)}" for a, b in zip(r["layer"], r["head"])]
@@ -104,7 +104,27 @@ def ranked_effects(ranking: pd.DataFrame, top: int = 20, value: str = "effect",
     fig, ax = plt.subplots(figsize=(6, 0.25 * len(r) + 1.2))
     ax.barh(labels, r[value], xerr=err, color="#4c72b0", ecolor="#333333", capsize=2)
     ax.axvline(0, color="black", lw=0.8)
-    ax.set_xlabel(f"{value} (95% bootstrap CI over prompts)")
+    ax.set_xlabel(xlabel or f"{value} (95% bootstrap CI over prompts)")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def rank_ranges(ranking: pd.DataFrame, top: int = 30, k: int | None = None, title: str = "") -> Figure:
+    """Where each of the ``top`` heads could rank: a line from ``rank_low`` to ``rank_high`` and a dot at
+    its ``rank``; with ``k``, the top-``k`` boundary is drawn and lines are coloured by ``status``."""
+    r = ranking.head(top).iloc[::-1]
+    labels = [f"L{int(a)}H{int(b)}" for a, b in zip(r["layer"], r["head"])]
+    colours = {"in": "#4c72b0", "tied": "#dd8452", "out": "#8c8c8c"}
+    fig, ax = plt.subplots(figsize=(6, 0.25 * len(r) + 1.2))
+    for y, row in enumerate(r.itertuples()):
+        c = colours.get(getattr(row, "status", "in"), "#4c72b0")
+        ax.plot([row.rank_low, row.rank_high], [y, y], color=c, lw=3, solid_capstyle="butt")
+        ax.plot([row.rank], [y], "o", color="black", ms=3)
+    ax.set_yticks(range(len(r)), labels)
+    if k is not None:
+        ax.axvline(k + 0.5, color="black", lw=0.8, ls="--")
+    ax.set_xlabel("rank (95% confidence interval; dot: estimate)" + (f"; dashed: top-{k} boundary" if k else ""))
     ax.set_title(title)
     fig.tight_layout()
     return fig
