@@ -38,6 +38,7 @@ __all__ = [
     "load_prompt_config",
     "make_task",
     "save_prompt_config",
+    "select_config",
     "sentiment_splits",
     "text_rows",
     "text_stream",
@@ -257,14 +258,16 @@ def best_threshold(labels: np.ndarray, diff: np.ndarray) -> float:
 
 
 def evaluate_configs(
-    lm: LoadedModel, splits: dict[str, pd.DataFrame], configs: list[PromptConfig], batch_size: int = 16
+    lm: LoadedModel, splits: dict[str, pd.DataFrame], configs: list[PromptConfig], batch_size: int = 16,
+    n_boot: int = 1000,
 ) -> pd.DataFrame:
     """Score each configuration on the dev split.
 
     Returns:
         One row per configuration: ``format, k, shot_seed, prefix_tokens, accuracy`` (argmax),
-        ``pred_positive_share``, ``roc_auc``, ``logit_diff`` (mean, toward the correct label),
-        ``threshold`` (dev-calibrated) and ``accuracy_calibrated``.
+        ``pred_positive_share``, ``roc_auc`` with its 95% bootstrap interval over dev prompts
+        ``roc_auc_low, roc_auc_high``, ``logit_diff`` (mean, toward the correct label), ``threshold``
+        (dev-calibrated) and ``accuracy_calibrated``.
     """
     rows = []
     for cfg in track(configs, "dev grid", unit="prompt configuration"):
@@ -273,17 +276,47 @@ def evaluate_configs(
         y = task.labels
         diff = (lp[:, 1] - lp[:, 0]).numpy()
         thr = best_threshold(y, diff)
+        auc = metrics.bootstrap_ci(metrics.roc_auc, y, diff, n_boot=n_boot)
         rows.append({
             "format": cfg.format, "k": cfg.k, "shot_seed": cfg.shot_seed,
             "prefix_tokens": len(task.encode(lm).prefix),
             "accuracy": metrics.accuracy(y, diff > 0),
             "pred_positive_share": float((diff > 0).mean()),
-            "roc_auc": metrics.roc_auc(y, diff),
+            "roc_auc": auc.value, "roc_auc_low": auc.low, "roc_auc_high": auc.high,
             "logit_diff": float(np.mean(np.where(y == 1, diff, -diff))),
             "threshold": thr,
             "accuracy_calibrated": metrics.accuracy(y, (diff > thr).astype(int)),
         })
     return pd.DataFrame(rows)
+
+
+def select_config(scores: pd.DataFrame, cost: str = "prefix_tokens") -> pd.Series:
+    """The cheapest configuration that scores as well as the best one within the best one's interval.
+
+    The best configuration is the one with the highest dev ROC-AUC (ties: calibrated accuracy). Every
+    configuration whose ROC-AUC reaches the lower end of the best one's 95% interval is as good as the
+    dev split can tell (the best of many is also favoured by chance); of those, the one with the
+    smallest ``cost`` -- by default the shared prefix's length in tokens, which every forward pass of
+    every later chapter pays for -- is chosen (ties: higher ROC-AUC, then calibrated accuracy).
+
+    Args:
+        scores: the table of :func:`evaluate_configs`.
+        cost: the column to minimise.
+
+    Returns:
+        The chosen row, with ``best_roc_auc``, ``best_roc_auc_low`` and ``best_cost`` (the best
+        configuration's) added.
+    """
+    need = {"roc_auc", "roc_auc_low", "accuracy_calibrated", cost}
+    if not need <= set(scores.columns):
+        raise ValueError(f"scores lacks column(s) {sorted(need - set(scores.columns))}; use evaluate_configs' table.")
+    best = scores.sort_values(["roc_auc", "accuracy_calibrated"], ascending=False, kind="stable").iloc[0]
+    eligible = scores[scores["roc_auc"] >= best["roc_auc_low"]]
+    chosen = eligible.sort_values([cost, "roc_auc", "accuracy_calibrated"], ascending=[True, False, False],
+                                  kind="stable").iloc[0].copy()
+    chosen["best_roc_auc"], chosen["best_roc_auc_low"], chosen["best_cost"] = (
+        best["roc_auc"], best["roc_auc_low"], best[cost])
+    return chosen
 
 
 def save_prompt_config(config: PromptConfig, path: str | Path, **extra: object) -> Path:

