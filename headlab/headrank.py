@@ -34,12 +34,12 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+from numpy.typing import ArrayLike
 
 from headlab import engine, metrics, stats
 from headlab.edits import ABLATIONS, MODES, HeadEdit, Setting, seed_for
@@ -51,21 +51,22 @@ from headlab.shards import ShardStore, config_hash
 __all__ = [
     "RankDesign",
     "ablation_observations",
-    "agreement",
     "accuracy_drops",
+    "agreement",
     "antithetic_efficiency",
     "balanced_order",
     "compute_used",
     "effect_column",
     "group_seed",
+    "halves",
     "phase_log",
-    "pool_runs",
     "race",
     "rank_table",
     "reference_effects",
     "replicate_pools",
     "run_groups",
     "significance_counts",
+    "spearman_brown",
 ]
 
 
@@ -80,6 +81,9 @@ class RankDesign:
         prompts_per_group: prompts sharing one prefix draw; even, half of each label.
         phases: groups per phase. Phase 1 measures every head; each later phase measures only the
             heads still tied at the top-``top_k`` boundary.
+        draws: independent noise draws per prompt (each with its own prefix draw per group). With two,
+            the run splits into two halves on the same prompts with disjoint noise, which measures
+            how much the noise alone moves the ranking and separates prompt from noise variance.
         antithetic: evaluate each draw as ``+eps`` and ``-eps`` and average the two drops.
         top_k: the size of the top set the racing settles.
         seed: noise seed of the run; runs with different seeds draw independent noise.
@@ -90,6 +94,7 @@ class RankDesign:
     level: float = 3.0
     prompts_per_group: int = 4
     phases: tuple[int, ...] = (16,)
+    draws: int = 2
     antithetic: bool = True
     top_k: int = 10
     seed: int = 0
@@ -105,6 +110,8 @@ class RankDesign:
                              "(groups are label-balanced).")
         if not self.phases or any(int(g) < 2 for g in self.phases):
             raise ValueError(f"phases={self.phases} must list >= 2 groups per phase (at least one phase).")
+        if self.draws < 1:
+            raise ValueError(f"draws={self.draws} must be >= 1.")
         if self.top_k < 1:
             raise ValueError(f"top_k={self.top_k} must be >= 1.")
         if not 0 < self.level_ci < 1:
@@ -164,9 +171,9 @@ def replicate_pools(labels: Sequence[int], per_group: int, n_prompts: int, n_poo
     return [order[i * n_prompts:(i + 1) * n_prompts] for i in range(n_pools)]
 
 
-def group_seed(design: RankDesign, group: int) -> int:
-    """The noise seed of one group of a run (independent across groups and across run seeds)."""
-    return seed_for("headrank", design.seed, group)
+def group_seed(design: RankDesign, group: int, draw: int = 0) -> int:
+    """The noise seed of one draw of one group of a run (independent across groups, draws and run seeds)."""
+    return seed_for("headrank", design.seed, group, draw)
 
 
 def run_groups(
@@ -186,12 +193,14 @@ def run_groups(
     """Measure ``heads`` on prompt groups ``groups`` of ``pool`` under the design's noise.
 
     Group ``g`` holds prompts ``pool[g * M:(g + 1) * M]`` (``M = prompts_per_group``; make ``pool``
-    with :func:`balanced_order`). For each head it gets one noise draw (seed :func:`group_seed`): one
-    prefix draw shared by its prompts and one query draw per prompt, evaluated as ``+eps`` and, with
-    ``antithetic``, as ``-eps``. One shard per group when ``store`` is given (a rerun resumes).
+    with :func:`balanced_order`). For each head it gets ``draws`` noise draws (seeds
+    :func:`group_seed`), each one prefix draw shared by its prompts and one query draw per prompt,
+    evaluated as ``+eps`` and, with ``antithetic``, as ``-eps``. One shard per group when ``store`` is
+    given (a rerun resumes).
 
     Returns:
-        One row per (head, prompt): ``layer, head, phase, group, prompt`` (index into the task),
+        One row per (head, prompt, draw): ``layer, head, phase, group, prompt`` (index into the task),
+        ``draw``, ``label``,
         ``drop_plus`` (and ``drop_minus``): the drop of the logit difference toward the correct label,
         ``correct_clean``, ``correct_plus`` (and ``correct_minus``): whether the prediction at
         ``threshold`` (on ``lp(label 1) - lp(label 0)``) is right, clean and under the noise,
@@ -220,23 +229,25 @@ def run_groups(
             frames.append(store.load(point)["obs"])
             continue
         t0 = time.perf_counter()
-        seed = group_seed(design, g)
-        # one edit per (head, sign): the group's own prefix draw, shared by its prompts
-        edits = [dataclasses.replace(base[hd], seed=seed, sign=s) for hd in heads for s in signs]
+        R = design.draws
+        # one edit per (head, draw, sign): each draw is the group's own prefix draw, shared by its prompts
+        edits = [dataclasses.replace(base[hd], seed=group_seed(design, g, r), sign=s)
+                 for hd in heads for r in range(R) for s in signs]
         lp = engine.sweep_heads(lm, clean, edits, batch_size=batch_size, prompts=[rows] * len(edits))
         lp = lp[:, rows]  # (E, M, 2)
         raw = (lp[:, :, 1] - lp[:, :, 0]).numpy()
-        drop = (clean_ld[rows][None] - raw * sign_y[rows][None]).reshape(len(heads), len(signs), M)
-        ok = ((raw > threshold).astype(int) == y[rows][None]).reshape(len(heads), len(signs), M)
+        drop = (clean_ld[rows][None] - raw * sign_y[rows][None]).reshape(len(heads), R, len(signs), M)
+        ok = ((raw > threshold).astype(int) == y[rows][None]).reshape(len(heads), R, len(signs), M)
+        n = len(heads) * R
         frame = pd.DataFrame({
-            "layer": np.repeat([h[0] for h in heads], M), "head": np.repeat([h[1] for h in heads], M),
-            "phase": phase, "group": int(g), "prompt": np.tile(rows, len(heads)),
-            "label": np.tile(y[rows], len(heads)), "correct_clean": np.tile(clean_ok[rows], len(heads)),
-            "drop_plus": drop[:, 0].reshape(-1), "correct_plus": ok[:, 0].reshape(-1),
+            "layer": np.repeat([h[0] for h in heads], R * M), "head": np.repeat([h[1] for h in heads], R * M),
+            "phase": phase, "group": int(g), "prompt": np.tile(rows, n), "draw": np.tile(np.repeat(np.arange(R), M), len(heads)),
+            "label": np.tile(y[rows], n), "correct_clean": np.tile(clean_ok[rows], n),
+            "drop_plus": drop[:, :, 0].reshape(-1), "correct_plus": ok[:, :, 0].reshape(-1),
         })
         if design.antithetic:
-            frame["drop_minus"] = drop[:, 1].reshape(-1)
-            frame["correct_minus"] = ok[:, 1].reshape(-1)
+            frame["drop_minus"] = drop[:, :, 1].reshape(-1)
+            frame["correct_minus"] = ok[:, :, 1].reshape(-1)
         frame["seconds"] = 0.0
         frame["evaluations"] = 0
         frame["prefix_passes"] = 0
@@ -246,7 +257,7 @@ def run_groups(
             store.save(point, {"obs": frame})
         frames.append(frame)
         if progress is not None:
-            progress(f"group {g} (phase {phase}): {len(heads)} heads x {M} prompts x {len(signs)} signs "
+            progress(f"group {g} (phase {phase}): {len(heads)} heads x {M} prompts x {R} draws x {len(signs)} signs "
                      f"in {frame['seconds'].sum():.1f} s")
     return pd.concat(frames, ignore_index=True)
 
@@ -466,30 +477,31 @@ def antithetic_efficiency(obs: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def pool_runs(runs: dict[str, pd.DataFrame], pools: dict[str, str]) -> pd.DataFrame:
-    """Observations of several runs, ready for one :func:`rank_table` over all of them.
+def halves(obs: pd.DataFrame) -> dict[str, dict[str, pd.DataFrame]]:
+    """Two ways to split one run into two independent half-runs of equal size.
 
-    Runs on the same prompt pool share their prompts group by group, so their observations of a
-    group form one cluster (resampling it keeps the prompt variance counted once); runs on other pools
-    add clusters of their own. Clusters are resampled within (pool, phase).
+    * ``"noise"``: draw 0 vs draw 1 -- the same prompts under disjoint noise (needs ``draws == 2``);
+    * ``"prompts"``: even vs odd groups (within each phase) -- disjoint prompts and disjoint noise.
 
-    Args:
-        runs: run name -> its observations (:func:`race`).
-        pools: run name -> the name of the prompt pool it used.
-
-    Returns:
-        The observations with ``run``, ``block`` (the cluster) and ``stratum`` columns; rank them with
-        ``rank_table(frame, cluster="block", stratum="stratum")``.
+    How well the halves' rankings agree is the stability of a run of half the size; see
+    :func:`spearman_brown` for the full run.
     """
-    missing = sorted(set(runs) - set(pools))
-    if missing:
-        raise ValueError(f"run(s) {missing} have no pool in `pools`.")
-    parts = []
-    for name, obs in runs.items():
-        pool = str(pools[name])
-        parts.append(obs.assign(run=name, block=pool + "/" + obs["group"].astype(str),
-                                stratum=pool + "/" + obs["phase"].astype(str)))
-    return pd.concat(parts, ignore_index=True)
+    out = {}
+    if "draw" in obs and obs["draw"].nunique() == 2:
+        d = sorted(obs["draw"].unique())
+        out["noise"] = {f"draw {d[0]}": obs[obs["draw"] == d[0]], f"draw {d[1]}": obs[obs["draw"] == d[1]]}
+    rank = obs.groupby("phase")["group"].rank(method="dense").astype(int)
+    out["prompts"] = {"even groups": obs[rank % 2 == 0], "odd groups": obs[rank % 2 == 1]}
+    return out
+
+
+def spearman_brown(r: ArrayLike, factor: float = 2.0) -> np.ndarray:
+    """The agreement of two runs ``factor`` times as large as two runs that agree at ``r``:
+    ``factor r / (1 + (factor - 1) r)`` (errors shrink as 1/size; applied here to rank correlations,
+    an approximation that treats ranks like scores); NaN where ``r <= 0`` (nothing to extrapolate)."""
+    r = np.asarray(r, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(r > 0, factor * r / (1 + (factor - 1) * r), np.nan)
 
 
 def accuracy_drops(obs: pd.DataFrame) -> pd.DataFrame:

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 __all__ = ["correlation_heatmap", "ablation_curves", "attention_patterns", "compare_scatter", "confusion_heatmap",
            "config_comparison", "effect_vs_level", "head_heatmap", "layer_module_heatmap", "layer_spikes",
            "lens_readout", "logit_diff_hist", "neuron_profile", "neuron_snippets_html", "position_loss",
-           "probability_bars", "ranked_effects", "token_pattern"]
+           "probability_bars", "rank_ranges", "ranked_effects", "token_pattern"]
 
 
 def confusion_heatmap(cm: np.ndarray, labels: Sequence[str], title: str = "") -> Figure:

@@ -38,10 +38,10 @@ SMOKE_FAMILIES = ["llama", "gpt2", "gemma3_text"]
 #: Per-chapter parameters that make each chapter run in seconds on a 2-layer, 4-head tiny model.
 #: ``{root}`` is the shared results root. ``model`` and ``results_dir`` are added by the test.
 SMOKE_PARAMS: dict[str, dict] = {
-    "01_baseline": dict(n_dev=8, n_test=32, formats=["plain"], shot_counts=[2], shot_seeds=[0], n_generate=2,
+    "01_baseline": dict(n_dev=8, n_test=16, formats=["plain"], shot_counts=[2], shot_seeds=[0], n_generate=2,
                         ppl_tokens=192, ppl_context=64, ppl_stride=48, n_boot=20, batch_size=8),
     "02_noise_perturbation": dict(prompt_config="{root}/baseline/prompt_config.json", noise_level=1.0,
-                                  prompts_per_group=4, phases=[2, 2], top_k=2, ablations=["zero", "mean"],
+                                  prompts_per_group=4, phases=[2, 2], draws=2, top_k=2, ablations=["zero", "mean"],
                                   reference_heads=2, n_boot=50, batch_size=32),
     "03_induction": dict(n_sequences=4, seq_len=8, lags=[4, 8], n_permutations=2, max_heads=8, k_list=[0, 1, 2],
                          n_boot=20, batch_size=4),

@@ -7,9 +7,9 @@ import re
 import pandas as pd
 import pytest
 
+from headlab import tasks
 from headlab.cache import PACKAGES, cache_dir, fetch, fetched_file
 from headlab.data import load_crows_pairs, load_sentiment, load_wikipedia, load_winobias, load_winogender, split_frame
-from headlab import tasks
 from headlab.tasks import FORMATS, FewShotFormat, build_fewshot_prefix, sample_shots
 
 

@@ -4,6 +4,8 @@ against effects computed from many draws -- the nominal 95% intervals cover abou
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -61,7 +63,7 @@ def test_design_validation_names_the_bad_value():
 
 def test_run_groups_are_the_engines_numbers(setup):
     lm, task, clean = setup
-    design = headrank.RankDesign(mode="absolute", level=0.7, prompts_per_group=2, phases=(2,), seed=3)
+    design = headrank.RankDesign(mode="absolute", level=0.7, prompts_per_group=2, phases=(2,), draws=1, seed=3)
     pool = headrank.balanced_order(task.labels, 2)
     heads = [(0, 1), (1, 2)]
     obs = headrank.run_groups(lm, clean, task.labels, design, pool, heads, [1])
@@ -80,6 +82,23 @@ def test_run_groups_are_the_engines_numbers(setup):
     other = headrank.run_groups(lm, clean, task.labels, design, np.tile(rows, 2), heads, [0])  # same prompts
     assert not np.allclose(other["drop_plus"], obs["drop_plus"])
     assert obs["evaluations"].sum() == 2 * 2 * 2 and obs["prefix_passes"].sum() == 4
+    # a second draw of the same group is the first draw of another seed: (seed, group, draw) keys it
+    two = headrank.run_groups(lm, clean, task.labels, dataclasses.replace(design, draws=2), pool, heads, [1])
+    np.testing.assert_allclose(two[two["draw"] == 0]["drop_plus"], obs["drop_plus"], atol=1e-6)
+    assert not np.allclose(two[two["draw"] == 1]["drop_plus"], obs["drop_plus"])
+    assert two["evaluations"].sum() == 16 and len(two) == 2 * len(obs)
+
+
+def test_halves_split_by_draw_and_by_group():
+    obs = pd.DataFrame({"layer": 0, "head": 0, "phase": [1] * 8 + [2] * 4,
+                        "group": [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5], "draw": [0, 1] * 6, "drop_plus": 1.0})
+    h = headrank.halves(obs)
+    assert set(h) == {"noise", "prompts"}
+    assert (h["noise"]["draw 0"]["draw"] == 0).all() and len(h["noise"]["draw 1"]) == 6
+    even, odd = h["prompts"]["even groups"], h["prompts"]["odd groups"]
+    assert sorted(set(even["group"])) == [1, 3, 5] and sorted(set(odd["group"])) == [0, 2, 4]  # within each phase
+    assert "noise" not in headrank.halves(obs.assign(draw=0))
+    np.testing.assert_allclose(headrank.spearman_brown([0.5, 0.9, -0.2]), [2 / 3, 1.8 / 1.9, np.nan])
 
 
 def test_race_measures_only_tied_heads_and_resumes(setup, tmp_path, monkeypatch):
@@ -118,6 +137,9 @@ def test_rank_table_columns_and_ablation(setup):
     assert ((table["effect_low"] <= table["effect"]) & (table["effect"] <= table["effect_high"])).all()
     assert ((table["rank_low"] <= table["rank"]) & (table["rank"] <= table["rank_high"])).all()
     assert (table["p_holm"] >= table["q_bh"] - 1e-12).all() and (table["n_clusters"] == 16).all()
+    counts = headrank.significance_counts(table).set_index("test")
+    assert counts.loc["Holm (FWER)", "heads non-zero"] <= counts.loc["Benjamini-Hochberg (FDR)", "heads non-zero"] \
+        <= counts.loc["uncorrected p", "heads non-zero"] == int((table["p"] <= 0.05).sum())
 
 
 def _bank(lm, task, clean, design, n_draws):
@@ -126,11 +148,11 @@ def _bank(lm, task, clean, design, n_draws):
     the simulated runs sample from."""
     order = np.arange(len(task.labels))
     bank_design = headrank.RankDesign(design.mode, design.level, prompts_per_group=len(order),
-                                      phases=(n_draws,), seed=design.seed)
+                                      phases=(n_draws,), draws=1, seed=design.seed)
     heads = [(layer, h) for layer in range(lm.n_layers) for h in range(lm.n_heads)]
     bank = headrank.run_groups(lm, clean, task.labels, bank_design, np.tile(order, n_draws), heads,
                                range(n_draws))
-    return bank.assign(effect=headrank.effect_column(bank)).rename(columns={"group": "draw"})
+    return bank.assign(effect=headrank.effect_column(bank)).drop(columns="draw").rename(columns={"group": "draw"})
 
 
 def test_intervals_cover_the_expected_effect_by_simulation(setup):

@@ -13,7 +13,7 @@ def test_cluster_bootstrap_unit_weights_is_bootstrap_rows():
     x = np.random.default_rng(0).normal(size=(5, 30))
     boots = stats.cluster_bootstrap(x, n_boot=300, seed=7)
     low, high = stats.percentile_interval(boots)
-    mean, low_r, high_r = metrics.bootstrap_rows(x, n_boot=300, seed=7)
+    _, low_r, high_r = metrics.bootstrap_rows(x, n_boot=300, seed=7)
     np.testing.assert_allclose(low, low_r, atol=1e-12)
     np.testing.assert_allclose(high, high_r, atol=1e-12)
 
@@ -34,7 +34,7 @@ def test_cluster_bootstrap_weights_and_missing_cells():
     boots = stats.cluster_bootstrap(v, w, strata=[0, 0, 1, 1], n_boot=500, seed=1)
     assert np.isfinite(boots).all()  # every replicate draws from stratum 0 where item 1 lives
     assert set(np.unique(boots[:, 1]).round(6)) <= {5.0, 6.5, 7.0}
-    est, se, df = stats.cluster_se(v, w, strata=[0, 0, 1, 1])
+    est, _, df = stats.cluster_se(v, w, strata=[0, 0, 1, 1])
     assert est[1] == pytest.approx((5 + 21) / 4)
     assert df.tolist() == [2, 1]
     with pytest.raises(ValueError, match="missing"):

@@ -759,7 +759,7 @@ def test_head_sweep_bad_settings_fail_before_any_work(tiny_factory, tmp_path):
 # Designs: antithetic sign, per-edit prompt subsets
 # --------------------------------------------------------------------------------------------------
 def test_antithetic_sign_negates_the_draw(llama):
-    lm, enc, labels, clean = llama
+    lm, _, _, clean = llama
     plus, minus = HeadEdit("noise", 1, 2, 0.5, 7), HeadEdit("noise", 1, 2, 0.5, 7, sign=-1)
     keys = [("prefix", 3), (4, 2)]
     torch.testing.assert_close(minus.noise(keys, 8), -plus.noise(keys, 8))
@@ -773,7 +773,7 @@ def test_antithetic_sign_negates_the_draw(llama):
 
 
 def test_sweep_heads_per_edit_prompt_subsets(llama):
-    lm, enc, labels, clean = llama
+    lm, enc, _, clean = llama
     edits = _mixed_edits()
     full = engine.sweep_heads(lm, clean, edits)
     subsets = [[0, 3], None, [4], [1, 2, 3], [], [2], [0, 1, 2, 3, 4], [3, 1]]
