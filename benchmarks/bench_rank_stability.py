@@ -112,6 +112,11 @@ def main() -> None:
     ap.add_argument("--new-groups", default="3,6,12", help="budgets of the new design: groups per replicate")
     ap.add_argument("--layers", default="all", help="'all' or comma-separated layers (heads of other layers are "
                     "left out; compute is reported for the heads measured)")
+    ap.add_argument("--compare-prompt", default="quoted:16:0",
+                    help="FORMAT:K:SHOT_SEED of the prompt the baseline chose before (the longest-prefix one); "
+                         "one seed of today's design on --compare-layers runs with it and with the chosen prompt "
+                         "to measure what the prompt costs per evaluation ('' to skip)")
+    ap.add_argument("--compare-layers", default="0,10,20")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--shards", default="results/bench/rank_stability_shards")
@@ -209,6 +214,31 @@ def main() -> None:
                       for k in ("A", "C")))
     efficiency = headrank.antithetic_efficiency(new_obs["A"]) if args.antithetic else None
 
+    # ---- what one prefix pass and one query row cost (least squares over every shard) ---------------
+    parts = [*today_obs.values(), *new_obs.values()]
+    shard_rows = pd.concat([o[o["seconds"] > 0][["evaluations", "prefix_passes", "seconds"]] for o in parts])
+    coef, *_ = np.linalg.lstsq(shard_rows[["prefix_passes", "evaluations"]].to_numpy(float),
+                               shard_rows["seconds"].to_numpy(float), rcond=None)
+    unit_cost = {"seconds_per_prefix_pass": float(coef[0]), "seconds_per_query_row": float(coef[1])}
+
+    # ---- what the prompt costs: today's design, one seed, a few layers, chosen vs longer prompt -------
+    prompt_cost = None
+    if args.compare_prompt:
+        fmt, k, shot = args.compare_prompt.split(":")
+        cmp_layers = [int(x) for x in args.compare_layers.split(",")]
+        cmp_heads = [(layer, h) for layer in cmp_layers for h in range(lm.n_heads)]
+        rows = {}
+        for name, cfg in [("chosen", config), ("compare", tasks.PromptConfig(fmt, int(k), int(shot)))]:
+            t_cmp = tasks.make_task(splits, "test", cfg).subset(np.concatenate(pools)[: args.today_prompts])
+            c_cmp = engine.clean_run(lm, t_cmp.encode(lm), t_cmp.label_ids(lm), batch_size=args.batch_size)
+            t0 = time.perf_counter()
+            engine.sweep_heads(lm, c_cmp, [setting.edit(layer, h, c_cmp) for layer, h in cmp_heads],
+                               batch_size=args.batch_size)
+            rows[name] = {"prompt": cfg.__dict__, "prefix_tokens": len(t_cmp.encode(lm).prefix),
+                          "seconds": time.perf_counter() - t0}
+        prompt_cost = {**rows, "layers": cmp_layers, "n_prompts": args.today_prompts,
+                       "seconds_ratio_compare_over_chosen": rows["compare"]["seconds"] / rows["chosen"]["seconds"]}
+
     # ---- report -----------------------------------------------------------------------------------
     result = {"model": args.model, "device": str(lm.device), "threads": torch.get_num_threads(),
               "prompt": config.__dict__, "prefix_tokens": len(enc.prefix), "n_heads": len(heads),
@@ -229,6 +259,8 @@ def main() -> None:
                 "honest errors give about 0.95 (critical value: t with both estimates' degrees of freedom)"}
     if efficiency is not None:
         result["antithetic_efficiency_median"] = float(efficiency["efficiency"].median())
+    result["unit_cost"] = unit_cost
+    result["prompt_cost"] = prompt_cost
     result["wall_seconds"] = time.time() - t_start
 
     def line(d: str, r: dict) -> str:
@@ -253,6 +285,13 @@ def main() -> None:
     print(f"interval check (|z| < 1.96 between disjoint replicates; honest: ~95%): today {today_z:.0%}, new {new_z:.0%}")
     if efficiency is not None:
         print(f"antithetic efficiency (median over heads): {result['antithetic_efficiency_median']:.2f}")
+    print(f"unit cost on this machine: {unit_cost['seconds_per_prefix_pass'] * 1e3:.1f} ms per prefix pass, "
+          f"{unit_cost['seconds_per_query_row'] * 1e3:.1f} ms per query row (averaged over the heads' layers)")
+    if prompt_cost:
+        print(f"prompt cost: today's design, {args.today_prompts} prompts, layers {prompt_cost['layers']}: "
+              f"{prompt_cost['chosen']['prefix_tokens']}-token prefix {prompt_cost['chosen']['seconds']:.1f} s vs "
+              f"{prompt_cost['compare']['prefix_tokens']}-token prefix {prompt_cost['compare']['seconds']:.1f} s "
+              f"({prompt_cost['seconds_ratio_compare_over_chosen']:.2f}x)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2, default=float))
     print(f"written {args.out} ({result['wall_seconds']:.0f} s)")
