@@ -285,8 +285,9 @@ def rank_table(obs: pd.DataFrame, value: str = "effect", top_k: int = 10, level:
         level: coverage of the effect and rank intervals.
 
     Returns:
-        One row per head, largest effect first: ``effect`` with its (expanded) percentile interval
-        ``effect_low, effect_high`` (:func:`headlab.stats.percentile_interval` with the head's ``df``), cluster-robust ``se`` and ``df``, the two-sided t-test ``p`` of
+        One row per head, largest effect first: ``effect`` with its interval ``effect_low,
+        effect_high`` (:func:`headlab.stats.effect_interval`: expanded percentile, at least the t
+        interval), cluster-robust ``se`` and ``df``, the two-sided t-test ``p`` of
         effect 0 with ``p_holm`` (family-wise) and ``q_bh`` (false discovery rate), ``rank`` with its
         confidence interval ``rank_low, rank_high`` (:func:`headlab.stats.rank_intervals`),
         ``status`` (``in`` / ``out`` / ``tied`` at the top-``top_k`` boundary), ``n_clusters`` and
@@ -311,7 +312,7 @@ def rank_table(obs: pd.DataFrame, value: str = "effect", top_k: int = 10, level:
     strata = cl_keys[:, 0]
     est, se, df = stats.cluster_se(v, w, strata)
     boots = stats.cluster_bootstrap(v, w, strata, n_boot=n_boot, seed=seed)
-    low, high = stats.percentile_interval(boots, level, df=df)
+    low, high = stats.effect_interval(boots, est, se, df, level)
     n_min = max(int((w > 0).sum(1).min()), 2)
     rank_low, rank_high = stats.rank_intervals(est, boots, level, inflate=float(np.sqrt(n_min / (n_min - 1))))
     p = stats.t_pvalues(est, se, df)

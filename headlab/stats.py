@@ -36,6 +36,7 @@ __all__ = [
     "cluster_bootstrap",
     "cluster_se",
     "design_variance",
+    "effect_interval",
     "holm",
     "percentile_interval",
     "rank_intervals",
@@ -139,6 +140,24 @@ def percentile_interval(boots: Float[np.ndarray, "n_boot items"], level: float =
         cols = np.flatnonzero(ok & (alpha == a))
         low[cols], high[cols] = np.nanquantile(b[:, cols], [a, 1 - a], axis=0)
     return low, high
+
+
+def effect_interval(boots: Float[np.ndarray, "n_boot items"], estimate: ArrayLike, se: ArrayLike, df: ArrayLike,
+                    level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """The cluster bootstrap's expanded percentile interval (:func:`percentile_interval` with ``df``),
+    never narrower than the t interval ``estimate +- t_df se``.
+
+    With few clusters the bootstrap has few distinct resamples and cannot reach the expanded quantiles
+    (with 4 clusters its extremes are about the extreme cluster means), so there the t interval from
+    the same cluster-robust standard error, the one the p-values use, takes over.
+    """
+    from scipy import stats as sps
+
+    low, high = percentile_interval(boots, level, df=df)
+    est, s = np.asarray(estimate, dtype=float), np.asarray(se, dtype=float)
+    half = sps.t.ppf(1 - (1 - level) / 2, np.maximum(np.asarray(df, dtype=float), 1.0)) * s
+    ok = np.isfinite(half)
+    return np.where(ok, np.fmin(low, est - half), low), np.where(ok, np.fmax(high, est + half), high)
 
 
 def cluster_se(

@@ -137,3 +137,19 @@ def test_variance_components_balance_removes_what_cancels_in_group_means():
     with pytest.raises(ValueError, match="balanced"):
         stats.variance_components(frame[frame["prompt"] != 0], "y", balance="label")
 
+
+
+def test_effect_interval_is_never_narrower_than_the_t_interval():
+    from scipy import stats as sps
+
+    x = np.random.default_rng(4).normal(size=(3, 4))  # 4 clusters: the bootstrap cannot resolve the level
+    est, se, df = stats.cluster_se(x)
+    boots = stats.cluster_bootstrap(x, n_boot=2000)
+    low, high = stats.effect_interval(boots, est, se, df)
+    half = sps.t.ppf(0.975, 3) * se
+    assert (low <= est - half + 1e-12).all() and (high >= est + half - 1e-12).all()
+    y = np.random.default_rng(4).normal(size=(3, 400))  # many clusters: the bootstrap's own interval
+    est, se, df = stats.cluster_se(y)
+    boots = stats.cluster_bootstrap(y, n_boot=2000)
+    low, high = stats.effect_interval(boots, est, se, df)
+    np.testing.assert_allclose(high - low, 2 * 1.97 * se, rtol=0.1)
