@@ -31,7 +31,11 @@ Sweeps and statistics
 * :mod:`headlab.shards` -- resumable result shards keyed by everything that changes a number, verified
   on load, one writer per point
 * :mod:`headlab.schema` -- setting dicts checked against declarative field specs before any work
-* :mod:`headlab.sweeps` -- head sweeps (noise and ablation of every head) and head rankings
+* :mod:`headlab.sweeps` -- head sweeps (noise and ablation of every head, one draw per seed) and their rankings
+* :mod:`headlab.headrank` -- head rankings that reproduce: a designed noise experiment (label-balanced
+  prefix-draw groups, antithetic pairs, two draws per prompt, racing for the top-k), ranked with intervals,
+  rank intervals and corrected tests; the seeds' fresh-noise reference
+* :mod:`headlab.stats` -- cluster bootstrap and cluster-robust errors, rank intervals, Holm, variance components
 * :mod:`headlab.ablation` -- set ablation: one resumable sweep of top-k vs random-k heads or neurons, and
   the top-vs-random comparison (permutation p-value, band, verdict)
 * :mod:`headlab.weight_sweep` -- weight-sensitivity grids scored by perplexity
