@@ -66,6 +66,7 @@ __all__ = [
     "replicate_pools",
     "run_groups",
     "significance_counts",
+    "size_factor",
     "spearman_brown",
 ]
 
@@ -503,6 +504,17 @@ def spearman_brown(r: ArrayLike, factor: float = 2.0) -> np.ndarray:
     r = np.asarray(r, dtype=float)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(r > 0, factor * r / (1 + (factor - 1) * r), np.nan)
+
+
+def size_factor(r: ArrayLike, target: float = 0.9) -> np.ndarray:
+    """How many times larger two runs that agree at ``r`` must be to agree at ``target`` (Spearman-Brown
+    solved for the factor; 1 when ``r`` already reaches it, NaN when ``r <= 0``)."""
+    r = np.asarray(r, dtype=float)
+    if not 0 < target < 1:
+        raise ValueError(f"target={target} must be in (0, 1).")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        k = target * (1 - r) / (r * (1 - target))
+    return np.where(r > 0, np.maximum(k, 1.0), np.nan)
 
 
 def accuracy_drops(obs: pd.DataFrame) -> pd.DataFrame:

@@ -260,7 +260,9 @@ for split, parts in headrank.halves(obs).items():
     stability.append(agree)
 stability = pd.concat(stability, ignore_index=True)
 stability["spearman, full run (predicted)"] = headrank.spearman_brown(stability["spearman"])
-stability[["split", "a", "b", "spearman", "kendall", "top10_overlap", "spearman, full run (predicted)"]].round(3)
+stability["run size for 0.9 (x this run)"] = headrank.size_factor(stability["spearman, full run (predicted)"])
+stability[["split", "a", "b", "spearman", "kendall", "top10_overlap", "spearman, full run (predicted)",
+           "run size for 0.9 (x this run)"]].round(3)
 
 # %%
 for split, tables in half_tables.items():
@@ -376,7 +378,9 @@ chapter.bullets([
     *[f"Reproducibility, halves with {'disjoint noise (same prompts)' if split == 'noise' else 'disjoint prompts and noise'}: "
       f"Spearman {r['spearman']:.2f}, top-10 overlap {int(r['top10_overlap'])}/10; predicted for two full runs: "
       f"Spearman {r['spearman, full run (predicted)']:.2f} - {target(r['spearman, full run (predicted)'] >= 0.9)}"
-      " (Spearman >= 0.9)." for split, r in st.iterrows()],
+      " (Spearman >= 0.9)" + (f"; a run about {r['run size for 0.9 (x this run)']:.0f} times as large (about "
+      f"{r['run size for 0.9 (x this run)'] * sweep_seconds / 60:.0f} min of sweeping here) is predicted to reach it."
+      if r["run size for 0.9 (x this run)"] > 1 else ".") for split, r in st.iterrows()],
     ("Seeds' semantics check: " + ", ".join(
         f"{chapter.head_label(r.layer, r.head)} design {r.effect_design:+.2f} vs reference {r.effect_reference:+.2f} "
         f"(z = {r.z:+.1f})" for r in check.itertuples())

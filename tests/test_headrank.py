@@ -99,6 +99,9 @@ def test_halves_split_by_draw_and_by_group():
     assert sorted(set(even["group"])) == [1, 3, 5] and sorted(set(odd["group"])) == [0, 2, 4]  # within each phase
     assert "noise" not in headrank.halves(obs.assign(draw=0))
     np.testing.assert_allclose(headrank.spearman_brown([0.5, 0.9, -0.2]), [2 / 3, 1.8 / 1.9, np.nan])
+    k = headrank.size_factor([0.5, 0.95, 0.0])
+    np.testing.assert_allclose(k, [9.0, 1.0, np.nan])
+    np.testing.assert_allclose(headrank.spearman_brown(0.5, k[0]), 0.9)
 
 
 def test_race_measures_only_tied_heads_and_resumes(setup, tmp_path, monkeypatch):
