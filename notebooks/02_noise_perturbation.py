@@ -85,7 +85,7 @@ n_boot: int = 2000  # bootstrap resamples for intervals and rank intervals
 torch_threads: int = 0  # CPU threads for torch (0: torch's default; 1 is faster on a busy machine)
 results_dir: str = "results/noise"  # shards, tables and the run's config
 
-# %%
+# %% tags=["hide-input"]
 import time
 from pathlib import Path
 
@@ -313,8 +313,9 @@ ablation_tables, compare = {}, ranking[["layer", "head", "effect"]].rename(colum
 abl_prompts = pool[: phases[0] * prompts_per_group]
 t0 = time.time()
 for m in ablations:
-    obs = headrank.ablation_observations(lm, clean, task.labels, abl_prompts, m, heads=heads, batch_size=batch_size)
-    ablation_tables[m] = headrank.rank_table(obs.assign(phase=1), "drop", top_k=top_k, n_boot=n_boot, cluster="prompt")
+    abl_obs = headrank.ablation_observations(lm, clean, task.labels, abl_prompts, m, heads=heads, batch_size=batch_size)
+    ablation_tables[m] = headrank.rank_table(abl_obs.assign(phase=1), "drop", top_k=top_k, n_boot=n_boot,
+                                             cluster="prompt")
     compare = compare.merge(ablation_tables[m][["layer", "head", "effect"]].rename(
         columns={"effect": f"{m}_ablation"}), on=["layer", "head"])
 ablation_seconds = time.time() - t0
@@ -327,19 +328,23 @@ if ablations:
 # %% [markdown]
 # ## Explore
 #
-# Pick a half-run (draw 0 or 1 as "seed") or the mean of both: the layer x head map of its
-# logit-difference drops. In the static book the widget shows its first state; in JupyterLab every
-# choice redraws.
+# Pick a half of the run (draw 0 or draw 1 as "seed") or the mean of both: the layer x head map of its
+# logit-difference drops. Every choice redraws, here as in JupyterLab (where this cell shows the
+# ipywidgets explorer).
 
 # %%
+from headlab import figures  # noqa: E402
+
 explore = pd.concat([t.assign(mode=noise_mode, level=noise_level, seed=i)
                      for i, t in enumerate(half_tables.get("noise", half_tables["prompts"]).values())])
-widgets.sweep_explorer(explore.rename(columns={"effect": "logit_diff_drop"}), metrics=("logit_diff_drop",))
+explore = explore.rename(columns={"effect": "logit_diff_drop"})
+figures.show(figures.sweep_explorer(explore, metrics=("logit_diff_drop",)),
+             widget=lambda: widgets.sweep_explorer(explore, metrics=("logit_diff_drop",)))
 
 # %% [markdown]
 # ## What we saw
 
-# %%
+# %% tags=["hide-input"]
 cal = report.set_index("metric")
 status = ranking["status"].value_counts()
 tied = ranking[ranking["status"] == "tied"]
@@ -391,7 +396,7 @@ chapter.bullets([
         f"non-zero (Holm)" for m in ablations) or "no ablation run") + ".",
 ])
 
-# %%
+# %% tags=["hide-input"]
 records.write_config(results_dir, params, lm, elapsed_seconds=time.time() - t_start,
                      timings={"clean": clean_seconds, "sweep": sweep_seconds, "reference": reference_seconds,
                               "ablation": ablation_seconds},
@@ -408,3 +413,13 @@ records.write_summary(  # headline numbers: one row per run in `headlab grid` su
     **{f"top10_halves_{k}": int(r["top10_overlap"]) for k, r in st.iterrows()},
     evaluations=evals, sweep_seconds=sweep_seconds)
 print(f"results in {results_dir}/ ; total {time.time() - t_start:.0f} s")
+
+# %% tags=["remove-cell"]
+# The chapter's answer for the book's front page.
+top3 = ", ".join(f"**{chapter.head_label(r.layer, r.head)}** ({r.effect:+.2f} [{r.effect_low:+.2f}, {r.effect_high:+.2f}])"
+                 for r in ranking.head(3).itertuples())
+records.update_summary(results_dir, headline=(
+    f"Noise on one head at a time ({noise_mode} {noise_level:g}, {int(obs['prompt'].nunique())} prompts x {draws} draws) "
+    f"hurts few-shot sentiment most for {top3} (drop of the logit difference, 95% CI over prompts and noise); "
+    f"{int(holm['heads non-zero'])} of {len(ranking)} heads have a non-zero effect at a 5% family-wise error rate, "
+    f"{int(status.get('in', 0))} are surely in the top {top_k}."))
