@@ -15,6 +15,12 @@ variance is small and fully accounted for:
 * **Antithetic pairs.** Every draw ``eps`` is also evaluated as ``-eps`` and the two drops averaged:
   the part of the drop that is odd in ``eps`` (above all the first-order term, mean zero and
   large) cancels exactly; the even part, which carries the expected effect, stays.
+* **Two draws per prompt.** Each group is measured under ``draws`` independent draws, so one run splits
+  into halves on the same prompts with disjoint noise (the noise-only reproducibility) and the
+  variance separates into prompts, prefix noise and query noise (:func:`headlab.stats.variance_components`).
+* **Label balance.** Every group holds both labels equally, so the label effect, and noise that merely
+  shifts the model toward one label (it moves the two labels' drops in opposite directions), cancel
+  in every group mean instead of adding variance.
 * **Common prompts.** Every head is measured on the same groups of prompts, so comparisons between
   heads are paired (a prompt that is fragile for every head does not reorder them).
 * **Racing for the top-k.** Phase 1 measures every head; each later phase adds new groups (new
@@ -47,6 +53,7 @@ from headlab.engine import CleanRun
 from headlab.interventions import noise_heads
 from headlab.models import LoadedModel
 from headlab.shards import ShardStore, config_hash
+from headlab.tasks import FewShotTask
 
 __all__ = [
     "RankDesign",
@@ -410,7 +417,7 @@ def ablation_observations(lm: LoadedModel, clean: CleanRun, labels: Sequence[int
 
 
 @torch.inference_mode()
-def reference_effects(lm: LoadedModel, task: Any, design: RankDesign, heads: Sequence[tuple[int, int]],
+def reference_effects(lm: LoadedModel, task: FewShotTask, design: RankDesign, heads: Sequence[tuple[int, int]],
                       prompts: Sequence[int], draws: int = 2, scales: dict[tuple[int, int], float] | None = None,
                       clean: CleanRun | None = None) -> pd.DataFrame:
     """The seeds' semantics on a few heads: fresh noise at every position of every prompt.
