@@ -37,36 +37,38 @@ import numpy as np
 import pandas as pd
 import torch
 
-from headlab import engine, headrank, metrics, stats, tasks
+from headlab import engine, headrank, metrics, rankcheck, stats, tasks
 from headlab.edits import Setting, seed_for
 from headlab.models import load_model
-from headlab.shards import ShardStore, config_hash
+from headlab.shards import ShardStore, config_hash, run_grid
 
 TARGET_SPEARMAN, TARGET_TOP10 = 0.9, 8
 
 
 def today_seed(lm, clean, labels, prompts, heads, setting, seed, store, batch_size):
     """Today's design, one seed: every head on ``prompts``, one prefix draw per (head, seed)."""
-    point = {"design": "today", "seed": int(seed), "prompts": [int(p) for p in prompts],
-             "heads": config_hash({"h": heads}), "setting": [setting.mode, setting.level]}
-    if store.done(point):
-        return store.load(point)["obs"]
-    y = np.asarray(labels)
-    sign = np.where(y == 1, 1.0, -1.0)
-    t0 = time.perf_counter()
-    edits = [Setting(setting.mode, setting.level, seed).edit(layer, h, clean) for layer, h in heads]
     rows = [int(p) for p in prompts]
-    lp = engine.sweep_heads(lm, clean, edits, batch_size=batch_size, prompts=[rows] * len(edits))[:, rows]
-    clean_ld = ((clean.logprobs[rows, 1] - clean.logprobs[rows, 0]).numpy() * sign[rows])
-    drop = clean_ld[None] - (lp[..., 1] - lp[..., 0]).numpy() * sign[rows][None]
-    frame = pd.DataFrame({"layer": np.repeat([h[0] for h in heads], len(rows)),
-                          "head": np.repeat([h[1] for h in heads], len(rows)),
-                          "prompt": np.tile(rows, len(heads)), "seed": int(seed), "drop": drop.reshape(-1),
-                          "seconds": 0.0, "evaluations": 0, "prefix_passes": 0})
-    frame.loc[0, ["seconds", "evaluations", "prefix_passes"]] = (time.perf_counter() - t0, len(edits) * len(rows),
-                                                                  len(edits))
-    store.save(point, {"obs": frame})
-    return frame
+    point = {"design": "today", "seed": int(seed), "prompts": rows,
+             "tokens": config_hash({"p": clean.enc.prefix.tolist(), "q": [clean.enc.queries[r].tolist() for r in rows]}),
+             "heads": config_hash({"h": heads}), "setting": [setting.mode, setting.level]}
+
+    def compute(_):
+        y = np.asarray(labels)
+        sign = np.where(y == 1, 1.0, -1.0)
+        t0 = time.perf_counter()
+        edits = [Setting(setting.mode, setting.level, seed).edit(layer, h, clean) for layer, h in heads]
+        lp = engine.sweep_heads(lm, clean, edits, batch_size=batch_size, prompts=[rows] * len(edits))[:, rows]
+        clean_ld = ((clean.logprobs[rows, 1] - clean.logprobs[rows, 0]).numpy() * sign[rows])
+        drop = clean_ld[None] - (lp[..., 1] - lp[..., 0]).numpy() * sign[rows][None]
+        frame = pd.DataFrame({"layer": np.repeat([h[0] for h in heads], len(rows)),
+                              "head": np.repeat([h[1] for h in heads], len(rows)),
+                              "prompt": np.tile(rows, len(heads)), "seed": int(seed), "drop": drop.reshape(-1),
+                              "seconds": 0.0, "evaluations": 0, "prefix_passes": 0})
+        frame.loc[0, ["seconds", "evaluations", "prefix_passes"]] = (time.perf_counter() - t0,
+                                                                      len(edits) * len(rows), len(edits))
+        return {"obs": frame}
+
+    return run_grid([point], compute, store, progress=False)["obs"]
 
 
 def effects(frame: pd.DataFrame, value: str) -> pd.Series:
@@ -144,7 +146,7 @@ def main() -> None:
           f"{len(heads)} heads; pools of {len(p1)} prompts", flush=True)
     clean = engine.clean_run(lm, enc, task.label_ids(lm), batch_size=args.batch_size)
     store = ShardStore(args.shards, {"model": lm.fingerprint or lm.spec, "task": config.__dict__,
-                                     "prompts": config_hash({"q": list(task.queries["text"])})})
+                                     "prompts": config_hash({"q": list(task.queries["text"])})}, lm=lm)
     setting = Setting(args.mode, args.level)
     y = task.labels
     # today's prompts: the first prompts of each pool (label-balanced, as head(24) of the test split nearly is)
@@ -169,8 +171,8 @@ def main() -> None:
         design = headrank.RankDesign(args.mode, args.level, M, (g_max,), draws=1, antithetic=bool(args.antithetic),
                                      seed=seed_for("bench", base))
         new_obs[name] = headrank.run_groups(lm, clean, y, design, p1 if pool == "P1" else p2, heads, range(g_max),
-                                            store, batch_size=args.batch_size,
-                                            progress=lambda s, n=name: print(f"new {n}: {s}", flush=True))
+                                            store, batch_size=args.batch_size)
+        print(f"new {name}: {g_max} groups ({new_obs[name]['seconds'].sum():.0f} s)", flush=True)
 
     # ---- stability at nested budgets -------------------------------------------------------------
     def budget_rows(obs: dict, budgets: list[int], select, value: str) -> list[dict]:
@@ -212,7 +214,7 @@ def main() -> None:
     today_z = z_share(*(today_se(today_obs[k][today_obs[k]["order"] < two]) for k in ("A", "C")))
     new_z = z_share(*(headrank.rank_table(new_obs[k], n_boot=100).set_index(["layer", "head"])[["effect", "se", "df"]]
                       for k in ("A", "C")))
-    efficiency = headrank.antithetic_efficiency(new_obs["A"]) if args.antithetic else None
+    efficiency = rankcheck.antithetic_efficiency(new_obs["A"]) if args.antithetic else None
 
     # ---- what one prefix pass and one query row cost (least squares over every shard) ---------------
     parts = [*today_obs.values(), *new_obs.values()]

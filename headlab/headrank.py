@@ -30,52 +30,71 @@ variance is small and fully accounted for:
 Statistics (:mod:`headlab.stats`): each head's mean over its groups, a cluster bootstrap (groups
 resampled within each phase, the same draw for every head) for 95% intervals and for rank intervals,
 cluster-robust t tests with Holm (family-wise) and Benjamini-Hochberg (false discovery) corrections.
-:func:`reference_effects` keeps the seeds' semantics (fresh noise at every position of every prompt,
-through the plain hook path) to check the design against on a few heads.
+How far a run reproduces, what the antithetic pairs bought and the check against the seeds' semantics
+(fresh noise at every position of every prompt) are in :mod:`headlab.rankcheck`.
+
+Results are resumable: with a :class:`headlab.shards.ShardStore` made with ``lm=`` (its keys then hold
+the model's computation identity), every group is one shard keyed by the design, the group's prompts
+(their token ids and indices), the heads and their noise scales, written under the store's lock.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-from numpy.typing import ArrayLike
 
 from headlab import engine, metrics, stats
-from headlab.edits import ABLATIONS, MODES, HeadEdit, Setting, seed_for
+from headlab.edits import ABLATIONS, MODES, Setting, seed_for
 from headlab.engine import CleanRun
-from headlab.interventions import noise_heads
 from headlab.models import LoadedModel
-from headlab.shards import ShardStore, config_hash
-from headlab.tasks import FewShotTask
+from headlab.progress import report
+from headlab.schema import Field, check_record, check_variant
+from headlab.shards import ShardStore, config_hash, run_grid
+from headlab.sweeps import SETTING_FIELDS
 
 __all__ = [
+    "AUTO_SIZE",
+    "DESIGN_FIELDS",
     "RankDesign",
     "ablation_observations",
     "accuracy_drops",
-    "agreement",
-    "antithetic_efficiency",
     "balanced_order",
     "compute_used",
     "effect_column",
     "group_seed",
-    "halves",
     "phase_log",
     "race",
     "rank_table",
-    "reference_effects",
     "replicate_pools",
     "run_groups",
     "significance_counts",
-    "size_factor",
-    "spearman_brown",
 ]
+
+NOISE_MODES = tuple(m for m in MODES if m not in ABLATIONS)
+
+#: The run size a chapter uses when it leaves ``prompts_per_group`` / ``phases`` at 0 / ``[]``, by device.
+#: ``cpu``: about the 15 minutes the seed-based chapter took on 2 cores (it cannot reach the stability
+#: targets there; the chapter says how far it gets). ``cuda``: sized for the targets.
+AUTO_SIZE = {"cpu": {"prompts_per_group": 4, "phases": (4, 2)},
+             "cuda": {"prompts_per_group": 8, "phases": (32, 8, 8)}}
+
+#: The schema of a design's run sizes (:mod:`headlab.schema`); its noise setting (``mode``, ``level``,
+#: ``seed``) is checked against :data:`headlab.sweeps.SETTING_FIELDS` of the noise modes.
+DESIGN_FIELDS = {
+    "prompts_per_group": Field("int", low=2, help="an even integer >= 2 (groups are label-balanced)"),
+    "phases": Field("list", items=Field("int", low=2), nonempty=True,
+                    help="a non-empty list of integers >= 2 (groups per phase)"),
+    "draws": Field("int", low=1),
+    "antithetic": Field("bool"),
+    "top_k": Field("int", low=1),
+    "level_ci": Field("float", low=0, high=1, help="a number strictly between 0 and 1"),
+}
 
 
 @dataclass(frozen=True)
@@ -109,26 +128,23 @@ class RankDesign:
     level_ci: float = 0.95
 
     def __post_init__(self) -> None:
-        noise_modes = tuple(m for m in MODES if m not in ABLATIONS)
-        if self.mode not in noise_modes:
-            raise ValueError(f"mode={self.mode!r}; a ranking design takes a noise mode, one of {noise_modes}.")
-        object.__setattr__(self, "level", self.setting.level)  # the one validation of the level
-        if self.prompts_per_group < 2 or self.prompts_per_group % 2:
-            raise ValueError(f"prompts_per_group={self.prompts_per_group} must be an even number >= 2 "
-                             "(groups are label-balanced).")
-        if not self.phases or any(int(g) < 2 for g in self.phases):
-            raise ValueError(f"phases={self.phases} must list >= 2 groups per phase (at least one phase).")
-        if self.draws < 1:
-            raise ValueError(f"draws={self.draws} must be >= 1.")
-        if self.top_k < 1:
-            raise ValueError(f"top_k={self.top_k} must be >= 1.")
-        if not 0 < self.level_ci < 1:
-            raise ValueError(f"level_ci={self.level_ci} must be in (0, 1).")
-        object.__setattr__(self, "phases", tuple(int(g) for g in self.phases))
+        # the one validation: the setting by the sweeps' schema, the sizes by DESIGN_FIELDS
+        what = "RankDesign"
+        setting = check_variant({"mode": self.mode, "level": self.level, "seed": self.seed}, "mode",
+                                {m: SETTING_FIELDS[m] for m in NOISE_MODES}, what)
+        sizes = check_record({k: getattr(self, k) for k in DESIGN_FIELDS}, DESIGN_FIELDS, what)
+        if sizes["prompts_per_group"] % 2:
+            raise ValueError(f"{what}: prompts_per_group={self.prompts_per_group}; expected "
+                             f"{DESIGN_FIELDS['prompts_per_group'].describe()}.")
+        if sizes["level_ci"] in (0.0, 1.0):
+            raise ValueError(f"{what}: level_ci={self.level_ci}; expected {DESIGN_FIELDS['level_ci'].describe()}.")
+        sizes["phases"] = tuple(sizes["phases"])
+        for key, value in {**setting, **sizes}.items():
+            object.__setattr__(self, key, value)
 
     @property
     def setting(self) -> Setting:
-        """The noise setting (mode and level; each group gets its own seed)."""
+        """The noise setting (mode and level; each group gets its own seed, :func:`group_seed`)."""
         return Setting(self.mode, self.level)
 
     @property
@@ -141,7 +157,10 @@ class RankDesign:
         return self.n_groups * self.prompts_per_group
 
     def key(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """What changes the numbers of one group (its shard key): not ``phases``, ``top_k`` or
+        ``level_ci``, which only decide which heads and groups are measured (a run with a further phase
+        reuses the groups already measured)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("phases", "top_k", "level_ci")}
 
 
 def balanced_order(labels: Sequence[int], per_group: int) -> np.ndarray:
@@ -184,6 +203,18 @@ def group_seed(design: RankDesign, group: int, draw: int = 0) -> int:
     return seed_for("headrank", design.seed, group, draw)
 
 
+def _check_store(store: ShardStore | None) -> None:
+    if store is not None and "computation" not in store.base:
+        raise ValueError("the shard store has no computation identity; make it with ShardStore(folder, base, lm=lm) "
+                         "so that its keys hold the model's weights, dtype and device.")
+
+
+def _tokens_key(clean: CleanRun, rows: Sequence[int]) -> str:
+    """A hash of the prefix's and of the ``rows``' token ids and of the label ids."""
+    return config_hash({"p": clean.enc.prefix.tolist(), "q": [clean.enc.queries[r].tolist() for r in rows],
+                        "labels": list(clean.label_ids)})
+
+
 def run_groups(
     lm: LoadedModel,
     clean: CleanRun,
@@ -196,15 +227,20 @@ def run_groups(
     phase: int = 1,
     batch_size: int = 64,
     threshold: float = 0.0,
-    progress: Callable[[str], None] | None = None,
+    progress: bool = True,
 ) -> pd.DataFrame:
     """Measure ``heads`` on prompt groups ``groups`` of ``pool`` under the design's noise.
 
     Group ``g`` holds prompts ``pool[g * M:(g + 1) * M]`` (``M = prompts_per_group``; make ``pool``
     with :func:`balanced_order`). For each head it gets ``draws`` noise draws (seeds
     :func:`group_seed`), each one prefix draw shared by its prompts and one query draw per prompt,
-    evaluated as ``+eps`` and, with ``antithetic``, as ``-eps``. One shard per group when ``store`` is
-    given (a rerun resumes).
+    evaluated as ``+eps`` and, with ``antithetic``, as ``-eps``.
+
+    Args:
+        store: one shard per group, computed under the store's lock (:func:`headlab.shards.run_grid`):
+            a rerun resumes, and processes sharing the folder share the work. It must be made with
+            ``lm=`` (:class:`headlab.shards.ShardStore`).
+        progress: report progress (elapsed, ETA) through :mod:`headlab.progress`.
 
     Returns:
         One row per (head, prompt, draw): ``layer, head, phase, group, prompt`` (index into the task),
@@ -215,6 +251,7 @@ def run_groups(
         ``seconds`` (the group's wall time, on its first row only) and ``evaluations`` (query rows)
         and ``prefix_passes`` (on the same row).
     """
+    _check_store(store)
     M = design.prompts_per_group
     heads = [(int(a), int(b)) for a, b in heads]
     signs = (1, -1) if design.antithetic else (1,)
@@ -226,16 +263,17 @@ def run_groups(
     clean_ld = clean_raw * sign_y
     clean_ok = (clean_raw > threshold).astype(int) == y
     base = {hd: design.setting.edit(hd[0], hd[1], clean) for hd in heads}
-    frames = []
+    heads_key = config_hash({"h": heads, "scale": [round(base[hd].scale, 7) for hd in heads]})
+    points = []
     for g in groups:
         rows = [int(p) for p in pool[g * M:(g + 1) * M]]
         if len(rows) < M:
             raise ValueError(f"group {g} needs prompts {g * M}..{(g + 1) * M - 1} of the pool, which has {len(pool)}.")
-        point = {"group": int(g), "phase": int(phase), "heads": config_hash({"h": heads}), "prompts": rows,
-                 "threshold": float(threshold), **design.key()}
-        if store is not None and store.done(point):
-            frames.append(store.load(point)["obs"])
-            continue
+        points.append({"group": int(g), "phase": int(phase), "heads": heads_key, "prompts": rows,
+                       "tokens": _tokens_key(clean, rows), "threshold": float(threshold), **design.key()})
+
+    def compute(point: dict[str, Any]) -> dict[str, pd.DataFrame]:
+        g, rows = point["group"], point["prompts"]
         t0 = time.perf_counter()
         R = design.draws
         # one edit per (head, draw, sign): each draw is the group's own prefix draw, shared by its prompts
@@ -249,7 +287,8 @@ def run_groups(
         n = len(heads) * R
         frame = pd.DataFrame({
             "layer": np.repeat([h[0] for h in heads], R * M), "head": np.repeat([h[1] for h in heads], R * M),
-            "phase": phase, "group": int(g), "prompt": np.tile(rows, n), "draw": np.tile(np.repeat(np.arange(R), M), len(heads)),
+            "phase": point["phase"], "group": g, "prompt": np.tile(rows, n),
+            "draw": np.tile(np.repeat(np.arange(R), M), len(heads)),
             "label": np.tile(y[rows], n), "correct_clean": np.tile(clean_ok[rows], n),
             "drop_plus": drop[:, :, 0].reshape(-1), "correct_plus": ok[:, :, 0].reshape(-1),
         })
@@ -261,12 +300,16 @@ def run_groups(
         frame["prefix_passes"] = 0
         frame.loc[0, ["seconds", "evaluations", "prefix_passes"]] = (
             time.perf_counter() - t0, len(edits) * M, len(edits))
-        if store is not None:
-            store.save(point, {"obs": frame})
-        frames.append(frame)
-        if progress is not None:
-            progress(f"group {g} (phase {phase}): {len(heads)} heads x {M} prompts x {R} draws x {len(signs)} signs "
-                     f"in {frame['seconds'].sum():.1f} s")
+        return {"obs": frame}
+
+    if store is not None:
+        return run_grid(points, compute, store, progress=progress)["obs"]
+    frames = []
+    for point in points:
+        frames.append(compute(point)["obs"])
+        if progress:
+            report(f"ranking: group {point['group']} (phase {phase}): {len(heads)} heads x {M} prompts x "
+                   f"{design.draws} draws x {len(signs)} signs in {frames[-1]['seconds'].sum():.1f} s")
     return pd.concat(frames, ignore_index=True)
 
 
@@ -349,7 +392,7 @@ def race(
     batch_size: int = 64,
     n_boot: int = 2000,
     threshold: float = 0.0,
-    progress: Callable[[str], None] | None = None,
+    progress: bool = True,
 ) -> pd.DataFrame:
     """Run the design's phases: every head first, then only the heads tied at the top-k boundary.
 
@@ -372,8 +415,8 @@ def race(
                                n_boot=n_boot)
             tied = table[table["status"] == "tied"]
             todo = list(zip(tied["layer"].astype(int), tied["head"].astype(int)))
-            if progress is not None:
-                progress(f"after phase {phase - 1}: {len(todo)} heads tied at the top-{design.top_k} boundary")
+            if progress:
+                report(f"ranking: after phase {phase - 1}, {len(todo)} heads tied at the top-{design.top_k} boundary")
             if not todo:
                 break
         frames.append(run_groups(lm, clean, labels, design, pool, todo, range(first, first + n_groups), store,
@@ -390,138 +433,49 @@ def compute_used(obs: pd.DataFrame) -> dict[str, float]:
 
 def ablation_observations(lm: LoadedModel, clean: CleanRun, labels: Sequence[int], prompts: Sequence[int],
                           mode: str = "zero", heads: Sequence[tuple[int, int]] | None = None,
-                          batch_size: int = 64) -> pd.DataFrame:
+                          store: ShardStore | None = None, batch_size: int = 64,
+                          progress: bool = True) -> pd.DataFrame:
     """Zero- or mean-ablate each head on ``prompts``; one row per (head, prompt) with its ``drop``.
 
     Ablation is deterministic, so the only source of variance is the prompts: rank these with
     ``rank_table(obs, "drop", cluster="prompt")``.
-    """
-    if mode not in ("zero", "mean"):
-        raise ValueError(f"mode={mode!r}; use 'zero' or 'mean'.")
-    heads = [(layer, h) for layer in range(lm.n_layers) for h in range(lm.n_heads)] if heads is None else list(heads)
-    y = np.asarray(labels)
-    rows = [int(p) for p in prompts]
-    sign_y = np.where(y[rows] == 1, 1.0, -1.0)
-    edits = [Setting(mode).edit(layer, h, clean) for layer, h in heads]
-    t0 = time.perf_counter()
-    lp = engine.sweep_heads(lm, clean, edits, batch_size=batch_size, prompts=[rows] * len(edits))[:, rows]
-    seconds = time.perf_counter() - t0
-    clean_ld = (clean.logprobs[rows, 1] - clean.logprobs[rows, 0]).numpy() * sign_y
-    drop = clean_ld[None] - (lp[:, :, 1] - lp[:, :, 0]).numpy() * sign_y[None]
-    frame = pd.DataFrame({"layer": np.repeat([h[0] for h in heads], len(rows)),
-                          "head": np.repeat([h[1] for h in heads], len(rows)),
-                          "prompt": np.tile(rows, len(heads)), "label": np.tile(y[rows], len(heads)),
-                          "drop": drop.reshape(-1)})
-    frame.attrs["seconds"] = seconds
-    return frame
-
-
-@torch.inference_mode()
-def reference_effects(lm: LoadedModel, task: FewShotTask, design: RankDesign, heads: Sequence[tuple[int, int]],
-                      prompts: Sequence[int], draws: int = 2, scales: dict[tuple[int, int], float] | None = None,
-                      clean: CleanRun | None = None) -> pd.DataFrame:
-    """The seeds' semantics on a few heads: fresh noise at every position of every prompt.
-
-    Each (head, prompt, draw) is one plain full forward of the whole prompt with the noise hooked in
-    (:func:`headlab.interventions.noise_heads` with no shared prefix: the prefix positions get the
-    prompt's own draw too), no engine and no antithetic pairing. Its mean estimates the same
-    ``theta_h`` as the design, with one independent cluster per prompt.
 
     Args:
-        task: the :class:`headlab.tasks.FewShotTask`.
-        heads: ``(layer, head)`` pairs.
-        prompts: task indices.
-        draws: independent draws per prompt (a batch of that many rows per forward).
-        scales: noise std per head; default from ``clean`` (the design's mode and level).
+        store: one shard per call (resumable; made with ``lm=``, see :func:`run_groups`).
 
     Returns:
-        One row per (head, prompt, draw): ``layer, head, prompt, draw, drop``.
+        ``layer, head, prompt, label, drop``, and ``seconds`` / ``evaluations`` on the first row.
     """
-    enc = task.encode(lm)
-    if scales is None:
-        if clean is None:
-            raise ValueError("reference_effects needs `scales` or the `clean` run to compute them from.")
-        scales = {(layer, h): design.setting.edit(layer, h, clean).scale for layer, h in heads}
-    idx = torch.tensor(task.label_ids(lm))
-    y = task.labels
-    rows = []
-    seed = seed_for("reference", design.seed)
-    for p in prompts:
-        p = int(p)
-        sgn = 1.0 if y[p] == 1 else -1.0
-        ids = enc.full(p)[None].to(lm.device)
-        lp = torch.log_softmax(lm.model(input_ids=ids).logits[:, -1].float(), -1)[:, idx.to(lm.device)].cpu()
-        clean_ld = float(lp[0, 1] - lp[0, 0]) * sgn
-        batch = ids.expand(draws, -1)
-        for layer, h in heads:
-            edit = HeadEdit("noise", layer, h, scales[(layer, h)], seed)
-            with noise_heads(lm, [edit], samples=[f"{p}/{r}" for r in range(draws)]):
-                out = lm.model(input_ids=batch).logits[:, -1].float()
-            lpn = torch.log_softmax(out, -1)[:, idx.to(lm.device)].cpu()
-            for r in range(draws):
-                rows.append({"layer": layer, "head": h, "prompt": p, "draw": r,
-                             "drop": clean_ld - float(lpn[r, 1] - lpn[r, 0]) * sgn})
-    return pd.DataFrame(rows)
+    _check_store(store)
+    if mode not in ABLATIONS:
+        raise ValueError(f"mode={mode!r}; use one of {ABLATIONS}.")
+    heads = [(layer, h) for layer in range(lm.n_layers) for h in range(lm.n_heads)] if heads is None else \
+        [(int(a), int(b)) for a, b in heads]
+    y = np.asarray(labels)
+    rows = [int(p) for p in prompts]
+    if len(y) != len(clean.enc):
+        raise ValueError(f"labels has {len(y)} entries; the clean run has {len(clean.enc)} prompts.")
+    point = {"ablation": mode, "heads": config_hash({"h": heads}), "prompts": rows, "tokens": _tokens_key(clean, rows)}
+    if mode == "mean":  # the means come from every prompt of the clean run
+        point["means"] = config_hash({"m": clean.head_mean.double().round(decimals=6).tolist()})
 
+    def compute(_: dict[str, Any]) -> dict[str, pd.DataFrame]:
+        sign_y = np.where(y[rows] == 1, 1.0, -1.0)
+        edits = [Setting(mode).edit(layer, h, clean) for layer, h in heads]
+        t0 = time.perf_counter()
+        lp = engine.sweep_heads(lm, clean, edits, batch_size=batch_size, prompts=[rows] * len(edits))[:, rows]
+        clean_ld = (clean.logprobs[rows, 1] - clean.logprobs[rows, 0]).numpy() * sign_y
+        drop = clean_ld[None] - (lp[:, :, 1] - lp[:, :, 0]).numpy() * sign_y[None]
+        frame = pd.DataFrame({"layer": np.repeat([h[0] for h in heads], len(rows)),
+                              "head": np.repeat([h[1] for h in heads], len(rows)),
+                              "prompt": np.tile(rows, len(heads)), "label": np.tile(y[rows], len(heads)),
+                              "drop": drop.reshape(-1), "seconds": 0.0, "evaluations": 0})
+        frame.loc[0, ["seconds", "evaluations"]] = (time.perf_counter() - t0, len(edits) * len(rows))
+        return {"obs": frame}
 
-def agreement(rankings: dict[str, pd.DataFrame], value: str = "effect") -> pd.DataFrame:
-    """Spearman, Kendall and top-10 overlap of the head rankings of independent runs, every pair."""
-    wide = pd.concat({name: r.set_index(["layer", "head"])[value] for name, r in rankings.items()}, axis=1)
-    return metrics.rank_agreement(wide.dropna())
-
-
-def antithetic_efficiency(obs: pd.DataFrame) -> pd.DataFrame:
-    """How much the antithetic pairs buy, per head, at equal evaluations.
-
-    ``efficiency = var(group mean of single drops) / (2 var(group mean of pair means))``: a pair costs
-    two evaluations, so above 1 the pairs beat twice as many independent draws. Computed on phase 1.
-    """
-    if "drop_minus" not in obs:
-        raise ValueError("no antithetic pairs in these observations (drop_minus missing).")
-    first = obs[obs["phase"] == obs["phase"].min()].assign(pair=effect_column(obs))
-    g = first.groupby(["layer", "head", "group"])[["drop_plus", "pair"]].mean()
-    v = g.groupby(["layer", "head"]).var()
-    out = v.rename(columns={"drop_plus": "var_single", "pair": "var_pair"}).reset_index()
-    out["efficiency"] = out["var_single"] / (2 * out["var_pair"])
-    return out
-
-
-def halves(obs: pd.DataFrame) -> dict[str, dict[str, pd.DataFrame]]:
-    """Two ways to split one run into two independent half-runs of equal size.
-
-    * ``"noise"``: draw 0 vs draw 1 -- the same prompts under disjoint noise (needs ``draws == 2``);
-    * ``"prompts"``: even vs odd groups (within each phase) -- disjoint prompts and disjoint noise.
-
-    How well the halves' rankings agree is the stability of a run of half the size; see
-    :func:`spearman_brown` for the full run.
-    """
-    out = {}
-    if "draw" in obs and obs["draw"].nunique() == 2:
-        d = sorted(obs["draw"].unique())
-        out["noise"] = {f"draw {d[0]}": obs[obs["draw"] == d[0]], f"draw {d[1]}": obs[obs["draw"] == d[1]]}
-    rank = obs.groupby("phase")["group"].rank(method="dense").astype(int)
-    out["prompts"] = {"even groups": obs[rank % 2 == 0], "odd groups": obs[rank % 2 == 1]}
-    return out
-
-
-def spearman_brown(r: ArrayLike, factor: float = 2.0) -> np.ndarray:
-    """The agreement of two runs ``factor`` times as large as two runs that agree at ``r``:
-    ``factor r / (1 + (factor - 1) r)`` (errors shrink as 1/size; applied here to rank correlations,
-    an approximation that treats ranks like scores); NaN where ``r <= 0`` (nothing to extrapolate)."""
-    r = np.asarray(r, dtype=float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(r > 0, factor * r / (1 + (factor - 1) * r), np.nan)
-
-
-def size_factor(r: ArrayLike, target: float = 0.9) -> np.ndarray:
-    """How many times larger two runs that agree at ``r`` must be to agree at ``target`` (Spearman-Brown
-    solved for the factor; 1 when ``r`` already reaches it, NaN when ``r <= 0``)."""
-    r = np.asarray(r, dtype=float)
-    if not 0 < target < 1:
-        raise ValueError(f"target={target} must be in (0, 1).")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        k = target * (1 - r) / (r * (1 - target))
-    return np.where(r > 0, np.maximum(k, 1.0), np.nan)
+    if store is not None:
+        return run_grid([point], compute, store, progress=progress)["obs"]
+    return compute(point)["obs"]
 
 
 def accuracy_drops(obs: pd.DataFrame) -> pd.DataFrame:

@@ -304,8 +304,9 @@ def select_config(scores: pd.DataFrame, cost: str = "prefix_tokens") -> pd.Serie
         cost: the column to minimise.
 
     Returns:
-        The chosen row, with ``best_roc_auc``, ``best_roc_auc_low`` and ``best_cost`` (the best
-        configuration's) added.
+        The chosen row, with the best configuration's ``best_format``, ``best_k``, ``best_shot_seed``,
+        ``best_roc_auc``, ``best_roc_auc_low`` and ``best_cost`` added, and ``n_eligible`` (how many
+        configurations are within the best one's interval).
     """
     need = {"roc_auc", "roc_auc_low", "accuracy_calibrated", cost}
     if not need <= set(scores.columns):
@@ -314,8 +315,9 @@ def select_config(scores: pd.DataFrame, cost: str = "prefix_tokens") -> pd.Serie
     eligible = scores[scores["roc_auc"] >= best["roc_auc_low"]]
     chosen = eligible.sort_values([cost, "roc_auc", "accuracy_calibrated"], ascending=[True, False, False],
                                   kind="stable").iloc[0].copy()
-    chosen["best_roc_auc"], chosen["best_roc_auc_low"], chosen["best_cost"] = (
-        best["roc_auc"], best["roc_auc_low"], best[cost])
+    for key in ("format", "k", "shot_seed", "roc_auc", "roc_auc_low"):
+        chosen[f"best_{key}"] = best[key]
+    chosen["best_cost"], chosen["n_eligible"] = best[cost], len(eligible)
     return chosen
 
 

@@ -34,7 +34,8 @@
 # between a finite experiment and $\theta_h$: which **prompts** were scored, the noise drawn on the
 # shared few-shot **prefix**, and the noise drawn on each prompt's own **query** tokens.
 #
-# **How the experiment is designed** (`headlab.headrank`), so that the ranking reproduces:
+# **How the experiment is designed** (`headlab.headrank`; its checks in `headlab.rankcheck`), so that the
+# ranking reproduces:
 #
 # * *Prefix-draw groups.* The exact engine runs the shared prefix once per edit, so every prompt of
 #   one call shares the prefix's noise: with one call per (head, seed), as this chapter did before,
@@ -70,8 +71,8 @@ split_seed: int = 0  # used only when the baseline recorded no split
 prompt_config: str = "results/baseline/prompt_config.json"  # written by the baseline chapter
 noise_mode: str = "fraction_of_std"  # "absolute", "fraction_of_max" or "fraction_of_std"
 noise_level: float = 3.0  # noise std in units of the mode's scale
-prompts_per_group: int = 0  # prompts sharing one prefix noise draw (even, half of each label); 0: auto (CPU 4, CUDA 8)
-phases: list = []  # groups per phase; []: auto (CPU [4, 2], CUDA [32, 8, 8]); phase 2+ race the top-k
+prompts_per_group: int = 0  # prompts sharing one prefix noise draw (even, half of each label); 0: auto (headrank.AUTO_SIZE)
+phases: list = []  # groups per phase; []: auto (headrank.AUTO_SIZE: CPU or CUDA); phase 2+ race the top-k
 draws: int = 2  # independent noise draws per prompt (2: the run splits into halves with disjoint noise)
 antithetic: bool = True  # score every draw as +eps and -eps and average
 top_k: int = 10  # the top set the racing settles and the chapter reports
@@ -86,6 +87,7 @@ torch_threads: int = 0  # CPU threads for torch (0: torch's default; 1 is faster
 results_dir: str = "results/noise"  # shards, tables and the run's config
 
 # %% tags=["hide-input"]
+import json
 import time
 from pathlib import Path
 
@@ -93,8 +95,8 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from headlab import chapter, engine, headrank, metrics, plots, records, stats, tasks, widgets
-from headlab.shards import ShardStore, config_hash
+from headlab import chapter, engine, headrank, metrics, plots, rankcheck, records, tasks, widgets
+from headlab.shards import ShardStore
 
 t_start = time.time()
 params = chapter.parameters(globals())
@@ -110,11 +112,11 @@ pd.Series(lm.describe()).to_frame("model")
 # `prompts_per_group` holds both labels equally.
 
 # %%
-# CPU: the default fits about 15 minutes on 2 cores. CUDA: sized for the reproducibility targets (untested on
-# a GPU when this was written: the engine is exact on any device, but its speed there was not measured).
-on_gpu = lm.device.type == "cuda"
-prompts_per_group = params["prompts_per_group"] = prompts_per_group or (8 if on_gpu else 4)
-phases = params["phases"] = [int(g) for g in phases] or ([32, 8, 8] if on_gpu else [4, 2])
+# 0 / []: the run size for this device (headrank.AUTO_SIZE; CPU: about today's 15 minutes on 2 cores, CUDA:
+# sized for the reproducibility targets)
+auto = headrank.AUTO_SIZE["cuda" if lm.device.type == "cuda" else "cpu"]
+prompts_per_group = params["prompts_per_group"] = prompts_per_group or auto["prompts_per_group"]
+phases = params["phases"] = [int(g) for g in phases] or list(auto["phases"])
 design = headrank.RankDesign(noise_mode, noise_level, prompts_per_group, tuple(phases), draws, antithetic, top_k,
                              seed=seed)
 config, splits, validated = tasks.load_prompt_setup(prompt_config, tasks.PromptConfig("plain", 4, 0),
@@ -148,11 +150,10 @@ report.round(3)
 # tied at the top-`top_k` boundary. The table lists what each phase spent.
 
 # %%
-store = ShardStore(Path(results_dir) / "shards", {
-    "model": lm.fingerprint or lm.spec, "task": config.__dict__,
-    "prompts": config_hash({"q": list(task.queries["text"])})})
+# one shard per group, keyed by the model's computation identity, the design, the prompts' tokens and the heads
+store = ShardStore(Path(results_dir) / "shards", {"model": lm.fingerprint or lm.spec}, lm=lm)
 obs = headrank.race(lm, clean, task.labels, design, pool, store, heads=heads, batch_size=batch_size,
-                    n_boot=n_boot, threshold=config.threshold, progress=lambda s: print(s, flush=True))
+                    n_boot=n_boot, threshold=config.threshold)
 spent = headrank.phase_log(obs).merge(pd.DataFrame([
     {"phase": p, **headrank.compute_used(f)} for p, f in obs.groupby("phase")]), on="phase")
 spent
@@ -182,6 +183,14 @@ cols = ["rank", "layer", "head", "effect", "effect_low", "effect_high", "rank_lo
 ranking[cols].head(20).round(3)
 
 # %% [markdown]
+# The heads tied at the top-`top_k` boundary: their rank intervals cross it, so the data cannot say
+# whether they belong to the top set.
+
+# %%
+tied = ranking[ranking["status"] == "tied"]
+tied[cols].round(3) if len(tied) else Markdown(f"No head is tied at the top-{top_k} boundary.")
+
+# %% [markdown]
 # ## How many heads matter at all?
 #
 # Each head is tested for a non-zero effect (two-sided t test with the cluster-robust standard error of
@@ -195,11 +204,17 @@ counts = headrank.significance_counts(ranking)
 counts
 
 # %% [markdown]
-# Accuracy changes by whole prompts, so most heads fall in seed 001's LOW impact category even when
-# the logit difference moves clearly; the logit difference is the primary measure.
+# Seed 001's impact categories sort heads by their accuracy change (HIGH > 10, MEDIUM 5-10, LOW < 5
+# percentage points). Accuracy moves by whole prompts, so the categories are coarse next to the logit
+# difference, the primary measure.
 
 # %%
-ranking["category"].value_counts().reindex(["HIGH", "MEDIUM", "LOW"]).fillna(0).astype(int).to_frame("heads")
+categories = ranking["category"].value_counts().reindex(["HIGH", "MEDIUM", "LOW"]).fillna(0).astype(int)
+holm_sig = ranking["p_holm"] <= 0.05
+display(Markdown(
+    f"{int(categories['LOW'])} of {len(ranking)} heads are LOW; of the {int(holm_sig.sum())} heads with a non-zero "
+    f"logit-difference effect (Holm), {int((holm_sig & (ranking['category'] == 'LOW')).sum())} are LOW."))
+categories.to_frame("heads")
 
 # %% [markdown]
 # ## Where the uncertainty comes from
@@ -212,12 +227,8 @@ ranking["category"].value_counts().reindex(["HIGH", "MEDIUM", "LOW"]).fillna(0).
 # variance of the phase-1 mean.
 
 # %%
-first = obs[obs["phase"] == 1].assign(effect=lambda f: headrank.effect_column(f))
 if draws >= 2 and prompts_per_group >= 4:
-    components = stats.variance_components(first, "effect", balance="label")
-    variance = stats.design_variance(components, n_prompts=phases[0] * prompts_per_group, n_groups=phases[0],
-                                     draws=draws)
-    variance = ranking[["rank", "layer", "head", "effect"]].merge(variance, on=["layer", "head"])
+    variance = ranking[["rank", "layer", "head", "effect"]].merge(rankcheck.variance_table(obs), on=["layer", "head"])
     shares = ["share_prompts", "share_prefix", "share_query"]
     summary = pd.DataFrame({
         "median share over heads": variance[shares].median().to_numpy(),
@@ -237,7 +248,7 @@ else:
 # beat the same number of independent draws.
 
 # %%
-efficiency = headrank.antithetic_efficiency(obs) if antithetic else pd.DataFrame()
+efficiency = rankcheck.antithetic_efficiency(obs) if antithetic else pd.DataFrame()
 efficiency["efficiency"].describe(percentiles=[0.1, 0.5, 0.9]).round(2).to_frame("antithetic efficiency") \
     if antithetic else None
 
@@ -251,18 +262,9 @@ efficiency["efficiency"].describe(percentiles=[0.1, 0.5, 0.9]).round(2).to_frame
 # >= 8 and Spearman >= 0.9.
 
 # %%
-stability = []
-half_tables = {}
-for split, parts in headrank.halves(obs).items():
-    tables = {name: headrank.rank_table(part, top_k=top_k, n_boot=200) for name, part in parts.items()}
-    half_tables[split] = tables
-    agree = headrank.agreement(tables).assign(split=split)
-    stability.append(agree)
-stability = pd.concat(stability, ignore_index=True)
-stability["spearman, full run (predicted)"] = headrank.spearman_brown(stability["spearman"])
-stability["run size for 0.9 (x this run)"] = headrank.size_factor(stability["spearman, full run (predicted)"])
-stability[["split", "a", "b", "spearman", "kendall", "top10_overlap", "spearman, full run (predicted)",
-           "run size for 0.9 (x this run)"]].round(3)
+stability, half_tables = rankcheck.stability(obs, top_k=top_k, n_boot=200)
+stability.rename(columns={"spearman_full": "spearman, full run (predicted)",
+                          "size_for_target": "run size for 0.9 (x this run)"}).round(3)
 
 # %%
 for split, tables in half_tables.items():
@@ -283,18 +285,12 @@ for split, tables in half_tables.items():
 picks = ranking.iloc[sorted({0, 1, min(top_k, len(ranking)) - 1})][: max(reference_heads, 0)]
 ref_heads = list(zip(picks["layer"].astype(int), picks["head"].astype(int)))
 t0 = time.time()
-ref_obs = headrank.reference_effects(lm, task, design, ref_heads, pool[: phases[0] * prompts_per_group],
-                                     draws=reference_draws, clean=clean) if ref_heads else pd.DataFrame()
+ref_obs = rankcheck.reference_effects(lm, task, design, ref_heads, pool[: phases[0] * prompts_per_group],
+                                      draws=reference_draws, clean=clean) if ref_heads else pd.DataFrame()
 reference_seconds = time.time() - t0
 if ref_heads:
-    ref = headrank.rank_table(ref_obs.assign(phase=1), "drop", cluster="prompt", n_boot=n_boot)
-    check = picks[["layer", "head", "effect", "effect_low", "effect_high", "se"]].merge(
-        ref[["layer", "head", "effect", "effect_low", "effect_high", "se"]], on=["layer", "head"],
-        suffixes=("_design", "_reference"))
-    check["difference"] = check["effect_design"] - check["effect_reference"]
-    check["z"] = check["difference"] / np.hypot(check["se_design"], check["se_reference"])
-    check["agree (|z| < 1.96)"] = check["z"].abs() < 1.96
-    display(check.round(3))
+    check = rankcheck.reference_check(picks, ref_obs, n_boot=n_boot)
+    display(check.rename(columns={"agree": "agree (|z| < 1.96)"}).round(3))
 
 # %% [markdown]
 # ## Where the important heads sit
@@ -305,15 +301,17 @@ fig = plots.head_heatmap(ranking, "effect", title=f"logit-difference drop, {nois
 # %% [markdown]
 # ## Does ablation rank heads like noise does?
 #
-# Zero ablation is deterministic, so only the prompts vary: each head is scored on the phase-1
-# prompts, the intervals resample prompts, and the same tests and corrections apply.
+# Zero and mean ablation are deterministic, so only the prompts vary: each head is scored on the
+# phase-1 prompts, the intervals resample prompts (a prompt is the cluster), and the same tests, rank
+# intervals and multiple-comparison corrections apply.
 
 # %%
 ablation_tables, compare = {}, ranking[["layer", "head", "effect"]].rename(columns={"effect": "noise"})
 abl_prompts = pool[: phases[0] * prompts_per_group]
 t0 = time.time()
 for m in ablations:
-    abl_obs = headrank.ablation_observations(lm, clean, task.labels, abl_prompts, m, heads=heads, batch_size=batch_size)
+    abl_obs = headrank.ablation_observations(lm, clean, task.labels, abl_prompts, m, heads=heads, store=store,
+                                             batch_size=batch_size)
     ablation_tables[m] = headrank.rank_table(abl_obs.assign(phase=1), "drop", top_k=top_k, n_boot=n_boot,
                                              cluster="prompt")
     compare = compare.merge(ablation_tables[m][["layer", "head", "effect"]].rename(
@@ -324,6 +322,31 @@ for m in ablations:
 if ablations:
     display(pd.concat({m: headrank.significance_counts(t) for m, t in ablation_tables.items()}, names=["ablation"]))
     display(pd.concat({m: t[cols[:10]].head(10) for m, t in ablation_tables.items()}, names=["ablation"]).round(3))
+
+# %% [markdown]
+# ## What the prompt costs
+#
+# The baseline chapter chose the shortest prompt whose dev ROC-AUC is within the interval of the
+# highest one, because every evaluation here pays for the prompt: a head-prompt evaluation runs the
+# query's tokens from the perturbed layer on, and a prefix pass the prefix's tokens. The work grows
+# about in proportion to the tokens run (per-token matrix products dominate at these lengths;
+# attention over a longer prefix adds a little more), so this run's cost under the highest-scoring
+# prompt is estimated from the token counts of the same evaluations and prefix passes.
+
+# %%
+evals, passes = int(spent["evaluations"].sum()), int(spent["prefix_passes"].sum())
+sweep_seconds = float(spent["seconds"].sum())
+q_tokens = float(np.mean([len(q) for q in clean.enc.queries]))
+p_tokens = len(clean.enc.prefix)
+alt = json.loads(Path(prompt_config).read_text()).get("highest_scoring") if validated else None
+tokens_run = evals * q_tokens + passes * p_tokens
+prompt_cost = pd.DataFrame([{"prompt": f"chosen: {config.format}, {config.k} shots", "prefix_tokens": p_tokens,
+                             "tokens_run": tokens_run, "sweep_seconds": sweep_seconds}])
+if alt and alt["prefix_tokens"] != p_tokens:
+    alt_tokens = evals * q_tokens + passes * alt["prefix_tokens"]
+    prompt_cost.loc[1] = [f"highest dev ROC-AUC: {alt['format']}, {alt['k']} shots", alt["prefix_tokens"], alt_tokens,
+                          sweep_seconds * alt_tokens / tokens_run]
+prompt_cost.round(0)
 
 # %% [markdown]
 # ## Explore
@@ -350,8 +373,6 @@ status = ranking["status"].value_counts()
 tied = ranking[ranking["status"] == "tied"]
 holm = counts.set_index("test").loc["Holm (FWER)"]
 bh = counts.set_index("test").loc["Benjamini-Hochberg (FDR)"]
-evals = int(spent["evaluations"].sum())
-sweep_seconds = float(spent["seconds"].sum())
 st = stability.set_index("split")
 
 
@@ -369,7 +390,8 @@ chapter.bullets([
     + ", ".join(f"{chapter.head_label(r.layer, r.head)} ({chapter.fmt_ci(r.effect, r.effect_low, r.effect_high, '+.2f')}; "
                 f"rank {int(r.rank_low)}-{int(r.rank_high)})" for r in ranking.head(5).itertuples()) + ".",
     f"Top-{top_k} boundary: {int(status.get('in', 0))} heads surely in, {int(status.get('tied', 0))} tied across it"
-    + (f" ({', '.join(chapter.head_label(a, b) for a, b in zip(tied['layer'], tied['head']))})" if len(tied) <= 25 else "")
+    + (f" ({', '.join(chapter.head_label(a, b) for a, b in zip(tied['layer'][:20], tied['head'][:20]))}"
+       + (f" and {len(tied) - 20} more" if len(tied) > 20 else "") + ")" if len(tied) else "")
     + f", {int(status.get('out', 0))} surely out" + (" - the top set is settled." if not len(tied) else "."),
     f"Heads with a non-zero effect: {int(holm['heads non-zero'])} of {len(ranking)} at a 5% family-wise error rate "
     f"(Holm), {int(bh['heads non-zero'])} at a 5% false discovery rate (Benjamini-Hochberg); "
@@ -382,18 +404,24 @@ chapter.bullets([
      if antithetic else None),
     *[f"Reproducibility, halves with {'disjoint noise (same prompts)' if split == 'noise' else 'disjoint prompts and noise'}: "
       f"Spearman {r['spearman']:.2f}, top-10 overlap {int(r['top10_overlap'])}/10; predicted for two full runs: "
-      f"Spearman {r['spearman, full run (predicted)']:.2f} - {target(r['spearman, full run (predicted)'] >= 0.9)}"
-      " (Spearman >= 0.9)" + (f"; a run about {r['run size for 0.9 (x this run)']:.0f} times as large (about "
-      f"{r['run size for 0.9 (x this run)'] * sweep_seconds / 60:.0f} min of sweeping here) is predicted to reach it."
-      if r["run size for 0.9 (x this run)"] > 1 else ".") for split, r in st.iterrows()],
+      f"Spearman {r['spearman_full']:.2f} - {target(r['spearman_full'] >= 0.9)} (Spearman >= 0.9)"
+      + (f"; a run about {r['size_for_target']:.0f} times as large (about "
+         f"{r['size_for_target'] * sweep_seconds / 60:.0f} min of sweeping here) is predicted to reach it."
+         if r["size_for_target"] > 1 else ".") for split, r in st.iterrows()],
     ("Seeds' semantics check: " + ", ".join(
         f"{chapter.head_label(r.layer, r.head)} design {r.effect_design:+.2f} vs reference {r.effect_reference:+.2f} "
         f"(z = {r.z:+.1f})" for r in check.itertuples())
-     + f"; {int(check['agree (|z| < 1.96)'].sum())} of {len(check)} agree within their intervals.") if ref_heads else None,
+     + f"; {int(check['agree'].sum())} of {len(check)} agree within their intervals.") if ref_heads else None,
     "Noise vs ablation: " + ("; ".join(
         f"{m} ablation Spearman ρ = {compare['noise'].corr(compare[f'{m}_ablation'], method='spearman'):.2f}, "
         f"{int(headrank.significance_counts(ablation_tables[m]).set_index('test').loc['Holm (FWER)', 'heads non-zero'])} heads "
         f"non-zero (Holm)" for m in ablations) or "no ablation run") + ".",
+    (f"The prompt's cost: the chosen prefix has {p_tokens} tokens, the highest-scoring dev prompt's "
+     f"{alt['prefix_tokens']}; with it this run would have run {prompt_cost['tokens_run'].iloc[1] / tokens_run:.1f}x "
+     f"the tokens (about {prompt_cost['sweep_seconds'].iloc[1] / 60:.0f} instead of {sweep_seconds / 60:.0f} min of "
+     "sweeping here)." if len(prompt_cost) > 1 else
+     f"The prompt's cost: the chosen prompt ({p_tokens} prefix tokens) is also the highest-scoring one on dev."
+     if alt else None),
 ])
 
 # %% tags=["hide-input"]
@@ -411,7 +439,7 @@ records.write_summary(  # headline numbers: one row per run in `headlab grid` su
     heads_nonzero_bh=int(bh["heads non-zero"]), tied_at_top_k=len(tied),
     **{f"spearman_halves_{k}": float(r["spearman"]) for k, r in st.iterrows()},
     **{f"top10_halves_{k}": int(r["top10_overlap"]) for k, r in st.iterrows()},
-    evaluations=evals, sweep_seconds=sweep_seconds)
+    evaluations=evals, prefix_passes=passes, sweep_seconds=sweep_seconds)
 print(f"results in {results_dir}/ ; total {time.time() - t_start:.0f} s")
 
 # %% tags=["remove-cell"]

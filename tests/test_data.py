@@ -326,6 +326,7 @@ def test_select_config_prefers_the_cheapest_within_the_best_interval():
     chosen = tasks.select_config(scores)
     assert (chosen["format"], chosen["k"], chosen["prefix_tokens"]) == ("plain", 4, 106)
     assert chosen["best_roc_auc"] == 0.897 and chosen["best_cost"] == 593
+    assert (chosen["best_format"], chosen["best_k"], chosen["n_eligible"]) == ("quoted", 16, 4)
     # nothing cheap within the interval: the best stays
     narrow = scores.assign(roc_auc_low=[0.895, 0.88, 0.85, 0.86])
     assert tasks.select_config(narrow)["prefix_tokens"] == 593

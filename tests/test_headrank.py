@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from headlab import engine, headrank, shards, tasks
+from headlab import engine, headrank, rankcheck, shards, tasks
 from headlab.edits import HeadEdit
 
 POS = ["a gripping, funny and warm film.", "one of the best movies of the year.", "charming and clever.",
@@ -54,10 +54,16 @@ def test_balanced_order_blocks_hold_both_labels():
 def test_design_validation_names_the_bad_value():
     with pytest.raises(ValueError, match="prompts_per_group=3"):
         headrank.RankDesign(prompts_per_group=3)
-    with pytest.raises(ValueError, match="zero"):
+    with pytest.raises(ValueError, match="mode='zero'"):
         headrank.RankDesign(mode="zero")
-    with pytest.raises(ValueError, match="phases"):
+    with pytest.raises(ValueError, match=r"phases\[1\]=1"):
         headrank.RankDesign(phases=(8, 1))
+    with pytest.raises(ValueError, match="level=nan"):
+        headrank.RankDesign(level=float("nan"))
+    with pytest.raises(ValueError, match="draws=1.5"):
+        headrank.RankDesign(draws=1.5)
+    with pytest.raises(ValueError, match="level_ci=1"):
+        headrank.RankDesign(level_ci=1.0)
     assert headrank.RankDesign(phases=[4, 2], prompts_per_group=2).n_prompts == 12
 
 
@@ -92,16 +98,16 @@ def test_run_groups_are_the_engines_numbers(setup):
 def test_halves_split_by_draw_and_by_group():
     obs = pd.DataFrame({"layer": 0, "head": 0, "phase": [1] * 8 + [2] * 4,
                         "group": [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5], "draw": [0, 1] * 6, "drop_plus": 1.0})
-    h = headrank.halves(obs)
+    h = rankcheck.halves(obs)
     assert set(h) == {"noise", "prompts"}
     assert (h["noise"]["draw 0"]["draw"] == 0).all() and len(h["noise"]["draw 1"]) == 6
     even, odd = h["prompts"]["even groups"], h["prompts"]["odd groups"]
     assert sorted(set(even["group"])) == [1, 3, 5] and sorted(set(odd["group"])) == [0, 2, 4]  # within each phase
-    assert "noise" not in headrank.halves(obs.assign(draw=0))
-    np.testing.assert_allclose(headrank.spearman_brown([0.5, 0.9, -0.2]), [2 / 3, 1.8 / 1.9, np.nan])
-    k = headrank.size_factor([0.5, 0.95, 0.0])
+    assert "noise" not in rankcheck.halves(obs.assign(draw=0))
+    np.testing.assert_allclose(rankcheck.spearman_brown([0.5, 0.9, -0.2]), [2 / 3, 1.8 / 1.9, np.nan])
+    k = rankcheck.size_factor([0.5, 0.95, 0.0])
     np.testing.assert_allclose(k, [9.0, 1.0, np.nan])
-    np.testing.assert_allclose(headrank.spearman_brown(0.5, k[0]), 0.9)
+    np.testing.assert_allclose(rankcheck.spearman_brown(0.5, k[0]), 0.9)
 
 
 def test_race_measures_only_tied_heads_and_resumes(setup, tmp_path, monkeypatch):
@@ -109,7 +115,9 @@ def test_race_measures_only_tied_heads_and_resumes(setup, tmp_path, monkeypatch)
     design = headrank.RankDesign(mode="fraction_of_std", level=1.0, prompts_per_group=2, phases=(4, 2),
                                  top_k=2, seed=1)
     pool = headrank.balanced_order(task.labels, 2)
-    store = shards.ShardStore(tmp_path, {"model": "tiny"})
+    with pytest.raises(ValueError, match="computation identity"):
+        headrank.race(lm, clean, task.labels, design, pool, shards.ShardStore(tmp_path, {"model": "tiny"}))
+    store = shards.ShardStore(tmp_path, {"model": "tiny"}, lm=lm)
     obs = headrank.race(lm, clean, task.labels, design, pool, store, n_boot=300)
     first = obs[obs["phase"] == 1]
     assert first.groupby(["layer", "head"]).ngroups == lm.n_layers * lm.n_heads
@@ -122,6 +130,14 @@ def test_race_measures_only_tied_heads_and_resumes(setup, tmp_path, monkeypatch)
     monkeypatch.setattr(engine, "sweep_heads", lambda *a, **k: pytest.fail("recomputed a saved group"))
     again = headrank.race(lm, clean, task.labels, design, pool, store, n_boot=300)
     pd.testing.assert_frame_equal(again, obs)
+    # a further phase reuses every group already measured (phases are not part of a group's key)
+    calls = []
+    monkeypatch.setattr(engine, "sweep_heads", lambda lm_, clean_, edits, **k: calls.append(k["prompts"][0])
+                        or torch.zeros(len(edits), len(clean_.enc), 2))
+    longer = headrank.race(lm, clean, task.labels, dataclasses.replace(design, phases=(4, 2, 2)), pool, store,
+                           n_boot=300, progress=False)
+    assert {p for rows in calls for p in rows} <= set(pool[12:16].tolist())
+    pd.testing.assert_frame_equal(longer[longer["phase"] < 3].reset_index(drop=True), obs)
     with pytest.raises(ValueError, match="pool has 4"):
         headrank.race(lm, clean, task.labels, design, pool[:4])
 
@@ -143,6 +159,43 @@ def test_rank_table_columns_and_ablation(setup):
     counts = headrank.significance_counts(table).set_index("test")
     assert counts.loc["Holm (FWER)", "heads non-zero"] <= counts.loc["Benjamini-Hochberg (FDR)", "heads non-zero"] \
         <= counts.loc["uncorrected p", "heads non-zero"] == int((table["p"] <= 0.05).sum())
+
+
+def test_mean_ablation_is_the_engines_and_resumes(setup, tmp_path, monkeypatch):
+    lm, task, clean = setup
+    store = shards.ShardStore(tmp_path, {"model": "tiny"}, lm=lm)
+    rows = [0, 3, 5, 6]
+    obs = headrank.ablation_observations(lm, clean, task.labels, rows, "mean", heads=[(0, 1)], store=store)
+    lp = engine.sweep_heads(lm, clean, [HeadEdit("mean", 0, 1)])[0, rows]
+    sign = np.where(task.labels[rows] == 1, 1.0, -1.0)
+    want = ((clean.logprobs[rows, 1] - clean.logprobs[rows, 0]).numpy() - (lp[:, 1] - lp[:, 0]).numpy()) * sign
+    np.testing.assert_allclose(obs["drop"].to_numpy(), want, atol=1e-5)
+    assert obs["evaluations"].sum() == 4
+    monkeypatch.setattr(engine, "sweep_heads", lambda *a, **k: pytest.fail("recomputed a saved ablation"))
+    again = headrank.ablation_observations(lm, clean, task.labels, rows, "mean", heads=[(0, 1)], store=store)
+    pd.testing.assert_frame_equal(again, obs)
+    with pytest.raises(ValueError, match="use one of"):
+        headrank.ablation_observations(lm, clean, task.labels, rows, "noise")
+
+
+def test_stability_and_variance_table_of_a_run(setup):
+    """The checks run on a small design: halves by draw and by group, Spearman-Brown columns, the
+    variance shares sum to one, and every head is compared."""
+    lm, task, clean = setup
+    design = headrank.RankDesign("fraction_of_std", 1.5, prompts_per_group=4, phases=(4,), seed=2)
+    obs = headrank.run_groups(lm, clean, task.labels, design, headrank.balanced_order(task.labels, 4),
+                              [(layer, h) for layer in range(lm.n_layers) for h in range(lm.n_heads)], range(4),
+                              progress=False)
+    table, rankings = rankcheck.stability(obs, top_k=2, n_boot=50)
+    assert table["split"].tolist() == ["noise", "prompts"] and set(rankings) == {"noise", "prompts"}
+    ok = table["spearman"] > 0
+    np.testing.assert_allclose(table.loc[ok, "spearman_full"], rankcheck.spearman_brown(table.loc[ok, "spearman"]))
+    var = rankcheck.variance_table(obs)
+    assert len(var) == lm.n_layers * lm.n_heads
+    shares = var[["share_prompts", "share_prefix", "share_query"]].sum(axis=1)
+    np.testing.assert_allclose(shares[var["variance"] > 0], 1.0)
+    eff = rankcheck.antithetic_efficiency(obs)
+    assert (eff["efficiency"] > 0).all()
 
 
 def _bank(lm, task, clean, design, n_draws):
@@ -211,9 +264,8 @@ def test_design_and_seeds_reference_estimate_the_same_effect(setup):
     pool = np.tile(headrank.balanced_order(task.labels, 4), 6)  # 24 groups: each prompt under 6 draws
     heads = [(0, 2), (1, 1)]
     obs = headrank.run_groups(lm, clean, task.labels, design, pool, heads, range(24))
-    ours = headrank.rank_table(obs, n_boot=200).set_index(["layer", "head"])
-    ref = headrank.reference_effects(lm, task, design, heads, range(len(task.labels)), draws=12, clean=clean)
-    theirs = headrank.rank_table(ref.assign(phase=1), "drop", cluster="prompt", n_boot=200).set_index(["layer", "head"])
-    z = (ours["effect"] - theirs["effect"]) / np.hypot(ours["se"], theirs["se"])
-    assert (z.abs() < 3).all(), z
-    assert (theirs["effect"].abs() > 2 * theirs["se"]).any()  # the check is not vacuous
+    ours = headrank.rank_table(obs, n_boot=200)
+    ref = rankcheck.reference_effects(lm, task, design, heads, range(len(task.labels)), draws=12, clean=clean)
+    check = rankcheck.reference_check(ours, ref, n_boot=200, z_crit=3.0)
+    assert len(check) == 2 and check["agree"].all(), check
+    assert (check["effect_reference"].abs() > 2 * check["se_reference"]).any()  # the check is not vacuous
