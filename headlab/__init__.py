@@ -34,7 +34,9 @@ Sweeps and statistics
 * :mod:`headlab.sweeps` -- head sweeps (noise and ablation of every head, one draw per seed) and their rankings
 * :mod:`headlab.headrank` -- head rankings that reproduce: a designed noise experiment (label-balanced
   prefix-draw groups, antithetic pairs, two draws per prompt, racing for the top-k), ranked with intervals,
-  rank intervals and corrected tests; the seeds' fresh-noise reference
+  rank intervals and corrected tests (zero/mean ablation rankings too)
+* :mod:`headlab.rankcheck` -- checks of such a ranking: reproducibility between independent halves of a run,
+  variance shares (prompts, prefix noise, query noise), antithetic efficiency, the seeds' fresh-noise reference
 * :mod:`headlab.stats` -- cluster bootstrap and cluster-robust errors, rank intervals, Holm, variance components
 * :mod:`headlab.ablation` -- set ablation: one resumable sweep of top-k vs random-k heads or neurons, and
   the top-vs-random comparison (permutation p-value, band, verdict)

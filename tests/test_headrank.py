@@ -198,61 +198,112 @@ def test_stability_and_variance_table_of_a_run(setup):
     assert (eff["efficiency"] > 0).all()
 
 
-def _bank(lm, task, clean, design, n_draws):
-    """Every prompt of the task under ``n_draws`` draws of the design (draw d = one prefix draw shared
-    by all prompts + one query draw per prompt), all heads, antithetic pairs: the finite population
-    the simulated runs sample from."""
-    order = np.arange(len(task.labels))
-    bank_design = headrank.RankDesign(design.mode, design.level, prompts_per_group=len(order),
-                                      phases=(n_draws,), draws=1, seed=design.seed)
-    heads = [(layer, h) for layer in range(lm.n_layers) for h in range(lm.n_heads)]
-    bank = headrank.run_groups(lm, clean, task.labels, bank_design, np.tile(order, n_draws), heads,
-                               range(n_draws))
-    return bank.assign(effect=headrank.effect_column(bank)).drop(columns="draw").rename(columns={"group": "draw"})
+N_DRAWS = 48
 
 
-def test_intervals_cover_the_expected_effect_by_simulation(setup):
-    """Coverage of the nominal 95% intervals of :func:`rank_table` under the design, by simulation.
+@pytest.fixture(scope="module")
+def bank(setup):
+    """Every prompt of the task under ``N_DRAWS`` draws of a noise design (draw d = one prefix draw shared
+    by all prompts + one query draw per prompt), every head, antithetic pairs: the finite population
+    the simulated runs sample from.
 
-    The population: 16 prompts (8 per label) x 48 noise draws of a tiny llama, every head, antithetic
-    pairs (the bank). Its mean per head is the exact expected effect ``theta_h`` of the sampling below,
-    computed from all 768 (prompt, draw) evaluations. One simulated run draws 10 groups, each a
-    random draw (with replacement: groups are iid) and 2 prompts per label (without replacement);
-    a group's prompts share the draw's prefix noise, as in the real design. 300 runs x 8 heads = 2400
-    intervals. Runs are iid, so the standard error of the coverage comes from the spread of the
-    per-run coverage (which accounts for the heads of one run sharing their groups); the test allows
-    3 standard errors around 0.95 (a 0.3% false alarm rate if coverage is exactly 95%). The rank
-    intervals must cover each head's true rank at least as often (they are simultaneous over pairs).
+    Returns:
+        ``(cube, theta, heads)``: effects ``(draw, prompt, head)``, each head's exact expected effect
+        under the sampling below (the mean over the whole bank: groups are label-balanced and draws are
+        uniform, so a group mean is unbiased for it), and the ``(layer, head)`` pairs.
     """
     lm, task, clean = setup
-    design = headrank.RankDesign("fraction_of_std", 1.5, prompts_per_group=4, phases=(10,), seed=11)
-    bank = _bank(lm, task, clean, design, n_draws=48)
-    heads = bank[["layer", "head"]].drop_duplicates().to_numpy()
-    n_h = len(heads)
-    cube = bank.pivot_table(index=["draw", "prompt"], columns=["layer", "head"], values="effect")
-    cube = cube.to_numpy().reshape(48, len(task.labels), n_h)  # (draw, prompt, head)
-    theta = cube.mean((0, 1))
-    true_rank = np.argsort(np.argsort(-theta)) + 1
-    y = task.labels
+    order = np.arange(len(task.labels))
+    design = headrank.RankDesign("fraction_of_std", 1.5, prompts_per_group=len(order), phases=(N_DRAWS,), draws=1,
+                                 seed=11)
+    heads = [(layer, h) for layer in range(lm.n_layers) for h in range(lm.n_heads)]
+    obs = headrank.run_groups(lm, clean, task.labels, design, np.tile(order, N_DRAWS), heads, range(N_DRAWS),
+                              progress=False)
+    obs = obs.assign(effect=headrank.effect_column(obs))
+    cube = obs.pivot_table(index=["group", "prompt"], columns=["layer", "head"], values="effect")
+    cube = cube.to_numpy().reshape(N_DRAWS, len(order), len(heads))  # (draw, prompt, head)
+    return cube, cube.mean((0, 1)), np.array(heads)
+
+
+def _sample_groups(cube, y, rng, n_groups, heads, phase):
+    """``n_groups`` simulated groups: each a random draw (with replacement: groups are iid) and 2 prompts
+    per label (without replacement within the group), sharing the draw's prefix noise as in the design."""
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    draws = rng.integers(0, cube.shape[0], n_groups)
+    prompts = np.stack([np.concatenate([rng.choice(pos, 2, replace=False), rng.choice(neg, 2, replace=False)])
+                        for _ in range(n_groups)])  # (group, 4)
+    vals = cube[draws[:, None], prompts][..., heads["index"]]  # (group, 4, heads)
+    n_h = len(heads["index"])
+    return pd.DataFrame({"layer": np.tile(heads["layer"], 4 * n_groups), "head": np.tile(heads["head"], 4 * n_groups),
+                         "group": np.repeat(np.arange(n_groups), 4 * n_h), "phase": phase, "effect": vals.reshape(-1)})
+
+
+def _coverage(table, heads, theta, true_rank):
+    t = table.set_index(["layer", "head"]).loc[[tuple(h) for h in heads]]
+    return (((t["effect_low"] <= theta) & (theta <= t["effect_high"])).mean(),
+            ((t["rank_low"] <= true_rank) & (true_rank <= t["rank_high"])).mean())
+
+
+def _check_coverage(cover, cover_rank):
+    """Runs are iid, so the standard error of the mean coverage comes from the spread of the per-run
+    coverage (which accounts for the heads of one run sharing their groups); 3 standard errors around
+    0.95 is a 0.3% false alarm rate if the coverage is exactly 95%. Rank intervals are simultaneous
+    over pairs, so they must cover at least as often."""
+    cover, cover_rank = np.asarray(cover), np.asarray(cover_rank)
+    mean, se = cover.mean(), cover.std(ddof=1) / np.sqrt(len(cover))
+    print(f"interval coverage {mean:.3f} +- {se:.3f}; rank-interval coverage {cover_rank.mean():.3f}")
+    assert abs(mean - 0.95) <= 3 * se, f"coverage {mean:.3f} (se {se:.3f}) is not 0.95"
+    assert cover_rank.mean() >= 0.95 - 3 * cover_rank.std(ddof=1) / np.sqrt(len(cover_rank))
+
+
+def test_intervals_cover_the_expected_effect_by_simulation(setup, bank):
+    """Coverage of the nominal 95% intervals of :func:`rank_table` under the design, by simulation.
+
+    The population (:func:`bank`): 16 prompts (8 per label) x 48 noise draws of a tiny llama, every head,
+    antithetic pairs; its mean per head is the exact expected effect ``theta_h`` of the sampling, computed
+    from all 768 (prompt, draw) evaluations. One simulated run draws 10 label-balanced groups of 4
+    prompts, each with its own draw. 300 runs x 8 heads = 2400 intervals.
+    """
+    _, task, _ = setup
+    cube, theta, heads = bank
+    true_rank = np.argsort(np.argsort(-theta)) + 1
+    cols = {"index": np.arange(len(heads)), "layer": heads[:, 0], "head": heads[:, 1]}
     rng = np.random.default_rng(0)
     cover, cover_rank = [], []
     for _ in range(300):
-        draws = rng.integers(0, 48, 10)
-        prompts = np.stack([np.concatenate([rng.choice(pos, 2, replace=False), rng.choice(neg, 2, replace=False)])
-                            for _ in range(10)])  # (group, 4)
-        vals = cube[draws[:, None], prompts]  # (group, 4, head)
-        obs = pd.DataFrame({"layer": np.tile(heads[:, 0], 40), "head": np.tile(heads[:, 1], 40),
-                            "group": np.repeat(np.arange(10), 4 * n_h), "phase": 1, "effect": vals.reshape(-1)})
-        t = headrank.rank_table(obs, n_boot=400, seed=int(rng.integers(1 << 30)))
-        t = t.set_index(["layer", "head"]).loc[[tuple(h) for h in heads]]
-        cover.append(((t["effect_low"] <= theta) & (theta <= t["effect_high"])).mean())
-        cover_rank.append(((t["rank_low"] <= true_rank) & (true_rank <= t["rank_high"])).mean())
-    cover = np.array(cover)
-    mean, se = cover.mean(), cover.std(ddof=1) / np.sqrt(len(cover))
-    print(f"interval coverage {mean:.3f} +- {se:.3f}; rank-interval coverage {np.mean(cover_rank):.3f}")
-    assert abs(mean - 0.95) <= 3 * se, f"coverage {mean:.3f} (se {se:.3f}) is not 0.95"
-    assert np.mean(cover_rank) >= 0.95 - 3 * np.std(cover_rank, ddof=1) / np.sqrt(len(cover_rank))
+        obs = _sample_groups(cube, task.labels, rng, 10, cols, phase=1)
+        c, r = _coverage(headrank.rank_table(obs, n_boot=400, seed=int(rng.integers(1 << 30))), heads, theta, true_rank)
+        cover.append(c)
+        cover_rank.append(r)
+    _check_coverage(cover, cover_rank)
+
+
+def test_intervals_cover_after_racing_by_simulation(setup, bank):
+    """The same coverage check for the design as :func:`headrank.race` runs it: phase 1 measures every
+    head on 6 groups, phase 2 adds 4 new groups for the heads whose rank interval crosses the top-3
+    boundary only, and the final table (strata: phases) is checked for every head. The selection of
+    heads for phase 2 depends on the phase-1 data, which the intervals do not model; this checks that
+    it does not cost coverage. 200 runs x 8 heads."""
+    _, task, _ = setup
+    cube, theta, heads = bank
+    true_rank = np.argsort(np.argsort(-theta)) + 1
+    cols = {"index": np.arange(len(heads)), "layer": heads[:, 0], "head": heads[:, 1]}
+    rng = np.random.default_rng(1)
+    cover, cover_rank, raced = [], [], 0
+    for _ in range(200):
+        first = _sample_groups(cube, task.labels, rng, 6, cols, phase=1)
+        table = headrank.rank_table(first, top_k=3, n_boot=200, seed=int(rng.integers(1 << 30)))
+        tied = table.set_index(["layer", "head"])["status"].loc[[tuple(h) for h in heads]].to_numpy() == "tied"
+        obs = first
+        if tied.any():
+            raced += 1
+            sub = {k: v[tied] for k, v in cols.items()}
+            obs = pd.concat([first, _sample_groups(cube, task.labels, rng, 4, sub, phase=2)], ignore_index=True)
+        c, r = _coverage(headrank.rank_table(obs, n_boot=400, seed=int(rng.integers(1 << 30))), heads, theta, true_rank)
+        cover.append(c)
+        cover_rank.append(r)
+    assert raced >= 100  # the racing phase ran in most runs (else this checks nothing new)
+    _check_coverage(cover, cover_rank)
 
 
 def test_design_and_seeds_reference_estimate_the_same_effect(setup):
