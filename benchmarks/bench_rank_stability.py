@@ -48,15 +48,16 @@ TARGET_SPEARMAN, TARGET_TOP10 = 0.9, 8
 def today_seed(lm, clean, labels, prompts, heads, setting, seed, store, batch_size):
     """Today's design, one seed: every head on ``prompts``, one prefix draw per (head, seed)."""
     rows = [int(p) for p in prompts]
+    edits = [Setting(setting.mode, setting.level, seed).edit(layer, h, clean) for layer, h in heads]
     point = {"design": "today", "seed": int(seed), "prompts": rows,
              "tokens": config_hash({"p": clean.enc.prefix.tolist(), "q": [clean.enc.queries[r].tolist() for r in rows]}),
-             "heads": config_hash({"h": heads}), "setting": [setting.mode, setting.level]}
+             "heads": config_hash({"h": heads, "scale": [round(e.scale, 7) for e in edits]}),
+             "setting": [setting.mode, setting.level]}
 
     def compute(_):
         y = np.asarray(labels)
         sign = np.where(y == 1, 1.0, -1.0)
         t0 = time.perf_counter()
-        edits = [Setting(setting.mode, setting.level, seed).edit(layer, h, clean) for layer, h in heads]
         lp = engine.sweep_heads(lm, clean, edits, batch_size=batch_size, prompts=[rows] * len(edits))[:, rows]
         clean_ld = ((clean.logprobs[rows, 1] - clean.logprobs[rows, 0]).numpy() * sign[rows])
         drop = clean_ld[None] - (lp[..., 1] - lp[..., 0]).numpy() * sign[rows][None]
