@@ -174,6 +174,7 @@ results.head()
 #
 # Bands are 95% bootstrap intervals of the mean: over sequences for the top set, over random head
 # sets and sequences for random heads.
+# <!-- prose-ok: 95% (the intervals' level, headlab.metrics' default) -->
 
 # %%
 by_k = {v: ablation.ablation_summary(results, v, by=("mode", "layer_range", "set_type", "k"), n_boot=n_boot,

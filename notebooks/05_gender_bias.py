@@ -181,7 +181,7 @@ fig = plots.compare_scatter(wb_mf.assign(winogender=wg_mf["diff"].to_numpy()).re
 # the same two forms are counted once.
 #
 # The ablation sweep (`headlab.ablation.ranked_ablation_sweep`) removes the $k$ heads with the largest
-# standardised |pro − anti| attention difference $|d_z|$ (*top*), or $k$ heads drawn uniformly from all 270 (*random*,
+# standardised |pro − anti| attention difference $|d_z|$ (*top*), or $k$ heads drawn uniformly from all heads (*random*,
 # `n_random` sets per $k$), by zeroing their outputs (*zero*) or replacing them by their mean output
 # over Wikipedia text (*mean*, `headlab.attention.head_output_means`), and scores every prompt under
 # each ablation with the batched label-token engine (`headlab.engine.label_logprobs`).
