@@ -257,6 +257,8 @@ def _smallest_k(score: Float[Tensor, "r n"], k: int) -> Bool[Tensor, "r n"]:
     below = score < thr
     ties = score == thr
     need = k - below.sum(1, keepdim=True)  # (r, 1) tied entries still to take
+    if bool((ties.sum(1, keepdim=True) == need).all()):  # every tie is taken: no position order needed
+        return below | ties
     return below | (ties & (ties.cumsum(1) <= need))
 
 
@@ -626,6 +628,7 @@ def down_proj_spikes(lm: LoadedModel, ids: Int[Tensor, "n s"], layers: Sequence[
         raise ValueError(f"layers={bad or layers} must be a non-empty subset of 0..{lm.n_layers - 1}.")
     stats: dict[int, dict] = {}
     current: dict[str, Tensor] = {}
+    last = layers[-1]
 
     def make(layer: int, name: str) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
@@ -650,14 +653,23 @@ def down_proj_spikes(lm: LoadedModel, ids: Int[Tensor, "n s"], layers: Sequence[
                 entry = entry if entry["out_max"] > old["out_max"] else old
                 entry["in_max"], entry["in_channel"] = best_in
             stats[layer] = entry
+            if layer == last and last < lm.n_layers - 1:
+                raise _StopForward  # later blocks cannot change what was recorded
         return hook
 
     post = [(weight_module(lm, f"L{layer}.mlp.down"), make(layer, f"L{layer}.mlp.down")) for layer in layers]
     with hooks(post=post):
         for start in range(0, len(ids), batch_size):
             current["ids"] = ids[start:start + batch_size]
-            lm.model(input_ids=current["ids"].to(lm.device))
+            try:
+                lm.model(input_ids=current["ids"].to(lm.device))
+            except _StopForward:
+                pass
     return [stats[layer] for layer in layers]
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the last layer of interest has run."""
 
 
 def early_layers(lm: LoadedModel, fraction: float) -> list[int]:

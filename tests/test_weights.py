@@ -458,6 +458,7 @@ def test_find_super_weights_iterates_in_early_layers(tiny_factory):
 
     with weights.edit_weights(lm, {n: plant(c) for n, c in planted.items()}):
         spikes = weights.down_proj_spikes(lm, IDS)
+        assert weights.down_proj_spikes(lm, IDS, layers=[0]) == spikes[:1]  # the pass stops after layer 0
         threshold = weights.spike_threshold(spikes, 1.5)
         top = max(spikes, key=lambda e: e["out_max"])
         assert top["out_max"] >= threshold
