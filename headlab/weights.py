@@ -34,6 +34,7 @@ from headlab.models import (
 __all__ = [
     "BIT_POSITIONS",
     "PRUNE_GROUPS",
+    "SUPER_COLUMNS",
     "WeightFn",
     "bit_index",
     "bit_width",
@@ -607,22 +608,25 @@ def down_proj_spikes(lm: LoadedModel, ids: Int[Tensor, "n s"], layers: Sequence[
 
     A super weight ``W_down[r, c]`` shows as a huge input activation on channel ``c`` and a huge output
     on hidden dimension ``r`` at the same token. Per layer this records the largest ``|output|`` over
-    all tokens and dimensions (``out_max`` at ``row``, token ``position``) and, at that token and row,
-    the input channel whose product ``x_c * W[row, c]`` contributes most (``col``, ``contribution``,
-    ``share`` = contribution / output); ``input_col`` is the channel of the largest ``|input|`` at that
-    token (the paper's choice of column; it equals ``col`` when the input spike drives the output
-    spike), and ``in_max`` / ``in_channel`` the largest ``|input|`` anywhere in the layer.
+    all tokens and dimensions (``out_max`` at ``row``, token ``position``) and, at that token:
+
+    * ``col``: the channel of the largest ``|input|`` (the paper's column: the input spike), with
+      ``weight = W[row, col]``, its product ``contribution = x_col * W[row, col]`` and ``share`` =
+      contribution / output;
+    * ``top_col``: the channel whose product ``x_c * W[row, c]`` contributes most to that output
+      (``top_weight``, ``top_contribution``, ``top_share``); it equals ``col`` when the input spike is
+      what drives the output spike;
+    * ``in_max`` / ``in_channel``: the largest ``|input|`` anywhere in the layer.
 
     Args:
         ids: token rows (one prompt suffices for the paper; more rows make the maxima more stable).
-        layers: layers to inspect (default all).
+        layers: layers to inspect (default all); the forward pass stops after the last of them.
 
     Returns:
-        One dict per layer, in layer order: ``layer, row, col, input_col, weight, contribution, share,
-        out_max, out_value, in_max, in_channel, position, token`` (``row``/``col`` in ``(out, in)``
-        coordinates).
+        One dict per layer, in layer order, with the keys above and ``layer, out_max, out_value,
+        position, token`` (``row``/``col`` in ``(out, in)`` coordinates).
     """
-    layers = list(range(lm.n_layers)) if layers is None else sorted(set(int(x) for x in layers))
+    layers = list(range(lm.n_layers)) if layers is None else sorted({int(x) for x in layers})
     bad = [x for x in layers if not 0 <= x < lm.n_layers]
     if bad or not layers:
         raise ValueError(f"layers={bad or layers} must be a non-empty subset of 0..{lm.n_layers - 1}.")
@@ -638,13 +642,15 @@ def down_proj_spikes(lm: LoadedModel, ids: Int[Tensor, "n s"], layers: Sequence[
             w = out_in(lm, name).float()
             t, r = divmod(int(y.abs().reshape(-1).argmax()), y.shape[1])
             contrib = x[t] * w[r]  # (d_mlp,): each input channel's share of output r at token t
-            c = int(contrib.abs().argmax())
+            c, top = int(x[t].abs().argmax()), int(contrib.abs().argmax())
+            out = float(y[t, r])
             in_flat = int(x.abs().reshape(-1).argmax())
             b, pos = divmod(t, current["ids"].shape[1])
-            entry = {"layer": layer, "row": r, "col": c, "input_col": int(x[t].abs().argmax()),
-                     "weight": float(w[r, c]), "contribution": float(contrib[c]),
-                     "share": float(contrib[c] / y[t, r]) if float(y[t, r]) != 0 else float("nan"),
-                     "out_max": float(y[t, r].abs()), "out_value": float(y[t, r]),
+            entry = {"layer": layer, "row": r, "col": c, "weight": float(w[r, c]),
+                     "contribution": float(contrib[c]), "share": float(contrib[c]) / out if out else float("nan"),
+                     "top_col": top, "top_weight": float(w[r, top]), "top_contribution": float(contrib[top]),
+                     "top_share": float(contrib[top]) / out if out else float("nan"),
+                     "out_max": abs(out), "out_value": out,
                      "in_max": float(x.abs().reshape(-1)[in_flat]), "in_channel": in_flat % x.shape[-1],
                      "position": pos, "token": int(current["ids"][b, pos])}
             old = stats.get(layer)
@@ -693,21 +699,31 @@ def spike_threshold(spikes: Sequence[dict], factor: float) -> float:
     return float(factor * torch.tensor([s["out_max"] for s in spikes]).median())
 
 
+#: How :func:`find_super_weights` reads the column of a super weight from a spike: ``"input"`` (the
+#: paper's rule: the input channel of the largest activation at the spike token) or ``"contribution"``
+#: (the input channel whose product with the weight makes most of the output spike).
+SUPER_COLUMNS = ("input", "contribution")
+
+
 def find_super_weights(lm: LoadedModel, ids: Int[Tensor, "n s"], layers: Sequence[int], threshold: float,
-                       max_weights: int = 4, batch_size: int = 4) -> list[dict]:
+                       max_weights: int = 4, column: str = "input", batch_size: int = 4) -> list[dict]:
     """Yu et al.'s iterative search for super weights in the down projections of ``layers``.
 
     Step ``i``: run :func:`down_proj_spikes` on ``layers`` with the weights found so far zeroed; if the
-    largest output spike is at least ``threshold``, its ``W_down[row, col]`` is the next super weight;
+    largest output spike is at least ``threshold``, ``W_down[row, c]`` is the next super weight, with
+    ``row`` the output channel of the spike and ``c`` read by ``column`` (:data:`SUPER_COLUMNS`);
     otherwise (or after ``max_weights`` weights) stop. Removing a super weight removes the activation
     spike it causes, so the next step sees the next one.
 
     Returns:
-        The :func:`down_proj_spikes` row of each weight found, in order, with ``step`` and ``name``
-        (``"L2.mlp.down"``); weights restored on return.
+        The :func:`down_proj_spikes` row of each weight found, in order, with ``step``, ``name``
+        (``"L2.mlp.down"``) and ``rule`` (``column``); ``col``, ``weight``, ``contribution`` and
+        ``share`` describe the chosen weight. Weights restored on return.
     """
     if max_weights < 0:
         raise ValueError(f"max_weights={max_weights} must be >= 0.")
+    if column not in SUPER_COLUMNS:
+        raise ValueError(f"column={column!r}; choose one of {SUPER_COLUMNS}.")
     found: list[dict] = []
     for step in range(max_weights):
         removed: dict[str, list[tuple[int, int]]] = {}
@@ -718,5 +734,8 @@ def find_super_weights(lm: LoadedModel, ids: Int[Tensor, "n s"], layers: Sequenc
         best = max(spikes, key=lambda e: e["out_max"])
         if best["out_max"] < threshold:
             break
-        found.append({**best, "step": step, "name": f"L{best['layer']}.mlp.down"})
+        if column == "contribution":
+            best = {**best, "col": best["top_col"], "weight": best["top_weight"],
+                    "contribution": best["top_contribution"], "share": best["top_share"]}
+        found.append({**best, "step": step, "name": f"L{best['layer']}.mlp.down", "rule": column})
     return found

@@ -29,10 +29,10 @@ def _chapter(tmp_path, markdown: str, code: str = "x = 1") -> Path:
 
 @pytest.mark.parametrize("text", [
     # the fixed statements of 01_baseline and 02_noise_perturbation this check was written for
-    "The argmax accuracy of several configurations sits near 50% although their ROC-AUC is far above 0.5:\n"
-    "the model ranks the reviews well but puts most probability on one label.",
-    "Accuracy on a few dozen prompts moves in steps of one prompt, so most heads land in LOW even when the\n"
-    "logit difference moves clearly.",
+    ("The argmax accuracy of several configurations sits near 50% although their ROC-AUC is far above 0.5:\n"
+     "the model ranks the reviews well but puts most probability on one label."),
+    ("Accuracy on a few dozen prompts moves in steps of one prompt, so most heads land in LOW even when the\n"
+     "logit difference moves clearly."),
     "Magnitude pruning reaches perplexity 445 against Wanda's 61 at half sparsity.",
 ])
 def test_fixed_result_statements_fail(tmp_path, text):

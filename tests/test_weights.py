@@ -437,8 +437,8 @@ def test_super_weight_finder_finds_planted_weight(tiny_factory, arch):
     with weights.edit_weights(lm, {name: lambda w: w.__setitem__((row, col), 200.0)}):
         spikes = pd.DataFrame(weights.down_proj_spikes(lm, IDS))
     top = spikes.loc[spikes["out_max"].idxmax()]
-    assert (int(top["layer"]), int(top["row"]), int(top["col"])) == (1, row, col)
-    assert top["weight"] == 200.0
+    assert (int(top["layer"]), int(top["row"]), int(top["top_col"])) == (1, row, col)
+    assert top["top_weight"] == 200.0
 
 
 def test_find_super_weights_iterates_in_early_layers(tiny_factory):
@@ -462,16 +462,39 @@ def test_find_super_weights_iterates_in_early_layers(tiny_factory):
         threshold = weights.spike_threshold(spikes, 1.5)
         top = max(spikes, key=lambda e: e["out_max"])
         assert top["out_max"] >= threshold
-        early = weights.find_super_weights(lm, IDS, [0], threshold=1e-3 * top["out_max"], max_weights=2)
+        early = weights.find_super_weights(lm, IDS, [0], threshold=1e-3 * top["out_max"], max_weights=2,
+                                           column="contribution")
         assert [(f["layer"], f["row"], f["col"]) for f in early] == [(0, 5, 7), (0, 9, 2)]  # the larger first
         assert [f["step"] for f in early] == [0, 1] and early[0]["name"] == "L0.mlp.down"
-        late = weights.find_super_weights(lm, IDS, [1], threshold=1e-3 * top["out_max"], max_weights=1)
+        late = weights.find_super_weights(lm, IDS, [1], threshold=1e-3 * top["out_max"], max_weights=1,
+                                          column="contribution")
         assert [(f["layer"], f["row"], f["col"]) for f in late] == [(1, 3, 4)]
         assert weights.find_super_weights(lm, IDS, [0, 1], threshold=10 * top["out_max"]) == []  # nothing that big
         assert 0.5 < early[0]["share"] <= 1.5  # the planted weight makes most of its output spike
     assert weights.state_checksum(lm) == checksum
     with pytest.raises(ValueError, match="layers"):
         weights.down_proj_spikes(lm, IDS, layers=[5])
+    with pytest.raises(ValueError, match="column"):
+        weights.find_super_weights(lm, IDS, [0], 1.0, column="weight")
+
+
+def test_paper_rule_reads_the_column_from_the_input_spike(tiny_factory):
+    # a super activation: input channel 7 of L0's down projection made huge (its up-projection row
+    # scaled), and W_down[5, 7] large, so output 5 spikes at the tokens where channel 7 does
+    lm = tiny_factory("llama")
+    def up(w):
+        w[7] *= 60.0
+
+    def down(w):
+        w[5, 7] = 40.0
+
+    edits = {"L0.mlp.up": up, "L0.mlp.down": down}
+    with weights.edit_weights(lm, edits):
+        spike = weights.down_proj_spikes(lm, IDS, layers=[0])[0]
+        assert (spike["row"], spike["col"], spike["top_col"]) == (5, 7, 7)
+        found = weights.find_super_weights(lm, IDS, [0], threshold=0.5 * spike["out_max"], max_weights=3)
+        assert [(f["row"], f["col"], f["rule"]) for f in found][:1] == [(5, 7, "input")]
+        assert found[0]["weight"] == 40.0 and found[0]["share"] > 0.5
 
 
 def test_block_matrix_formats_of_an_in_memory_model(tiny_factory):

@@ -41,26 +41,28 @@ __all__ = ["CLAIM_PATTERNS", "ProseProblem", "allowances", "check_executed", "ch
 #: things a chapter measures, approximate comparisons with a number, and first-person observations.
 CLAIM_PATTERNS: tuple[str, ...] = (
     # "most heads land in LOW": how the measured things turned out ("the most X" is a superlative)
-    r"(?<!the )\b(?:most|the majority of|nearly all|almost all|none of)(?: of)?(?: the)?(?: [\w-]+){0,2} "
-    r"(?:heads|configurations|configs|neurons|weights|layers|prompts|matrices|trials|flips|bits|candidates|"
-    r"items|pairs|seeds|settings|runs|reviews|sentences|probes|models)\b",
+    (r"(?<!the )\b(?:most|the majority of|nearly all|almost all|none of)(?: of)?(?: the)?(?: [\w-]+){0,2} "
+     r"(?:heads|configurations|configs|neurons|weights|layers|prompts|matrices|trials|flips|bits|candidates|"
+     r"items|pairs|seeds|settings|runs|reviews|sentences|probes|models)\b"),
     # "accuracy sits near 50%"
-    r"\b(?:sits?|lands?|stays?|remains?|lies?|hovers?) (?:near|around|at|in|close to|far above|far below|"
-    r"well above|well below)\b",
+    (r"\b(?:sits?|lands?|stays?|remains?|lies?|hovers?) (?:near|around|at|in|close to|far above|far below|"
+     r"well above|well below)\b"),
     # "ROC-AUC far above 0.5"
-    r"\b(?:near|around|about|roughly|approximately|close to|far above|far below|well above|well below)"
-    r" ~?\d[\d.,]*%?",
+    (r"\b(?:near|around|about|roughly|approximately|close to|far above|far below|well above|well below)"
+     r" ~?\d[\d.,]*%?"),
+    # "we saw that ..."
     r"\bwe (?:saw|see|found|observed?|find that)\b",
-    r"\b(?:is|are|was|were) (?:much|far|clearly|slightly|considerably) (?:higher|lower|larger|smaller|"
-    r"better|worse|stronger|weaker)\b",
+    # "Wanda is much better"
+    (r"\b(?:is|are|was|were) (?:much|far|clearly|slightly|considerably) (?:higher|lower|larger|smaller|"
+     r"better|worse|stronger|weaker)\b"),
 )
 
-_MARKER = re.compile(r"<!--\s*prose-ok:(?P<items>[^()]*?)\((?P<reason>[^)]*)\)\s*-->", re.S)
-_BAD_MARKER = re.compile(r"<!--\s*prose-ok\b(?![^>]*\([^)]*\S[^)]*\)\s*-->)[^>]*-->", re.S)
+_MARKER = re.compile(r"<!--\s*prose-ok:(?P<items>[^()]*?)\((?P<reason>[^)]*)\)\s*-->", re.DOTALL)
+_BAD_MARKER = re.compile(r"<!--\s*prose-ok\b(?![^>]*\([^)]*\S[^)]*\)\s*-->)[^>]*-->", re.DOTALL)
 _STRIP = [
-    re.compile(r"<!--.*?-->", re.S),  # HTML comments (markers included: their items are not prose)
-    re.compile(r"```.*?```", re.S),  # fenced code
-    re.compile(r"\$\$.*?\$\$", re.S),  # display math
+    re.compile(r"<!--.*?-->", re.DOTALL),  # HTML comments (markers included: their items are not prose)
+    re.compile(r"```.*?```", re.DOTALL),  # fenced code
+    re.compile(r"\$\$.*?\$\$", re.DOTALL),  # display math
     re.compile(r"(?<!\\)\$(?:\\\$|[^$])+?(?<!\\)\$"),  # inline math
     re.compile(r"`[^`]*`"),  # inline code
     re.compile(r"\]\([^)]*\)"),  # link targets
@@ -78,7 +80,7 @@ _NUMBER = re.compile(
 # Numbers of any kind in code and outputs (identifiers included: "L12" produces 12).
 _ANY_NUMBER = re.compile(r"\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][+-]?\d+)?")
 # Leading "1." of a numbered list item or a numbered heading.
-_ENUMERATION = re.compile(r"^(\s*(?:#+\s*|[-*+]\s+)?)\d+[.)](?=\s)", re.M)
+_ENUMERATION = re.compile(r"^(\s*(?:#+\s*|[-*+]\s+)?)\d+[.)](?=\s)", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -179,7 +181,7 @@ def claims(markdown: str) -> list[str]:
     text = " ".join(_prose(body).split())
     found = []
     for pattern in CLAIM_PATTERNS:
-        found += [m.group(0) for m in re.finditer(pattern, text, re.I)]
+        found += [m.group(0) for m in re.finditer(pattern, text, re.IGNORECASE)]
     return found
 
 
