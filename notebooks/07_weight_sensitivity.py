@@ -443,13 +443,18 @@ storage = "; ".join(f"{n} matrices as {fmt}" + (f" ({GGUF_TYPES[fmt]})" if fmt i
                     for fmt, n in stored.items())
 rounding_lines = []
 for fmt in [f for f in bit_formats if f != loaded]:
+    with torch.no_grad():  # share of all block weights that are not values of ``fmt``
+        changed = sum(int((weights.round_to_format(weights.out_in(lm, n), fmt) != weights.out_in(lm, n)).sum())
+                      for n in names)
+    total = sum(weights.out_in(lm, n).numel() for n in names)
     r = drawn["value"].map(lambda v, f=fmt: float(weights.round_to_format(torch.tensor([v]), f)))
     moved = (r != drawn["value"]).to_numpy()
     rel = (np.abs(r - drawn["value"]) / np.abs(drawn["value"]).where(drawn["value"] != 0)).to_numpy()
     rounding_lines.append(
-        f"- Rounding to {fmt} alone changes {int(moved.sum())} of the {len(drawn)} drawn weights (median relative "
-        f"change {np.nanmedian(rel[moved]) if moved.any() else 0:.2g}); a {fmt} flip of such a weight is that "
-        "rounding plus the flip.")
+        f"- Rounding to {fmt} alone changes {changed / total:.1%} of all {total:,} block weights, and "
+        f"{int(moved.sum())} of the {len(drawn)} weights the trials drew (median relative change "
+        f"{np.nanmedian(rel[moved]) if moved.any() else 0:.2g}); a {fmt} flip of such a weight is that rounding "
+        "plus the flip.")
 display(Markdown("\n".join([
     f"- Source: `{lm.source}`; block matrices stored as: {storage}.",
     f"- Loaded and edited in {loaded}"
