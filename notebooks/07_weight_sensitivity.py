@@ -518,19 +518,20 @@ found[SW_COLUMNS].round(3)
 
 # %% [markdown]
 # Each weight found is zeroed on its own, beside a control, the largest-magnitude other weight of the
-# same matrix; then all weights found in a group of layers together, beside as many of the
-# largest-magnitude weights of all blocks.
+# same matrix (the next largest when two weights found share a matrix); then all weights found in a
+# group of layers together, beside as many of the largest-magnitude weights of all blocks.
 
 # %%
 entries = {where: [(f"L{int(r.layer)}.mlp.down", int(r.row), int(r.col)) for r in g.itertuples()]
            for where, g in found.groupby("where", sort=False)}
 every = [e for es in entries.values() for e in es]
-zero = []
+zero, used = [], list(every)
 for where, es in entries.items():
-    for e in es:
-        ctrl = weights.largest_weight_entries(lm, 1, [e[0]], exclude=every)
+    for e in es:  # control: the largest |w| of the same matrix not found and not yet a control
+        ctrl = weights.largest_weight_entries(lm, 1, [e[0]], exclude=used)
+        used += ctrl
         zero += [(where, "super weight", f"{e[0]}[{e[1]}, {e[2]}]", [e]),
-                 (where, "control", f"largest |w| of {e[0]}: [{ctrl[0][1]}, {ctrl[0][2]}]", ctrl)]
+                 (where, "control", f"large |w| of {e[0]}: [{ctrl[0][1]}, {ctrl[0][2]}]", ctrl)]
     top = weights.largest_weight_entries(lm, len(es), names, exclude=every)
     zero += [(where, "all found", f"all {len(es)} found in {where} layers", es),
              (where, "all control", f"{len(top)} largest |w| of all blocks", top)]
@@ -607,8 +608,8 @@ def found_text(where: str) -> str:
         parts.append(f"{name} = {r.weight:.3f} (output {r.out_value:.1f} at token {r.token_text!r}, position "
                      f"{int(r.position)}; this weight makes {r.share:.0%} of it, the largest single share, "
                      f"{r.top_share:.0%}, comes from input channel {int(r.top_col)}): zeroing it gives perplexity "
-                     f"{z.perplexity:.4g} [{z.ppl_low:.4g}, {z.ppl_high:.4g}] ({fmt_ratio(z.ppl_ratio)}), the largest |w| "
-                     f"of the same matrix {fmt_ratio(ctrl.ppl_ratio)}")
+                     f"{z.perplexity:.4g} [{z.ppl_low:.4g}, {z.ppl_high:.4g}] ({fmt_ratio(z.ppl_ratio)}); a large "
+                     f"ordinary weight of the same matrix ({ctrl.setting.split(': ')[1]}) {fmt_ratio(ctrl.ppl_ratio)}")
     both = superw[(superw["where"] == where) & superw["role"].isin(["all found", "all control"])].set_index("role")
     layer = int(g["layer"].iloc[0])
     whole = zero_abl.get((layer, "mlp.down"))
