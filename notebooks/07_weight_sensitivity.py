@@ -605,9 +605,10 @@ def found_text(where: str) -> str:
     for i, r in enumerate(g.itertuples()):
         name = f"L{int(r.layer)}.mlp.down[{int(r.row)}, {int(r.col)}]"
         z, ctrl = sw.loc[name], controls.iloc[i]
+        top = ("the largest share of any input channel" if int(r.top_col) == int(r.col) else
+               f"input channel {int(r.top_col)} makes the largest share, {r.top_share:.0%}")
         parts.append(f"{name} = {r.weight:.3f} (output {r.out_value:.1f} at token {r.token_text!r}, position "
-                     f"{int(r.position)}; this weight makes {r.share:.0%} of it, the largest single share, "
-                     f"{r.top_share:.0%}, comes from input channel {int(r.top_col)}): zeroing it gives perplexity "
+                     f"{int(r.position)}; this weight's product makes {r.share:.0%} of it, {top}): zeroing it gives perplexity "
                      f"{z.perplexity:.4g} [{z.ppl_low:.4g}, {z.ppl_high:.4g}] ({fmt_ratio(z.ppl_ratio)}); a large "
                      f"ordinary weight of the same matrix ({ctrl.setting.split(': ')[1]}) {fmt_ratio(ctrl.ppl_ratio)}")
     both = superw[(superw["where"] == where) & superw["role"].isin(["all found", "all control"])].set_index("role")
