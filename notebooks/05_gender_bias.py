@@ -232,6 +232,7 @@ fig = plots.ablation_curves(summary, "k", "change of log p(pro) − log p(anti)"
 # central 95% band, `headlab.ablation.random_sets_needed`, it is their min-max range), and a two-sided
 # permutation p-value: (1 + the number of random sets whose change is at least as large in size) /
 # (1 + the number of random sets), resolution 1 / (n + 1). The verdict is that test at 0.05.
+# <!-- prose-ok: 95% 0.05 (levels of the interval and of the test, headlab.ablation defaults) -->
 
 # %%
 versus = ablation.top_vs_random(abl, {"bias_change": "two-sided", "gender_change": "two-sided",
