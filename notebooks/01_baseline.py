@@ -97,15 +97,16 @@ fig = plots.config_comparison(dev_scores, chosen={"format": chosen.format, "k": 
 # constant offset; the calibrated threshold (chosen on dev only) removes it. How the configurations of
 # this run compare:
 
-# %%
+# %% tags=["hide-input"]
 lopsided = (dev_scores["pred_positive_share"] - 0.5).abs() > 0.25
 gain = dev_scores["accuracy_calibrated"] - dev_scores["accuracy"]
-display(Markdown(
-    f"- Dev, {len(dev_scores)} configurations: argmax accuracy {dev_scores['accuracy'].min():.2f} to "
-    f"{dev_scores['accuracy'].max():.2f}, ROC-AUC {dev_scores['roc_auc'].min():.2f} to {dev_scores['roc_auc'].max():.2f}, "
-    f"calibrated accuracy {dev_scores['accuracy_calibrated'].min():.2f} to {dev_scores['accuracy_calibrated'].max():.2f}.\n"
-    f"- In {int(lopsided.sum())} of them more than 75% of the argmax answers are the same label; the calibrated "
-    f"threshold changes accuracy by {gain.min():+.2f} to {gain.max():+.2f} (median {gain.median():+.2f})."))
+chapter.bullets([
+    (f"Dev, {len(dev_scores)} configurations: argmax accuracy {dev_scores['accuracy'].min():.2f} to "
+     f"{dev_scores['accuracy'].max():.2f}, ROC-AUC {dev_scores['roc_auc'].min():.2f} to {dev_scores['roc_auc'].max():.2f}, "
+     f"calibrated accuracy {dev_scores['accuracy_calibrated'].min():.2f} to {dev_scores['accuracy_calibrated'].max():.2f}."),
+    (f"In {int(lopsided.sum())} of them more than 75% of the argmax answers are the same label; the calibrated "
+     f"threshold changes accuracy by {gain.min():+.2f} to {gain.max():+.2f} (median {gain.median():+.2f})."),
+])
 
 # %% [markdown]
 # ## The chosen prompt on the test split

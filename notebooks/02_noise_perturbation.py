@@ -150,15 +150,16 @@ categories
 # moves in steps of one prompt ($100/n$ points), so a head that moves the logit difference clearly can
 # still have a LOW accuracy change; this is why the logit difference is the primary measure. In this run:
 
-# %%
+# %% tags=["hide-input"]
 clear = ranking[ranking["effect_low"] > 0]
 clear_low = int((np.asarray(metrics.impact_category(100 * clear["accuracy_drop"])) == "LOW").sum())
-display(Markdown(
-    f"- Accuracy on {len(task.labels)} prompts moves in steps of {100 / len(task.labels):.1f} points.\n"
-    "- Rows in LOW: " + ", ".join(f"{name}: {int(row['LOW'])} of {int(row.sum())}" for name, row in categories.iterrows())
-    + ".\n"
-    f"- Of the {len(clear)} heads whose logit-difference drop has its whole 95% interval above zero, {clear_low} have "
-    f"a mean accuracy drop in LOW."))
+chapter.bullets([
+    f"Accuracy on {len(task.labels)} prompts moves in steps of {100 / len(task.labels):.1f} points.",
+    "Rows in LOW: " + ", ".join(f"{name}: {int(row['LOW'])} of {int(row.sum())}"
+                                for name, row in categories.iterrows()) + ".",
+    (f"Of the {len(clear)} heads whose logit-difference drop has its whole 95% interval above zero, {clear_low} "
+     "have a mean accuracy drop in LOW."),
+])
 
 # %% [markdown]
 # ## Where the important heads sit

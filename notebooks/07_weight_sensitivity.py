@@ -680,6 +680,7 @@ if len(early_found):
               f"{int(f0.layer)}: zeroing it multiplies perplexity by **{z0.ppl_ratio:.2f}**")
 else:
     sw_txt = "the super-weight search finds no spike in the early layers"
+headline = "; ".join(t for t in (same_group, sw_txt) if t)
 records.update_summary(
     results_dir, early_super_weights=len(early_found), later_super_weights=int((found["where"] == "later").sum()),
-    headline=(lambda t: t[:1].upper() + t[1:] + ".")("; ".join(t for t in (same_group, sw_txt) if t)))
+    headline=headline[:1].upper() + headline[1:] + ".")
