@@ -181,7 +181,7 @@ CASES: list[tuple[str, Callable[[Any], Any], str]] = [
     ("weights: bit 3.7", _wpoint(kind="bitflip", bit=3.7, fmt="bfloat16", trial=0, seed=0), r"bit=3.7 is a float; expected an integer in 0..15 or one of \["),
     ("weights: bit 16", _wpoint(kind="bitflip", bit=16, fmt="bfloat16", trial=0, seed=0), r"bit=16 is out of range; expected an integer in 0..15"),
     ("weights: bit name", _wpoint(kind="bitflip", bit="exponent", fmt="bfloat16", trial=0, seed=0), r"bit='exponent'; choose an integer in 0..15 or one of \['exponent_lsb'"),
-    ("weights: bit format", _wpoint(kind="bitflip", bit=3, fmt="fp8", trial=0, seed=0), r"fmt='fp8' is not allowed; expected one of \['bfloat16', 'float16'\]"),
+    ("weights: bit format", _wpoint(kind="bitflip", bit=3, fmt="fp8", trial=0, seed=0), r"fmt='fp8' is not allowed; expected one of \['bfloat16', 'float16', 'float32'\]"),
     ("weights: negative trial", _wpoint(kind="bitflip", bit=3, fmt="float16", trial=-1, seed=0), r"trial=-1 is out of range; expected an integer >= 0"),
     ("weights: magnitude without sparsity", _wpoint(kind="magnitude"), r"missing key 'sparsity' \(a finite number in \[0, 1\]\)"),
     ("weights: misspelt sparsity", _wpoint(kind="magnitude", sparsty=0.5), r"unknown key 'sparsty' \(did you mean 'sparsity'\?\)"),
