@@ -713,7 +713,9 @@ def find_super_weights(lm: LoadedModel, ids: Int[Tensor, "n s"], layers: Sequenc
     largest output spike is at least ``threshold``, ``W_down[row, c]`` is the next super weight, with
     ``row`` the output channel of the spike and ``c`` read by ``column`` (:data:`SUPER_COLUMNS`);
     otherwise (or after ``max_weights`` weights) stop. Removing a super weight removes the activation
-    spike it causes, so the next step sees the next one.
+    spike it causes, so the next step sees the next one; a spike that survives the zeroing of the
+    weight read from it (the same weight read again) also ends the search, since that weight does not
+    make it.
 
     Returns:
         The :func:`down_proj_spikes` row of each weight found, in order, with ``step``, ``name``
@@ -737,5 +739,7 @@ def find_super_weights(lm: LoadedModel, ids: Int[Tensor, "n s"], layers: Sequenc
         if column == "contribution":
             best = {**best, "col": best["top_col"], "weight": best["top_weight"],
                     "contribution": best["top_contribution"], "share": best["top_share"]}
+        if (best["layer"], best["row"], best["col"]) in {(f["layer"], f["row"], f["col"]) for f in found}:
+            break  # zeroing that weight left its spike in place: the spike does not come from it
         found.append({**best, "step": step, "name": f"L{best['layer']}.mlp.down", "rule": column})
     return found

@@ -497,6 +497,29 @@ def test_paper_rule_reads_the_column_from_the_input_spike(tiny_factory):
         assert found[0]["weight"] == 40.0 and found[0]["share"] > 0.5
 
 
+def test_super_weight_search_stops_when_the_spike_is_not_the_weight_read(tiny_factory):
+    # output 5 of L0's down projection is made by channel 3 (a huge weight), while channel 7 holds the
+    # largest input: the paper's rule reads W_down[5, 7], zeroing it leaves the spike, so it would read
+    # the same weight again; the search ends instead of listing it twice
+    lm = tiny_factory("llama")
+
+    def up(w):
+        w[7] *= 60.0
+
+    def down(w):
+        w[5, 3] = 5000.0
+        w[5, 7] = 1e-3
+
+    with weights.edit_weights(lm, {"L0.mlp.up": up, "L0.mlp.down": down}):
+        spike = weights.down_proj_spikes(lm, IDS, layers=[0])[0]
+        assert (spike["row"], spike["col"], spike["top_col"]) == (5, 7, 3)
+        found = weights.find_super_weights(lm, IDS, [0], threshold=0.5 * spike["out_max"], max_weights=3)
+        assert [(f["row"], f["col"]) for f in found] == [(5, 7)]
+        by_contribution = weights.find_super_weights(lm, IDS, [0], threshold=0.5 * spike["out_max"], max_weights=3,
+                                                     column="contribution")
+        assert [(f["row"], f["col"]) for f in by_contribution][:1] == [(5, 3)]
+
+
 def test_block_matrix_formats_of_an_in_memory_model(tiny_factory):
     lm = tiny_factory("llama")
     assert weights.block_matrix_formats(lm) == {"float32 (as loaded)": len(weight_names(lm))}
