@@ -389,10 +389,15 @@ def probability_bars(frame: pd.DataFrame, x: str, hue: str | None = None, value:
 
 
 def layer_spikes(frame: pd.DataFrame, columns: Sequence[str] = ("in_max", "out_max"),
-                 title: str = "") -> Figure:
+                 title: str = "", threshold: float | None = None, shade: Sequence[int] = ()) -> Figure:
     """Largest activation per layer (one line per column, log scale), e.g. the MLP down projection's
-    input and output from :func:`headlab.weights.down_proj_spikes`."""
+    input and output from :func:`headlab.weights.down_proj_spikes`; optionally a dashed ``threshold``
+    line and a shaded band over the layers ``shade`` (e.g. the early layers)."""
     fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    if len(shade):
+        ax.axvspan(min(shade) - 0.5, max(shade) + 0.5, color="grey", alpha=0.15, lw=0, label="early layers")
+    if threshold is not None:
+        ax.axhline(threshold, color="black", ls="--", lw=0.8, label=f"spike threshold {threshold:.3g}")
     for col in columns:
         ax.plot(frame["layer"], frame[col], "o-", ms=3, label=col)
     ax.set_yscale("log")

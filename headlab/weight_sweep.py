@@ -9,7 +9,7 @@ scores the stream under each edit (recomputing only from the first edited layer)
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -26,37 +26,54 @@ from headlab.shards import ShardStore, config_hash, run_grid
 
 #: Kinds of weight setting understood by :func:`weight_setting` (the ``kind`` key of a grid point).
 #: ``dense``: no edit. ``ablate``: one matrix (``layer``, ``matrix``) zeroed or set to its mean
-#: (``mode``). ``magnitude`` / ``wanda``: every layer matrix pruned to ``sparsity``. ``heads``: a
+#: (``mode``). ``magnitude`` / ``wanda``: every layer matrix pruned to ``sparsity``, the scores compared
+#: within ``group`` (required; :data:`headlab.weights.PRUNE_GROUPS`: ``"row"``, ``"matrix"`` or
+#: ``"global"``). ``heads``: a
 #: ``fraction`` of all heads removed, least important first (``order="ranking"``) or in a random order
 #: (``order="random"``, ``seed``). ``noise``: Gaussian noise of ``level`` x each matrix's std on every
-#: layer matrix (``seed``). ``bitflip``: bit ``bit`` of format ``fmt`` flipped in one random weight
-#: (``trial``, ``seed``). ``zero_entries``: single weights zeroed (``entries``, see :func:`entries_text`).
+#: layer matrix (``seed``). ``bitflip``: bit ``bit`` of format ``fmt`` (bfloat16, float16 or float32)
+#: flipped in one random weight (``trial``, ``seed``). ``zero_entries``: single weights zeroed (``entries``, see :func:`entries_text`).
 WEIGHT_KINDS = ("dense", "ablate", "magnitude", "wanda", "heads", "noise", "bitflip", "zero_entries")
 
 
-def weight_point_fields(lm: Any) -> dict[str, dict[str, Field]]:
+def _bit_field(fmt: str | None = None) -> Field:
+    """The ``bit`` key of a bit-flip point: an index below the width of ``fmt`` or one of its bit names
+    (the widest format's range and every name when ``fmt`` is None or unknown)."""
+    from headlab.weights import BIT_POSITIONS, bit_width
+
+    if fmt in BIT_POSITIONS:
+        width, names = bit_width(fmt), sorted(BIT_POSITIONS[fmt])
+        return Field(("int", "str"), low=0, high=width - 1, help=f"an integer in 0..{width - 1} or one of {names}")
+    width = max(bit_width(f) for f in BIT_POSITIONS)
+    names = sorted({n for pos in BIT_POSITIONS.values() for n in pos})
+    return Field(("int", "str"), low=0, high=width - 1,
+                 help=f"an integer below the format's width (16 or 32) or one of {names}")
+
+
+def weight_point_fields(lm: Any, fmt: str | None = None) -> dict[str, dict[str, Field]]:
     """The schema of a grid point of each kind (:data:`WEIGHT_KINDS`) for model ``lm``.
 
     Other keys of a point are labels carried into the tables (e.g. ``method``); a key that looks like
-    a misspelling of one of the kind's keys is refused.
+    a misspelling of one of the kind's keys is refused. ``fmt``: the bit-flip format whose width bounds
+    ``bit`` (None: the widest format's).
     """
-    from headlab.weights import BIT_POSITIONS
+    from headlab.weights import BIT_POSITIONS, PRUNE_GROUPS
 
     seed = Field("int", low=0)
     sparsity = Field("float", low=0, high=1)
-    bits = sorted(BIT_POSITIONS["bfloat16"])
+    group = Field("str", choices=list(PRUNE_GROUPS))
     return {
         "dense": {},
         "ablate": {"layer": Field("int", low=0, high=lm.n_layers - 1),
                    "matrix": Field("str", choices=[c for c, _ in lm.adapter.weights]),
                    "mode": Field("str", choices=["zero", "mean"])},
-        "magnitude": {"sparsity": sparsity},
-        "wanda": {"sparsity": sparsity},
+        "magnitude": {"sparsity": sparsity, "group": group},
+        "wanda": {"sparsity": sparsity, "group": group},
         "heads": {"fraction": Field("float", low=0, high=1), "order": Field("str", choices=["ranking", "random"]),
                   "seed": Field("int", low=0, default=0)},
         "noise": {"level": Field("float", low=0), "seed": seed},
-        "bitflip": {"bit": Field(("int", "str"), low=0, high=15, help=f"an integer in 0..15 or one of {bits}"),
-                    "fmt": Field("str", choices=sorted(BIT_POSITIONS)), "trial": Field("int", low=0), "seed": seed},
+        "bitflip": {"bit": _bit_field(fmt), "fmt": Field("str", choices=sorted(BIT_POSITIONS)),
+                    "trial": Field("int", low=0), "seed": seed},
         "zero_entries": {"entries": Field("str", nonempty=True, help="a text 'NAME:ROW:COL ...' (entries_text)")},
     }
 
@@ -64,17 +81,20 @@ def weight_point_fields(lm: Any) -> dict[str, dict[str, Field]]:
 def check_weight_point(lm: Any, point: Any, where: str = "weight grid point") -> dict[str, Any]:
     """Check one grid point against :func:`weight_point_fields`; return it with defaults filled in.
 
+    A bit-flip point's ``bit`` is bounded by its own format's width (0..15 for bfloat16 / float16,
+    0..31 for float32). ``magnitude`` / ``wanda`` points need ``group`` (:data:`headlab.weights.PRUNE_GROUPS`).
+
     Raises:
         ValueError: an unknown kind or key, a missing key or a bad value, naming it and what is allowed.
     """
-    what = f"{where} {point!r}"
-    out = check_variant(point, "kind", weight_point_fields(lm), what, labels=True)
-    if out["kind"] == "bitflip" and isinstance(out["bit"], str):
-        from headlab.weights import BIT_POSITIONS
+    from headlab.weights import BIT_POSITIONS
 
-        if out["bit"] not in BIT_POSITIONS[out["fmt"]]:
-            raise ValueError(f"{what}: bit={out['bit']!r}; choose an integer in 0..15 or one of "
-                             f"{sorted(BIT_POSITIONS[out['fmt']])}.")
+    what = f"{where} {point!r}"
+    fmt = point.get("fmt") if isinstance(point, Mapping) and point.get("kind") == "bitflip" else None
+    out = check_variant(point, "kind", weight_point_fields(lm, fmt if isinstance(fmt, str) else None), what,
+                        labels=True)
+    if out["kind"] == "bitflip" and isinstance(out["bit"], str) and out["bit"] not in BIT_POSITIONS[out["fmt"]]:
+        raise ValueError(f"{what}: bit={out['bit']!r}; choose {_bit_field(out['fmt']).describe()}.")
     if out["kind"] == "zero_entries":
         try:
             for name in parse_entries(out["entries"]):
@@ -151,12 +171,13 @@ def weight_setting(lm: Any, point: dict[str, Any], *, wanda_norms: dict | None =
         if point.get("mode") not in fns:
             raise ValueError(f"ablation mode={point.get('mode')!r} in {point}; choose 'zero' or 'mean'.")
         return fns[point["mode"]](lm, [name]), int(point["layer"]), {"weight": name}
-    if kind == "magnitude":
-        return weights.prune_magnitude(lm, names, float(point["sparsity"])), 0, {}
-    if kind == "wanda":
+    if kind in ("magnitude", "wanda"):
+        group = point["group"]
+        if kind == "magnitude":
+            return weights.prune_magnitude(lm, names, float(point["sparsity"]), group), 0, {}
         if wanda_norms is None:
             raise ValueError("kind='wanda' needs wanda_norms (headlab.weights.wanda_input_norms).")
-        return weights.prune_wanda(lm, wanda_norms, float(point["sparsity"])), 0, {}
+        return weights.prune_wanda(lm, wanda_norms, float(point["sparsity"]), group), 0, {}
     if kind == "heads":
         order = head_prune_order(lm.n_layers, lm.n_heads, point["order"], head_ranking,
                                  int(point.get("seed", 0)))
@@ -168,11 +189,13 @@ def weight_setting(lm: Any, point: dict[str, Any], *, wanda_norms: dict | None =
     if kind == "bitflip":
         # The same random weight for every bit and format of one trial (a paired comparison).
         name, r, c = weights.random_weight_entries(lm, 1, int(point["seed"]), key=int(point["trial"]))[0]
-        before = weights.out_in(lm, name)[r, c].detach().float().reshape(1)
+        before = weights.out_in(lm, name)[r, c].detach().reshape(1)
         after = weights.flip_bit(before, point["bit"], point["fmt"])
         ctx = weights.flip_weight_bits(lm, {name: [(r, c)]}, point["bit"], point["fmt"])
+        # ``rounded``: the weight in the flip's format before the flip (differs from ``value`` when
+        # that format is narrower than the weight's dtype: the flip then also rounds the weight)
         info = {"weight": name, "row": r, "col": c, "value": float(before), "flipped": float(after),
-                "bf16_rounded": float(before.to(torch.bfloat16).float())}
+                "rounded": float(weights.round_to_format(before, point["fmt"]))}
         return ctx, int(parse_weight_name(lm, name)[0]), info
     entries = parse_entries(point["entries"])
     return weights.zero_weight_entries(lm, entries), min(parse_weight_name(lm, n)[0] for n in entries), {}

@@ -174,6 +174,7 @@ results.head()
 #
 # Bands are 95% bootstrap intervals of the mean: over sequences for the top set, over random head
 # sets and sequences for random heads.
+# <!-- prose-ok: 95% (the intervals' level, headlab.metrics' default) -->
 
 # %%
 by_k = {v: ablation.ablation_summary(results, v, by=("mode", "layer_range", "set_type", "k"), n_boot=n_boot,
@@ -206,6 +207,7 @@ fig = plots.ablation_curves(by_lag[by_lag["k"] > 0], "lag", "p(correct repeated 
 # their min-max range), and a permutation p-value: (1 + the number of random sets that leave
 # p(correct) at least as low, or icl at least as high, as the top set) / (1 + the number of random
 # sets), so its resolution is 1 / (n + 1). The verdict is that test at 0.05.
+# <!-- prose-ok: 95% 0.05 (levels of the interval and of the test, headlab.ablation defaults) -->
 
 # %%
 versus = ablation.top_vs_random(results, {"p_correct": "less", "icl": "greater"},

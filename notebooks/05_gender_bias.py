@@ -181,7 +181,7 @@ fig = plots.compare_scatter(wb_mf.assign(winogender=wg_mf["diff"].to_numpy()).re
 # the same two forms are counted once.
 #
 # The ablation sweep (`headlab.ablation.ranked_ablation_sweep`) removes the $k$ heads with the largest
-# standardised |pro − anti| attention difference $|d_z|$ (*top*), or $k$ heads drawn uniformly from all 270 (*random*,
+# standardised |pro − anti| attention difference $|d_z|$ (*top*), or $k$ heads drawn uniformly from all heads (*random*,
 # `n_random` sets per $k$), by zeroing their outputs (*zero*) or replacing them by their mean output
 # over Wikipedia text (*mean*, `headlab.attention.head_output_means`), and scores every prompt under
 # each ablation with the batched label-token engine (`headlab.engine.label_logprobs`).
@@ -232,6 +232,7 @@ fig = plots.ablation_curves(summary, "k", "change of log p(pro) − log p(anti)"
 # central 95% band, `headlab.ablation.random_sets_needed`, it is their min-max range), and a two-sided
 # permutation p-value: (1 + the number of random sets whose change is at least as large in size) /
 # (1 + the number of random sets), resolution 1 / (n + 1). The verdict is that test at 0.05.
+# <!-- prose-ok: 95% 0.05 (levels of the interval and of the test, headlab.ablation defaults) -->
 
 # %%
 versus = ablation.top_vs_random(abl, {"bias_change": "two-sided", "gender_change": "two-sided",

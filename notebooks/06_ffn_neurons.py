@@ -215,6 +215,7 @@ pd.DataFrame([[f"{lm.tokenizer.decode([int(i)])!r} {p:.2f}" for p, i in zip(pv.t
 # other one (accuracy at threshold 0) and the ROC-AUC of $\log p(\text{positive}) - \log
 # p(\text{negative})$, which needs no threshold. Bands and brackets are 95% bootstrap intervals over
 # prompts.
+# <!-- prose-ok: 95% (the intervals' level, headlab.metrics' default) -->
 
 # %%
 t0 = time.time()
@@ -258,6 +259,7 @@ fig = plots.ablation_curves(abl_summary, "k", "Δ loss on held-out text (nats)",
 # their min-max range), and a permutation p-value: (1 + the number of random sets that raise the loss
 # at least as much) / (1 + the number of random sets), resolution 1 / (n + 1). The verdict is that
 # test at 0.05.
+# <!-- prose-ok: 95% 0.05 (levels of the interval and of the test, headlab.ablation defaults) -->
 
 # %%
 versus = ablation.top_vs_random(abl, {"loss_change": "greater"}, by=("mode", "layer", "k"), n_boot=n_boot,

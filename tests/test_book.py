@@ -388,3 +388,29 @@ def test_a_quiet_cell_is_named_while_it_runs(tmp_path: Path, monkeypatch: pytest
     assert "it took 3s last time" in running[-1]
     assert all(line.startswith(("starting the kernel", "cell 1/2", "cell 2/2")) for line in lines)
     assert lines[-1].startswith("cell 2/2 done in ")
+
+
+def test_build_stops_when_executed_prose_states_an_unproduced_number(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """build_book runs the prose check after execution, before vendoring and Jupyter Book."""
+    import nbformat
+
+    from headlab.book import build
+
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "notebooks" / "01_x.py").write_text("# %%\nppl = 445.27\n")
+    chapters = tmp_path / "book" / "chapters"
+    chapters.mkdir(parents=True)
+    nb = nbformat.v4.new_notebook()
+    code = nbformat.v4.new_code_cell("print(ppl)", execution_count=1)
+    code.outputs = [nbformat.v4.new_output("stream", text="445.27\n")]
+    nb.cells = [code, nbformat.v4.new_markdown_cell("Perplexity 445; accuracy sits near 50%.")]
+    nbformat.write(nb, chapters / "01_x.ipynb")
+    monkeypatch.setattr(build, "run_chapters", lambda *a, **k: {})
+    monkeypatch.setattr(build, "vendor_js", lambda *a, **k: pytest.fail("vendoring ran before the prose check"))
+    with pytest.raises(RuntimeError, match=r"(?s)3 statement.*'50%'.*'sits near'"):
+        build.build_book(tmp_path)
+    nb.cells[1].source = "Perplexity 445 (the run above)."
+    nbformat.write(nb, chapters / "01_x.ipynb")
+    with pytest.raises(pytest.fail.Exception, match="vendoring"):
+        build.build_book(tmp_path)

@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 
 from headlab.book import execute_chapter
+from headlab.book.prose import require_backed_prose
 from headlab.grid import chapter_parameters
 
 from conftest import build_tiny
@@ -54,9 +55,10 @@ SMOKE_PARAMS: dict[str, dict] = {
                            n_lens_prompts=8, ablation_layers=[1], k_list=[2, 4], n_permutations=2, n_boot=20,
                            batch_size=4),
     "07_weight_sensitivity": dict(ppl_tokens=192, ppl_context=32, heatmap_tokens=64, calib_tokens=128,
-                                  sparsities=[0.5], head_ranking="{root}/noise/ranking.parquet",
+                                  calib_context=32, calib_sizes=[64, 128], sparsities=[0.5],
+                                  head_ranking="{root}/noise/ranking.parquet",
                                   head_random_seeds=[0], noise_levels=[0.1], noise_seeds=[0], bits=["sign", "exponent_msb"],
-                                  bit_trials=2, bit_tokens=64, n_super_candidates=1,
+                                  bit_trials=2, bit_tokens=64, super_tokens=64, max_super_weights=1,
                                   prompt_config="{root}/baseline/prompt_config.json", n_prompts=8,
                                   block_tokens=32, n_boot=20, batch_size=4),
     "08_head_atlas": dict(results_root="{root}", n_top=2),
@@ -111,6 +113,7 @@ def test_every_chapter_runs_on_a_tiny_model(tiny_model_dir: Path, tmp_path: Path
         recorded = json.loads((Path(params["results_dir"]) / "config.json").read_text())["parameters"]
         assert list(recorded) == list(defaults), name
         assert {k: recorded[k] for k in params} == params, name
+    require_backed_prose(tmp_path / "executed")  # the book build's prose check passes on these runs too
     if _FINISHED_ROOTS:  # the cross-model tables of chapter 08 name every family so far
         depth = pd.read_parquet(root / "head_atlas" / "cross_model_depth.parquet")
         assert depth["model"].nunique() == len(_FINISHED_ROOTS) + 1

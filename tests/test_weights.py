@@ -47,12 +47,15 @@ def _edits(lm):
     return {
         "zero": (weights.zero_weights(lm, [a, b]), {a, b}),
         "mean": (weights.mean_weights(lm, [a]), {a}),
-        "magnitude": (weights.prune_magnitude(lm, [a, b], 0.5), {a, b}),
+        "magnitude": (weights.prune_magnitude(lm, [a, b], 0.5, "row"), {a, b}),
+        "magnitude-matrix": (weights.prune_magnitude(lm, [a, b], 0.5, "matrix"), {a, b}),
+        "magnitude-global": (weights.prune_magnitude(lm, [a, b], 0.5, "global"), {a, b}),
         "wanda": (weights.prune_wanda(lm, norms, 0.5), {a, b}),
         "noise": (weights.noise_weights(lm, [b], 0.5, seed=1), {b}),
         "heads": (weights.prune_heads(lm, {1: [0, 2]}), {"L1.attn.o"}),
         "neurons": (weights.prune_neurons(lm, {0: [1, 4]}), {"L0.mlp.down"}),
         "bitflip": (weights.flip_weight_bits(lm, {entry[0]: [entry[1:]]}, "exponent_msb"), {entry[0]}),
+        "bitflip-fp32": (weights.flip_weight_bits(lm, {entry[0]: [entry[1:]]}, "mantissa_lsb", "float32"), {entry[0]}),
         "entries": (weights.zero_weight_entries(lm, {b: [(0, 0), (1, 2)]}), {b}),
     }
 
@@ -239,7 +242,36 @@ def test_flip_bit_known_float16_values():
     assert weights.BIT_POSITIONS["float16"]["exponent_lsb"] == 10
 
 
-@pytest.mark.parametrize("bad, fmt", [("exponent", "bfloat16"), (16, "bfloat16"), ("sign", "float8")])
+def test_flip_bit_known_float32_values():
+    one = torch.tensor([1.0])
+    assert weights.flip_bit(one, "sign", "float32").item() == -1.0
+    assert math.isinf(weights.flip_bit(one, "exponent_msb", "float32").item())  # exponent 127 -> 255
+    assert weights.flip_bit(one, "exponent_lsb", "float32").item() == 0.5
+    assert weights.flip_bit(one, "mantissa_lsb", "float32").item() == 1.0 + 2 ** -23  # the next float32
+    assert weights.flip_bit(one, "mantissa_msb", "float32").item() == 1.5
+    x = torch.tensor([0.0123456789])  # not a bfloat16 value: a float32 flip starts from it exactly
+    assert weights.round_to_format(x, "float32").item() == x.item() != weights.round_to_format(x, "bfloat16").item()
+    assert weights.flip_bit(x, "sign", "float32").item() == -x.item()
+    assert weights.flip_bit(x, "exponent_msb", "float32").item() == pytest.approx(x.item() * 2.0 ** 128, rel=1e-6)
+    assert weights.flip_bit(x, "sign", "bfloat16").item() == -weights.round_to_format(x, "bfloat16").item()
+    assert weights.BIT_POSITIONS["float32"] == {"sign": 31, "exponent_msb": 30, "exponent_lsb": 23,
+                                                "mantissa_msb": 22, "mantissa_lsb": 0}
+    y = torch.randn(100)
+    for bit in range(32):
+        once = weights.flip_bit(y, bit, "float32")
+        assert int((once.view(torch.int32) ^ y.view(torch.int32)).ne(0).sum()) == 100  # one bit of each changed
+        assert torch.equal(weights.flip_bit(once, bit, "float32").view(torch.int32), y.view(torch.int32))
+
+
+def test_float32_flip_refused_on_narrower_weights(tiny_factory):
+    lm = tiny_factory("llama")
+    lm.model.to(torch.bfloat16)
+    with pytest.raises(ValueError, match="wider"):
+        weights.flip_weight_bits(lm, {"L0.mlp.down": [(0, 0)]}, "sign", "float32")
+
+
+@pytest.mark.parametrize("bad, fmt", [("exponent", "bfloat16"), (16, "bfloat16"), ("sign", "float8"),
+                                      (32, "float32")])
 def test_bad_bit_is_named(bad, fmt):
     with pytest.raises(ValueError, match="bit|format"):
         weights.flip_bit(torch.ones(1), bad, fmt)
@@ -265,10 +297,12 @@ def test_magnitude_and_wanda_reach_sparsity(sparsity):
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(12, 30, generator=gen)
     norm = torch.rand(30, generator=gen) + 0.1
-    m = weights.magnitude_mask(w, sparsity)
+    m = weights.magnitude_mask(w, sparsity, "matrix")
     assert int(m.sum()) == round(sparsity * w.numel())
     if 0 < sparsity < 1:
         assert w.abs()[m].max() <= w.abs()[~m].min()
+    mr = weights.magnitude_mask(w, sparsity, "row")
+    assert (mr.sum(1) == round(sparsity * 30)).all()
     wm = weights.wanda_mask(w, norm, sparsity)
     assert (wm.sum(1) == round(sparsity * 30)).all()  # exactly per output row
     if 0 < sparsity < 1:
@@ -280,15 +314,102 @@ def test_magnitude_and_wanda_reach_sparsity(sparsity):
 def test_wanda_with_equal_norms_is_rowwise_magnitude():
     w = torch.randn(6, 10, generator=torch.Generator().manual_seed(1))
     wm = weights.wanda_mask(w, torch.ones(10), 0.4)
+    assert torch.equal(wm, weights.magnitude_mask(w, 0.4, "row"))
     for r in range(6):
-        assert torch.equal(wm[r], weights.magnitude_mask(w[r:r + 1], 0.4)[0])
+        assert torch.equal(wm[r], weights.magnitude_mask(w[r:r + 1], 0.4, "matrix")[0])
+    assert torch.equal(weights.wanda_mask(w, torch.ones(10), 0.4, "matrix"), weights.magnitude_mask(w, 0.4, "matrix"))
+
+
+def _smallest_stable(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Reference: the k smallest entries of a 1-D score, ties to the lowest positions (a stable sort)."""
+    mask = torch.zeros(score.numel(), dtype=torch.bool)
+    mask[torch.sort(score.reshape(-1), stable=True).indices[:k]] = True
+    return mask.view_as(score)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.2, 0.5, 0.75, 1.0])
+def test_row_magnitude_prunes_smallest_of_each_row_with_ties(sparsity):
+    # quantized-looking weights: few distinct magnitudes, so ties at every threshold
+    gen = torch.Generator().manual_seed(4)
+    w = (torch.randint(-3, 4, (9, 20), generator=gen) * 0.25).float()
+    m = weights.magnitude_mask(w, sparsity, "row")
+    k = round(sparsity * w.shape[1])
+    assert (m.sum(1) == k).all()  # exactly round(s * in) in every row
+    for r in range(w.shape[0]):
+        assert torch.equal(m[r], _smallest_stable(w[r].abs(), k))  # the smallest |w| of the row, ties first-come
+        if 0 < k < w.shape[1]:
+            assert w[r].abs()[m[r]].max() <= w[r].abs()[~m[r]].min()
+    # per matrix: unchanged, the round(s * numel) smallest |w| of the whole matrix
+    assert torch.equal(weights.magnitude_mask(w, sparsity, "matrix"),
+                       _smallest_stable(w.abs(), round(sparsity * w.numel())))
+
+
+@pytest.mark.parametrize("group", ["row", "matrix", "global"])
+def test_prune_groups_on_a_model(tiny_factory, group):
+    lm = tiny_factory("llama")
+    names = weight_names(lm)
+    before = {n: weights.out_in(lm, n).detach().clone() for n in names}
+    with weights.prune_magnitude(lm, names, 0.4, group):
+        after = {n: weights.out_in(lm, n).detach().clone() for n in names}
+    pruned = {n: (after[n] == 0) & (before[n] != 0) for n in names}
+    if group == "row":
+        for n in names:
+            assert (pruned[n].sum(1) == round(0.4 * before[n].shape[1])).all(), n
+    elif group == "matrix":
+        for n in names:
+            assert int(pruned[n].sum()) == round(0.4 * before[n].numel()), n
+    else:  # one threshold over all matrices: the count is exact in total, not per matrix
+        total = sum(w.numel() for w in before.values())
+        assert sum(int(p.sum()) for p in pruned.values()) == round(0.4 * total)
+        cut = max(float(before[n].abs()[pruned[n]].max()) for n in names if pruned[n].any())
+        assert all(float(before[n].abs()[~pruned[n]].min()) >= cut for n in names)
+        counts = [int(p.sum()) / p.numel() for p in pruned.values()]
+        assert max(counts) - min(counts) > 0.01  # matrices lose different shares
+
+
+def test_global_prune_counts_ties_in_order():
+    scores = {"a": torch.tensor([[1.0, 2.0, 2.0]]), "b": torch.tensor([[2.0, 0.5, 3.0]])}
+    assert weights.global_prune_counts(scores, 3 / 6) == {"a": 2, "b": 1}  # 0.5, 1.0, then the first tied 2.0
+    assert weights.global_prune_counts(scores, 4 / 6) == {"a": 3, "b": 1}
+    assert weights.global_prune_counts(scores, 1.0) == {"a": 3, "b": 3}
+    assert weights.global_prune_counts(scores, 0.0) == {"a": 0, "b": 0}
+
+
+@pytest.mark.parametrize("bad", ["layer", "rows", None])
+def test_bad_prune_group_is_named(tiny_factory, tmp_path, bad):
+    lm = tiny_factory("llama")
+    with pytest.raises(ValueError, match="group"):
+        weights.magnitude_mask(torch.ones(2, 3), 0.5, bad)
+    with pytest.raises(ValueError, match="group"):
+        weights.prune_magnitude(lm, weight_names(lm), 0.5, bad)
+    windows = perplexity.text_windows(lm, torch.arange(4, 40), context=16, stride=16)
+    point = {"kind": "magnitude", "sparsity": 0.5} if bad is None else {"kind": "magnitude", "sparsity": 0.5, "group": bad}
+    with pytest.raises(ValueError, match="group.*row"):
+        weight_sweep.weight_sweep(lm, windows, [point], tmp_path, progress=False)
+    with pytest.raises(ValueError, match="global"):
+        weights.magnitude_mask(torch.ones(2, 3), 0.5, "global")  # needs all matrices
+
+
+def test_wanda_norms_by_rows_equal_separate_runs(tiny_factory):
+    lm = tiny_factory("llama")
+    ids = torch.randint(4, 200, (5, 12), generator=torch.Generator().manual_seed(2))
+    by = weights.wanda_input_norms_by_rows(lm, ids, [1, 3, 5], batch_size=2)
+    for r in (1, 3, 5):
+        ref = weights.wanda_input_norms(lm, ids[:r], batch_size=2)
+        for name in ref:
+            torch.testing.assert_close(by[r][name], ref[name])
+    assert not torch.equal(by[1]["L0.mlp.down"], by[5]["L0.mlp.down"])
+    with pytest.raises(ValueError, match="n_rows"):
+        weights.wanda_input_norms_by_rows(lm, ids, [6])
 
 
 def test_pruned_model_has_requested_sparsity(tiny_lm):
     names = weight_names(tiny_lm)
     norms = weights.wanda_input_norms(tiny_lm, IDS)
     assert set(norms) == set(names)
-    for ctx, per_row in [(weights.prune_magnitude(tiny_lm, names, 0.5), False), (weights.prune_wanda(tiny_lm, norms, 0.5), True)]:
+    for ctx, per_row in [(weights.prune_magnitude(tiny_lm, names, 0.5, "matrix"), False),
+                         (weights.prune_magnitude(tiny_lm, names, 0.5, "row"), True),
+                         (weights.prune_wanda(tiny_lm, norms, 0.5), True)]:
         with ctx:
             for n in names:
                 w = weight_module(tiny_lm, n).weight.detach()
@@ -316,8 +437,92 @@ def test_super_weight_finder_finds_planted_weight(tiny_factory, arch):
     with weights.edit_weights(lm, {name: lambda w: w.__setitem__((row, col), 200.0)}):
         spikes = pd.DataFrame(weights.down_proj_spikes(lm, IDS))
     top = spikes.loc[spikes["out_max"].idxmax()]
-    assert (int(top["layer"]), int(top["row"]), int(top["col"])) == (1, row, col)
-    assert top["weight"] == 200.0
+    assert (int(top["layer"]), int(top["row"]), int(top["top_col"])) == (1, row, col)
+    assert top["top_weight"] == 200.0
+
+
+def test_find_super_weights_iterates_in_early_layers(tiny_factory):
+    lm = tiny_factory("llama")
+    assert weights.early_layers(lm, 0.5) == [0] and weights.early_layers(lm, 1.0) == [0, 1]
+    assert weights.early_layers(lm, 0.01) == [0]
+    with pytest.raises(ValueError, match="fraction"):
+        weights.early_layers(lm, 0.0)
+    checksum = weights.state_checksum(lm)
+    planted = {"L0.mlp.down": [(5, 7, 300.0), (9, 2, 120.0)], "L1.mlp.down": [(3, 4, 500.0)]}
+
+    def plant(cells):
+        def fn(w):
+            for r, c, v in cells:
+                w[r, c] = v
+        return fn
+
+    with weights.edit_weights(lm, {n: plant(c) for n, c in planted.items()}):
+        spikes = weights.down_proj_spikes(lm, IDS)
+        assert weights.down_proj_spikes(lm, IDS, layers=[0]) == spikes[:1]  # the pass stops after layer 0
+        threshold = weights.spike_threshold(spikes, 1.5)
+        top = max(spikes, key=lambda e: e["out_max"])
+        assert top["out_max"] >= threshold
+        early = weights.find_super_weights(lm, IDS, [0], threshold=1e-3 * top["out_max"], max_weights=2,
+                                           column="contribution")
+        assert [(f["layer"], f["row"], f["col"]) for f in early] == [(0, 5, 7), (0, 9, 2)]  # the larger first
+        assert [f["step"] for f in early] == [0, 1] and early[0]["name"] == "L0.mlp.down"
+        late = weights.find_super_weights(lm, IDS, [1], threshold=1e-3 * top["out_max"], max_weights=1,
+                                          column="contribution")
+        assert [(f["layer"], f["row"], f["col"]) for f in late] == [(1, 3, 4)]
+        assert weights.find_super_weights(lm, IDS, [0, 1], threshold=10 * top["out_max"]) == []  # nothing that big
+        assert 0.5 < early[0]["share"] <= 1.5  # the planted weight makes most of its output spike
+    assert weights.state_checksum(lm) == checksum
+    with pytest.raises(ValueError, match="layers"):
+        weights.down_proj_spikes(lm, IDS, layers=[5])
+    with pytest.raises(ValueError, match="column"):
+        weights.find_super_weights(lm, IDS, [0], 1.0, column="weight")
+
+
+def test_paper_rule_reads_the_column_from_the_input_spike(tiny_factory):
+    # a super activation: input channel 7 of L0's down projection made huge (its up-projection row
+    # scaled), and W_down[5, 7] large, so output 5 spikes at the tokens where channel 7 does
+    lm = tiny_factory("llama")
+    def up(w):
+        w[7] *= 60.0
+
+    def down(w):
+        w[5, 7] = 40.0
+
+    edits = {"L0.mlp.up": up, "L0.mlp.down": down}
+    with weights.edit_weights(lm, edits):
+        spike = weights.down_proj_spikes(lm, IDS, layers=[0])[0]
+        assert (spike["row"], spike["col"], spike["top_col"]) == (5, 7, 7)
+        found = weights.find_super_weights(lm, IDS, [0], threshold=0.5 * spike["out_max"], max_weights=3)
+        assert [(f["row"], f["col"], f["rule"]) for f in found][:1] == [(5, 7, "input")]
+        assert found[0]["weight"] == 40.0 and found[0]["share"] > 0.5
+
+
+def test_super_weight_search_stops_when_the_spike_is_not_the_weight_read(tiny_factory):
+    # output 5 of L0's down projection is made by channel 3 (a huge weight), while channel 7 holds the
+    # largest input: the paper's rule reads W_down[5, 7], zeroing it leaves the spike, so it would read
+    # the same weight again; the search ends instead of listing it twice
+    lm = tiny_factory("llama")
+
+    def up(w):
+        w[7] *= 60.0
+
+    def down(w):
+        w[5, 3] = 5000.0
+        w[5, 7] = 1e-3
+
+    with weights.edit_weights(lm, {"L0.mlp.up": up, "L0.mlp.down": down}):
+        spike = weights.down_proj_spikes(lm, IDS, layers=[0])[0]
+        assert (spike["row"], spike["col"], spike["top_col"]) == (5, 7, 3)
+        found = weights.find_super_weights(lm, IDS, [0], threshold=0.5 * spike["out_max"], max_weights=3)
+        assert [(f["row"], f["col"]) for f in found] == [(5, 7)]
+        by_contribution = weights.find_super_weights(lm, IDS, [0], threshold=0.5 * spike["out_max"], max_weights=3,
+                                                     column="contribution")
+        assert [(f["row"], f["col"]) for f in by_contribution][:1] == [(5, 3)]
+
+
+def test_block_matrix_formats_of_an_in_memory_model(tiny_factory):
+    lm = tiny_factory("llama")
+    assert weights.block_matrix_formats(lm) == {"float32 (as loaded)": len(weight_names(lm))}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -348,7 +553,8 @@ def test_weight_sweep_resumes_and_summarises(tiny_factory, tmp_path):
     ranking = pd.DataFrame([(layer, h) for layer in range(lm.n_layers) for h in range(lm.n_heads)],
                            columns=["layer", "head"])
     points = [{"kind": "dense"}, {"kind": "ablate", "layer": 1, "matrix": "mlp.down", "mode": "zero"},
-              {"kind": "magnitude", "sparsity": 0.5}, {"kind": "wanda", "sparsity": 0.5},
+              {"kind": "magnitude", "sparsity": 0.5, "group": "row"},
+              {"kind": "wanda", "sparsity": 0.5, "group": "row"},
               {"kind": "heads", "order": "ranking", "seed": 0, "fraction": 0.5},
               {"kind": "heads", "order": "random", "seed": 1, "fraction": 0.5},
               {"kind": "noise", "level": 0.0, "seed": 0},
@@ -377,7 +583,7 @@ def test_weight_sweep_resumes_and_summarises(tiny_factory, tmp_path):
     z = summary[summary["kind"] == "noise"].iloc[0]
     assert z["nll_change"] == 0  # zero noise is the dense model
     flip = info2[info2["kind"] == "bitflip"].iloc[0]
-    assert flip["flipped"] == -flip["bf16_rounded"]
+    assert flip["flipped"] == -flip["rounded"]
     assert int(info2.loc[info2["kind"] == "heads", "n_heads"].iloc[0]) == lm.n_layers * lm.n_heads // 2
 
 
@@ -435,6 +641,7 @@ def test_real_gguf_model_weight_edits_restore(real_lm):
     clean = _logits(real_lm, ids)
     names = weight_names(real_lm)
     assert len(names) == 30 * 7
+    assert weights.block_matrix_formats(real_lm) == {"Q4_1": 30 * 7}  # read from the GGUF file
     with pytest.raises(ValueError, match="tied"):
         with weights.zero_weights(real_lm, ["unembed"]):
             pass
@@ -461,7 +668,9 @@ def test_largest_weight_entries(tiny_factory):
 
 def test_masks_count_ties_exactly():
     w = torch.tensor([[0.5, -0.1, 0.1, 0.1, 0.3, -0.1], [0.2, 0.2, 0.2, 0.2, 0.2, 0.2]])  # many equal |w|
-    m = weights.magnitude_mask(w, 0.5)
+    m = weights.magnitude_mask(w, 0.5, "matrix")
     assert int(m.sum()) == 6 and m[1].sum() == 2 and m[0, [1, 2, 3, 5]].all()
+    mr = weights.magnitude_mask(w, 0.5, "row")
+    assert mr.tolist() == [[False, True, True, True, False, False], [True, True, True, False, False, False]]
     wm = weights.wanda_mask(w, torch.ones(6), 0.5)
     assert wm.sum(1).tolist() == [3, 3] and wm[1].tolist() == [True, True, True, False, False, False]

@@ -21,6 +21,7 @@ from headlab.book.deps import READS, plan_chapter, record, splice_markdown
 from headlab.book.execute import ChapterError, execute_chapter, to_notebook
 from headlab.book.frontpage import write_headlines
 from headlab.book.offline import check_offline, find_missing_assets
+from headlab.book.prose import require_backed_prose
 from headlab.book.vendor import localize_outputs, vendor_js
 from headlab.params import add_parameter_option
 from headlab.progress import format_seconds
@@ -176,7 +177,9 @@ def build_book(
     Steps: each ``notebooks/<stem>.py`` is planned by :func:`headlab.book.deps.plan_chapter` and, if its
     inputs changed since the executed copy ``book/chapters/<stem>.ipynb`` was made, executed by
     papermill (with its markdown spliced in when only markdown changed, left alone when nothing did);
-    :func:`write_headlines` writes the front page's results; :func:`vendor_js` fills ``book/_vendor``;
+    :func:`write_headlines` writes the front page's results; :func:`require_backed_prose` checks that
+    the chapters' markdown states no number their runs did not produce and no result;
+    :func:`vendor_js` fills ``book/_vendor``;
     ``jupyter-book build book --config _config.yml --toc $ROOT/book/_toc.yml --path-output book -W -n
     --keep-going --all`` (every warning, broken reference included, fails the build; ``--all`` so that
     warnings of unchanged pages are reported on every build); then :func:`find_missing_assets` and
@@ -211,6 +214,9 @@ def build_book(
             print(f"[book] {src.name} was never executed; rendering it without outputs", flush=True)
             to_notebook(src, out_dir / f"{src.stem}.ipynb")
     write_headlines(book, [src.stem for src in all_sources])
+
+    with _step("prose check: markdown states only what the runs produced"):
+        require_backed_prose(out_dir)
 
     with _step("point CDN URLs in outputs at the vendored copies"):
         for nb in sorted(out_dir.glob("*.ipynb")):
