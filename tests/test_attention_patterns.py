@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 import torch
 from beartype import beartype
+from conftest import causal_uniform
 from jaxtyping import jaxtyped
 
-from conftest import causal_uniform
 from headlab import ablation, attention, bias, data, engine, metrics
 from headlab.interventions import ablate_heads
 
@@ -354,8 +354,8 @@ def test_pair_scores_are_finite_on_the_real_probes(tiny_factory, tokenizer):
 def test_pair_ablation_sweep(tiny_factory, tokenizer, tmp_path):
     lm, enc = tiny_factory("llama"), _toy_pairs(tokenizer)
     scores = _head_scores(lm)
-    kw = dict(k_list=[0, 2], n_random=3, seed=0, batch_size=2, progress=False,
-              items=pd.DataFrame({"type": [1, 2, 2]}))
+    kw = {"k_list": [0, 2], "n_random": 3, "seed": 0, "batch_size": 2, "progress": False,
+          "items": pd.DataFrame({"type": [1, 2, 2]})}
     rows = ablation.pair_ablation_sweep(lm, enc, scores, "score", tmp_path / "s", **kw)
     assert len(rows) == (1 + 1 + 1 + 3) * len(enc)
     assert list(rows["type"][:3]) == [1, 2, 2]
@@ -370,7 +370,7 @@ def test_pair_ablation_sweep(tiny_factory, tokenizer, tmp_path):
     pd.testing.assert_frame_equal(rows, again)
     # a second ranking's random sets are the first one's (random heads ignore the scores)
     other = scores.assign(score=np.arange(len(scores)) * 1.0)
-    rnd = dict(kw, set_types=["random"])
+    rnd = {**kw, "set_types": ["random"]}
     pd.testing.assert_frame_equal(
         ablation.pair_ablation_sweep(lm, enc, other, "score", tmp_path / "o", **rnd)[["members", "sentence"]],
         rows[rows["set_type"] == "random"].reset_index(drop=True)[["members", "sentence"]])
@@ -387,8 +387,8 @@ def test_label_scorer_in_the_head_sweep(tiny_factory, tmp_path):
     assert ablation.head_pool(scores, "score").top(3) == {0: [0, 1, 2]}
     measures = {"diff": lambda lp: (lp[:, 0] - lp[:, 1]).numpy()}
     score = ablation.label_scorer(lm, enc, labels, measures, batch_size=2)
-    kw = dict(key={"labels": labels}, items=pd.DataFrame(index=range(len(enc))), k_list=[0, 2], n_random=3,
-              seed=0, progress=False)
+    kw = {"key": {"labels": labels}, "items": pd.DataFrame(index=range(len(enc))), "k_list": [0, 2],
+          "n_random": 3, "seed": 0, "progress": False}
     rows = ablation.head_ablation_sweep(lm, score, scores, "score", tmp_path / "s", **kw)
     assert len(rows) == (1 + 1 + 1 + 3) * len(enc)
     top = rows[(rows["set_type"] == "top") & (rows["k"] == 2)]

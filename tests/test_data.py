@@ -7,8 +7,8 @@ import re
 import pandas as pd
 import pytest
 
-from headlab.cache import PACKAGES, cache_dir, fetch, fetched_file
 from headlab.bias import prefix_twins
+from headlab.cache import PACKAGES, cache_dir, fetch, fetched_file
 from headlab.data import (
     bias_pairs,
     load_crows_pairs,
