@@ -10,6 +10,7 @@ compares the model's log-likelihood of the two sentences (whole sentence, pronou
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +83,12 @@ class EncodedPairs:
     def __len__(self) -> int:
         return len(self.a)
 
+    def subset(self, rows: Sequence[int]) -> EncodedPairs:
+        """The pairs at ``rows`` (positions in this object), in that order; ``index`` is kept."""
+        rows = [int(r) for r in rows]
+        return EncodedPairs([self.a[r] for r in rows], [self.b[r] for r in rows], [self.pronoun[r] for r in rows],
+                            [self.referent[r] for r in rows], [self.index[r] for r in rows], self.dropped)
+
     def after_pronoun(self) -> list[list[int]]:
         """Query positions after the pronoun (to the end of the sentence), per pair."""
         return [list(range(p + 1, len(s))) for p, s in zip(self.pronoun, self.a)]
@@ -114,8 +121,8 @@ def pair_scores(lm: LoadedModel, enc: EncodedPairs, batch_size: int = 16) -> dic
     The two sentences share every token but the pronoun at position ``p``, so the tokens before it
     have the same probabilities in both and the whole-sentence log-likelihood difference is the sum
     from the pronoun on (the shared tokens are not summed: they contribute exactly 0). One forward
-    pass per sentence (:func:`headlab.perplexity.sequence_losses`); hooks set by the caller (head
-    ablation) act on both.
+    pass per sentence (:func:`headlab.perplexity.sequence_losses`);
+    hooks set by the caller (head ablation) act on both.
 
     Returns:
         ``(n_pairs,)`` float64 tensors:
@@ -133,17 +140,16 @@ def pair_scores(lm: LoadedModel, enc: EncodedPairs, batch_size: int = 16) -> dic
     if any(p < 1 for p in enc.pronoun):
         bad = [i for i, p in enumerate(enc.pronoun) if p < 1]
         raise ValueError(f"pairs {bad[:5]} have the pronoun at position 0; nothing predicts it.")
-    nll = sequence_losses(lm, [*enc.a, *enc.b], batch_size)
+    nll = sequence_losses(lm, [*enc.a, *enc.b], batch_size, start=[*enc.pronoun, *enc.pronoun])
     n = len(enc)
     out: dict[str, list[float]] = {name: [] for name in PAIR_MEASURES}
-    for i, p in enumerate(enc.pronoun):
-        la, lb = -nll[i].double(), -nll[n + i].double()  # log p of tokens 1.. of a and of b
-        pronoun = float(la[p - 1] - lb[p - 1])  # token p is predicted at position p - 1
-        after = float((la[p:] - lb[p:]).sum())
+    for i in range(n):
+        la, lb = -nll[i].double(), -nll[n + i].double()  # log p of the pronoun and every later token
+        pronoun, after = float(la[0] - lb[0]), float((la[1:] - lb[1:]).sum())
         out["pronoun"].append(pronoun)
         out["after"].append(after)
         out["sentence"].append(pronoun + after)
-        out["p_pair"].append(float(la[p - 1].exp() + lb[p - 1].exp()))
+        out["p_pair"].append(float(la[0].exp() + lb[0].exp()))
     return {name: torch.tensor(v, dtype=torch.float64) for name, v in out.items()}
 
 

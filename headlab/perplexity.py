@@ -183,27 +183,40 @@ def token_losses(lm: LoadedModel, ids: Int[Tensor, "n s"], heads: Mapping[int, S
         return _rows_nll(lm, ids, None, batch_size)
 
 
-def sequence_losses(lm: LoadedModel, seqs: Sequence[Int[Tensor, " s"]],
-                    batch_size: int = 16) -> list[Float[Tensor, " s-1"]]:
-    """Negative log-likelihood (nats) of every next token of sequences of any lengths.
+def sequence_losses(lm: LoadedModel, seqs: Sequence[Int[Tensor, " s"]], batch_size: int = 16,
+                    start: Sequence[int] | None = None) -> list[Float[Tensor, " n"]]:
+    """Negative log-likelihood (nats) of the next tokens of sequences of any lengths.
 
     Sequences of equal length are run together in batches of at most ``batch_size`` (stable order), so
     no sequence is padded and each one's losses are those of running it alone up to float rounding.
-    Heads or neurons hooked by the caller (e.g. :func:`headlab.interventions.ablate_heads`) act on
-    every position.
+    Heads or neurons hooked by the caller (e.g. :func:`headlab.interventions.ablate_heads`) act
+    on every position.
+
+    Args:
+        seqs: 1-D token id tensors, each at least 2 tokens.
+        batch_size: sequences per forward pass.
+        start: per sequence, the first token whose loss is wanted (1 .. len - 1; default 1: every
+            token after the first).
 
     Returns:
-        One tensor per sequence, in the order of ``seqs``: ``nll[t] = -log p(s[t + 1] | s[:t + 1])``,
-        float32 on the CPU.
+        One tensor per sequence, in the order of ``seqs``: ``nll[j] = -log p(s[t] | s[:t])`` for
+        ``t = start + j`` up to the last token; float32 on the CPU.
     """
     if not len(seqs) or min(len(s) for s in seqs) < 2:
         raise ValueError("sequence_losses needs at least one sequence and every sequence >= 2 tokens.")
+    start = [1] * len(seqs) if start is None else [int(t) for t in start]
+    if len(start) != len(seqs):
+        raise ValueError(f"{len(start)} start positions for {len(seqs)} sequences.")
+    bad = [(i, t) for i, (t, s) in enumerate(zip(start, seqs)) if not 1 <= t < len(s)]
+    if bad:
+        raise ValueError(f"start positions (sequence, start) {bad[:5]} out of range 1 .. len - 1.")
     out: list[Tensor | None] = [None] * len(seqs)
     for group in chunks(list(range(len(seqs))), [len(s) for s in seqs], batch_size, equal=True):
         ids = torch.stack([seqs[i] for i in group])  # (b, s): equal lengths
-        nll = _rows_nll(lm, ids, None, len(group))
+        # (transformers' logits_to_keep for the positions from the earliest start on was slower on CPU)
+        nll = _rows_nll(lm, ids, None, len(group))  # (b, s - 1): tokens 1 .. s - 1
         for j, i in enumerate(group):
-            out[i] = nll[j]
+            out[i] = nll[j, start[i] - 1:]
     return out  # type: ignore[return-value]
 
 
