@@ -17,7 +17,8 @@ Every sweep returns rows with the same columns: ``model, mode, <pool column>, se
 permutation, sequence``, the scorer's values, each value's change from the clean model
 (``<value>_change``) and the ablated ``members`` (``"L3H1 L5H2"``; neurons ``"L3N7"``).
 :func:`top_vs_random` compares the top set with the random sets (permutation p-value, band, verdict)
-in one table for all three chapters; :func:`ablation_summary` gives the curves' means and intervals.
+in one table for all three chapters (:func:`share_random_sets`: several rankings, one set of random
+sets); :func:`ablation_summary` gives the curves' means and intervals.
 """
 
 from __future__ import annotations
@@ -579,6 +580,38 @@ def ablation_summary(rows: pd.DataFrame, value: str, by: Iterable[str] = ("mode"
                     "low": ci.low, "high": ci.high, "n_permutations": mat.shape[0],
                     "n_sequences": mat.shape[1]})
     return pd.DataFrame(out)
+
+
+def share_random_sets(rows: Mapping[str, pd.DataFrame], column: str = "ranking") -> pd.DataFrame:
+    """Sweep rows of several rankings of the same units, stacked so that every ranking is compared with
+    the same random sets.
+
+    Random sets of a :func:`head_pool` do not depend on its scores, so after one sweep with top and
+    random sets a second ranking needs only its top sets (``set_types=("top",)``). The random rows,
+    which exactly one frame must hold, are repeated under every ranking's name; each frame's other rows
+    (top sets, the clean ``k = 0`` rows) stay under its own name. Pass the result to
+    :func:`top_vs_random` with ``column`` in ``by``.
+
+    Args:
+        rows: ranking name -> sweep rows (:func:`set_ablation_sweep`).
+        column: name of the new ranking column (must not be a column of the rows).
+
+    Returns:
+        The stacked rows with ``column`` first.
+    """
+    if not rows:
+        raise ValueError("rows is empty; give ranking name -> sweep rows.")
+    clash = [name for name, frame in rows.items() if column in frame.columns]
+    if clash:
+        raise ValueError(f"column={column!r} is already a column of the rows of {clash}.")
+    holders = [name for name, frame in rows.items() if (frame["set_type"] == "random").any()]
+    if len(holders) != 1:
+        raise ValueError(f"exactly one ranking must hold the random sets; {holders or 'none'} do.")
+    shared = rows[holders[0]][rows[holders[0]]["set_type"] == "random"]
+    parts = [frame[frame["set_type"] != "random"].assign(**{column: name}) for name, frame in rows.items()]
+    parts += [shared.assign(**{column: name}) for name in rows]
+    out = pd.concat(parts, ignore_index=True)
+    return out[[column, *[c for c in out.columns if c != column]]]
 
 
 def random_sets_needed(level: float = 0.95) -> int:

@@ -47,7 +47,7 @@ n_sweep_sequences: int = 8  # random sequences scored under every head set of th
 seq_len: int = 32  # tokens per copy T: rows are [BOS, x_1..x_T, x_1..x_T]
 lags: list = [8, 16, 32]  # repeat distances, each at most seq_len, cycled over the rows of the sweep
 seed: int = 0  # seeds the random tokens and the random head sets
-n_permutations: int = 50  # random head sets per (mode, range, k): >= 39 for a 95% band, p resolution 1/(n+1)
+n_permutations: int = 50  # random head sets per (mode, range, k); 39 or more give a 95% band; p resolution 1/(n+1)
 max_heads: int = 50  # largest number of heads ablated at once (seed 002's --max_heads_abl)
 head_type: list = ["top", "random"]  # which heads to ablate: the top-k by induction score and/or k random
 k_list: list = [0, 5, 20]  # numbers of heads ablated at once (0: no ablation)

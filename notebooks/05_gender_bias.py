@@ -70,7 +70,7 @@ device: str = "auto"  # "auto", "cpu" or "cuda"
 dtype: str = "auto"  # "auto" (fp32 on CPU, bf16 on CUDA), "float32", "bfloat16", "float16"
 split: str = "dev"  # WinoBias split: "dev" or "test"
 max_pairs: int = 200  # WinoBias pairs drawn at random (seeded) for attention and the clean measures (0: all)
-n_ablation_pairs: int = 60  # of those, pairs scored under every ablation, half type 1, half type 2 (0: all)
+n_ablation_pairs: int = 40  # of those, pairs scored under every ablation, half type 1, half type 2 (0: all)
 k_list: list = [0, 10]  # numbers of heads ablated at once (0: the clean model)
 n_random: int = 100  # random head sets per (mode, k): p-value resolution 1 / (n_random + 1)
 modes: list = ["mean"]  # "zero" and/or "mean" ablation of the heads' outputs
@@ -282,9 +282,7 @@ shards = Path(results_dir) / "shards"
 h1 = ablation.pair_ablation_sweep(lm, abl_enc, ranked, "abs_effect", shards, **common)
 h2 = ablation.pair_ablation_sweep(lm, abl_enc, referent_heads, "to_referent_score", shards, set_types=["top"], **common)
 timings["ablation"] = time.time() - t0
-random_rows = h1[h1["set_type"] == "random"]
-abl = pd.concat([h1.assign(ranking="H1"), h2.assign(ranking="H2"), random_rows.assign(ranking="H2")],
-                ignore_index=True)
+abl = ablation.share_random_sets({"H1": h1, "H2": h2})  # H2's top sets vs H1's random sets (the same draws)
 n_sets = abl[abl["k"] > 0].groupby(["mode", "set_type", "k", "members"]).ngroups
 print(f"{n_sets} ablated head sets (+ the clean model) x {len(abl_enc)} pairs "
       f"({int((abl_items['type'] == 2).sum())} of type 2) in {timings['ablation']:.0f} s")

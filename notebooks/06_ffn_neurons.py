@@ -48,7 +48,7 @@ rows_per_article: int = 2  # at most this many consecutive rows per reference ar
 skip_first: int = 1  # positions per row left out of the statistics (the first has no context)
 k_examples: int = 8  # top-activating tokens kept per neuron
 n_top: int = 5  # neurons per layer listed in the tables
-show_layers: list = []  # layers whose strongest neuron is shown ([]: early, middle, late = n//15, n//2, n-2)
+show_layers: list = []  # layers whose strongest neuron is shown ([]: an early, a middle and a late layer, from the depth)
 data_source: str = "rotten_tomatoes"  # sentiment data (as in the baseline chapter)
 split_seed: int = 0  # seed of the baseline's data split (used when no prompt config is found)
 prompt_config: str = "results/baseline/prompt_config.json"  # written by the baseline chapter
@@ -56,7 +56,7 @@ n_lens_prompts: int = 100  # test prompts for the logit lens readout
 ablation_layers: list = []  # layers whose neurons are ablated, one at a time ([]: as show_layers)
 k_list: list = [16, 128]  # neurons ablated at once
 modes: list = ["mean"]  # "zero" and/or "mean" ablation
-n_permutations: int = 39  # random neuron sets per (mode, layer, k): >= 39 for a 95% band, p resolution 1/(n+1)
+n_permutations: int = 39  # random neuron sets per (mode, layer, k); 39 or more give a 95% band; p resolution 1/(n+1)
 rank_by: str = "mean_abs"  # ranking of the "top" neurons: "mean_abs" or "max"
 n_boot: int = 1000  # bootstrap resamples for the intervals
 seed: int = 0  # article split and random neuron sets
