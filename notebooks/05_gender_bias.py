@@ -283,7 +283,7 @@ h1 = ablation.pair_ablation_sweep(lm, abl_enc, ranked, "abs_effect", shards, **c
 h2 = ablation.pair_ablation_sweep(lm, abl_enc, referent_heads, "to_referent_score", shards, set_types=["top"], **common)
 timings["ablation"] = time.time() - t0
 abl = ablation.share_random_sets({"H1": h1, "H2": h2})  # H2's top sets vs H1's random sets (the same draws)
-n_sets = abl[abl["k"] > 0].groupby(["mode", "set_type", "k", "members"]).ngroups
+n_sets = sum(h[h["k"] > 0].groupby(["mode", "set_type", "k", "permutation"]).ngroups for h in (h1, h2))
 print(f"{n_sets} ablated head sets (+ the clean model) x {len(abl_enc)} pairs "
       f"({int((abl_items['type'] == 2).sum())} of type 2) in {timings['ablation']:.0f} s")
 
