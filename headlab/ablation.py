@@ -7,8 +7,9 @@ scorer:
 
 * 03: heads ranked by induction score, scored on repeated random tokens
   (:func:`induction_ablation_sweep` = :func:`head_pool` + :func:`repeated_tokens_scorer`);
-* 05: heads ranked by any per-head score, scored on label tokens
-  (:func:`ranked_ablation_sweep` = :func:`head_pool` + :func:`label_scorer`);
+* 05: heads ranked by any per-head score, scored on sentence pairs by their log-likelihoods
+  (:func:`pair_ablation_sweep` = :func:`head_pool` + :func:`pair_scorer`); prompts scored on label
+  tokens are :func:`label_scorer`;
 * 06: a layer's FFN neurons ranked by activation, scored by next-token loss on text
   (:func:`neuron_ablation_sweep` = :func:`neuron_pools` + :func:`text_loss_scorer`).
 
@@ -16,7 +17,8 @@ Every sweep returns rows with the same columns: ``model, mode, <pool column>, se
 permutation, sequence``, the scorer's values, each value's change from the clean model
 (``<value>_change``) and the ablated ``members`` (``"L3H1 L5H2"``; neurons ``"L3N7"``).
 :func:`top_vs_random` compares the top set with the random sets (permutation p-value, band, verdict)
-in one table for all three chapters; :func:`ablation_summary` gives the curves' means and intervals.
+in one table for all three chapters (:func:`share_random_sets`: several rankings, one set of random
+sets); :func:`ablation_summary` gives the curves' means and intervals.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from jaxtyping import Float, Int
 from numpy.typing import ArrayLike
 from torch import Tensor
 
-from headlab import engine, metrics, perplexity
+from headlab import bias, engine, metrics, perplexity
+from headlab.bias import EncodedPairs
 from headlab.edits import seed_for
 from headlab.engine import EncodedPrompts
 from headlab.induction import RepeatedTokens, repeat_metrics
@@ -228,6 +231,19 @@ def label_scorer(lm: LoadedModel, enc: EncodedPrompts, label_ids: Sequence[int],
         with ablate_heads(lm, heads, mode, means) if heads else nullcontext():
             lp = engine.label_logprobs(lm, enc, list(label_ids), batch_size=batch_size)
         return {name: np.asarray(fn(lp), dtype=float) for name, fn in measures.items()}
+
+    return score
+
+
+def pair_scorer(lm: LoadedModel, enc: EncodedPairs, means: Mapping[int, Float[Tensor, "H dh"]] | None = None,
+                batch_size: int = 16) -> Scorer:
+    """Heads ablated, sentence pairs scored by :func:`headlab.bias.pair_scores`: ``sentence, pronoun,
+    after, p_pair`` per pair (log-likelihood contrasts of sentence ``a`` minus sentence ``b``)."""
+
+    def score(mode: str, heads: Members) -> dict[str, np.ndarray]:
+        with ablate_heads(lm, heads, mode, means) if heads else nullcontext():
+            values = bias.pair_scores(lm, enc, batch_size)
+        return {name: v.numpy() for name, v in values.items()}
 
     return score
 
@@ -461,15 +477,14 @@ def induction_ablation_sweep(
         perm_chunk=perm_chunk, progress=progress)
 
 
-def ranked_ablation_sweep(
+def pair_ablation_sweep(
     lm: LoadedModel,
-    enc: EncodedPrompts,
-    label_ids: Sequence[int],
+    enc: EncodedPairs,
     scores: pd.DataFrame,
     column: str,
-    measures: Mapping[str, Callable[[Float[Tensor, "n labels"]], ArrayLike]],
     out_dir: str | Path,
     *,
+    items: pd.DataFrame | None = None,
     modes: Iterable[str] = ("zero",),
     layer_ranges: Iterable[str] = ("full",),
     set_types: Iterable[str] = SET_TYPES,
@@ -480,14 +495,26 @@ def ranked_ablation_sweep(
     batch_size: int = 16,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Chapter 05: :func:`head_ablation_sweep` of the heads ranked by ``column`` with :func:`label_scorer`
-    (prompts scored on ``label_ids``; each measure and its ``<measure>_change`` per prompt and set)."""
-    key = {"labels": list(label_ids), "measures": sorted(measures),
-           "prompts": config_hash({"q": [q.tolist() for q in enc.queries], "p": enc.prefix.tolist()})}
+    """Chapter 05: :func:`head_ablation_sweep` of the heads ranked by ``column`` with :func:`pair_scorer`.
+
+    Rows carry, per pair and set, ``sentence, pronoun, after, p_pair``
+    (:func:`headlab.bias.pair_scores`) and their ``<value>_change``. Random sets do not depend on the
+    ranking (:func:`head_pool`), so a second ranking needs only its top sets
+    (``set_types=("top",)``) to be compared with the same random sets.
+
+    Args:
+        items: one row per pair (e.g. its WinoBias ``type``), copied into its rows; default: none.
+        Others: as in :func:`head_ablation_sweep`.
+    """
+    items = pd.DataFrame(index=range(len(enc))) if items is None else items.reset_index(drop=True)
+    if len(items) != len(enc):
+        raise ValueError(f"items has {len(items)} rows for {len(enc)} pairs.")
+    key = {"pairs": config_hash({"a": [x.tolist() for x in enc.a], "b": [x.tolist() for x in enc.b]}),
+           "measures": list(bias.PAIR_MEASURES)}
     return head_ablation_sweep(
-        lm, label_scorer(lm, enc, label_ids, measures, means, batch_size), scores, column, out_dir, key=key,
-        items=pd.DataFrame(index=range(len(enc))), modes=modes, layer_ranges=layer_ranges,
-        set_types=set_types, k_list=k_list, n_random=n_random, seed=seed, means=means, progress=progress)
+        lm, pair_scorer(lm, enc, means, batch_size), scores, column, out_dir, key=key, items=items,
+        modes=modes, layer_ranges=layer_ranges, set_types=set_types, k_list=k_list, n_random=n_random,
+        seed=seed, means=means, progress=progress)
 
 
 def neuron_ablation_sweep(
@@ -553,6 +580,38 @@ def ablation_summary(rows: pd.DataFrame, value: str, by: Iterable[str] = ("mode"
                     "low": ci.low, "high": ci.high, "n_permutations": mat.shape[0],
                     "n_sequences": mat.shape[1]})
     return pd.DataFrame(out)
+
+
+def share_random_sets(rows: Mapping[str, pd.DataFrame], column: str = "ranking") -> pd.DataFrame:
+    """Sweep rows of several rankings of the same units, stacked so that every ranking is compared with
+    the same random sets.
+
+    Random sets of a :func:`head_pool` do not depend on its scores, so after one sweep with top and
+    random sets a second ranking needs only its top sets (``set_types=("top",)``). The random rows,
+    which exactly one frame must hold, are repeated under every ranking's name; each frame's other rows
+    (top sets, the clean ``k = 0`` rows) stay under its own name. Pass the result to
+    :func:`top_vs_random` with ``column`` in ``by``.
+
+    Args:
+        rows: ranking name -> sweep rows (:func:`set_ablation_sweep`).
+        column: name of the new ranking column (must not be a column of the rows).
+
+    Returns:
+        The stacked rows with ``column`` first.
+    """
+    if not rows:
+        raise ValueError("rows is empty; give ranking name -> sweep rows.")
+    clash = [name for name, frame in rows.items() if column in frame.columns]
+    if clash:
+        raise ValueError(f"column={column!r} is already a column of the rows of {clash}.")
+    holders = [name for name, frame in rows.items() if (frame["set_type"] == "random").any()]
+    if len(holders) != 1:
+        raise ValueError(f"exactly one ranking must hold the random sets; {holders or 'none'} do.")
+    shared = rows[holders[0]][rows[holders[0]]["set_type"] == "random"]
+    parts = [frame[frame["set_type"] != "random"].assign(**{column: name}) for name, frame in rows.items()]
+    parts += [shared.assign(**{column: name}) for name in rows]
+    out = pd.concat(parts, ignore_index=True)
+    return out[[column, *[c for c in out.columns if c != column]]]
 
 
 def random_sets_needed(level: float = 0.95) -> int:

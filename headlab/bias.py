@@ -1,12 +1,16 @@
-"""Gender-pair statistics: sentence pairs that differ in one pronoun, and per-head paired differences.
+"""Gender-pair statistics: sentence pairs that differ in one pronoun, per-head paired differences, and
+what the model prefers.
 
 :func:`encode_pairs` tokenises the probe pairs of :func:`headlab.data.bias_pairs` and keeps those whose
 token sequences differ exactly at the pronoun; :func:`head_differences` compares a per-head attention
-statistic between the two sentences of each pair with paired bootstrap intervals.
+statistic between the two sentences of each pair with paired bootstrap intervals; :func:`pair_scores`
+compares the model's log-likelihood of the two sentences (whole sentence, pronoun, words after it);
+:func:`prefix_twins` finds pairs whose next-pronoun measures cancel.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,8 +21,13 @@ from torch import Tensor
 
 from headlab import metrics
 from headlab.attention import encode_spans
+from headlab.models import LoadedModel
+from headlab.perplexity import sequence_losses
 
-__all__ = ["EncodedPairs", "encode_pairs", "head_differences"]
+__all__ = ["PAIR_MEASURES", "EncodedPairs", "encode_pairs", "head_differences", "pair_scores", "prefix_twins"]
+
+#: The values of :func:`pair_scores`, per pair (``a`` minus ``b``).
+PAIR_MEASURES = ("sentence", "pronoun", "after", "p_pair")
 
 
 def head_differences(a: Float[Tensor, "n L H"], b: Float[Tensor, "n L H"], n_boot: int = 1000,
@@ -74,6 +83,12 @@ class EncodedPairs:
     def __len__(self) -> int:
         return len(self.a)
 
+    def subset(self, rows: Sequence[int]) -> EncodedPairs:
+        """The pairs at ``rows`` (positions in this object), in that order; ``index`` is kept."""
+        rows = [int(r) for r in rows]
+        return EncodedPairs([self.a[r] for r in rows], [self.b[r] for r in rows], [self.pronoun[r] for r in rows],
+                            [self.referent[r] for r in rows], [self.index[r] for r in rows], self.dropped)
+
     def after_pronoun(self) -> list[list[int]]:
         """Query positions after the pronoun (to the end of the sentence), per pair."""
         return [list(range(p + 1, len(s))) for p, s in zip(self.pronoun, self.a)]
@@ -98,3 +113,63 @@ def encode_pairs(tokenizer: Any, pairs: pd.DataFrame) -> EncodedPairs:
         out["referent"].append(refs[0] if refs else [])
         out["index"].append(i)
     return EncodedPairs(**out, dropped=dropped)
+
+
+def pair_scores(lm: LoadedModel, enc: EncodedPairs, batch_size: int = 16) -> dict[str, Float[Tensor, " n"]]:
+    """What the model prefers, sentence ``a`` or ``b`` of each pair: log-likelihood contrasts ``a - b``.
+
+    The two sentences share every token but the pronoun at position ``p``, so the tokens before it
+    have the same probabilities in both and the whole-sentence log-likelihood difference is the sum
+    from the pronoun on (the shared tokens are not summed: they contribute exactly 0). One forward
+    pass per sentence (:func:`headlab.perplexity.sequence_losses`);
+    hooks set by the caller (head ablation) act on both.
+
+    Returns:
+        ``(n_pairs,)`` float64 tensors:
+
+        * ``"sentence"``: ``log P(a) - log P(b)`` of the whole sentences = ``pronoun + after``;
+        * ``"pronoun"``: ``log p(a's pronoun | prefix) - log p(b's pronoun | prefix)``, the next-pronoun
+          preference (a function of the prefix and the two forms only; see :func:`prefix_twins`);
+        * ``"after"``: the sum over the tokens after the pronoun of ``log p(token | a up to it) -
+          log p(token | b up to it)``: how much better the rest of the sentence fits ``a``'s pronoun;
+        * ``"p_pair"``: ``p(a's pronoun) + p(b's pronoun)`` after the prefix.
+
+    Raises:
+        ValueError: a pronoun at position 0 (nothing predicts it).
+    """
+    if any(p < 1 for p in enc.pronoun):
+        bad = [i for i, p in enumerate(enc.pronoun) if p < 1]
+        raise ValueError(f"pairs {bad[:5]} have the pronoun at position 0; nothing predicts it.")
+    nll = sequence_losses(lm, [*enc.a, *enc.b], batch_size, start=[*enc.pronoun, *enc.pronoun])
+    n = len(enc)
+    out: dict[str, list[float]] = {name: [] for name in PAIR_MEASURES}
+    for i in range(n):
+        la, lb = -nll[i].double(), -nll[n + i].double()  # log p of the pronoun and every later token
+        pronoun, after = float(la[0] - lb[0]), float((la[1:] - lb[1:]).sum())
+        out["pronoun"].append(pronoun)
+        out["after"].append(after)
+        out["sentence"].append(pronoun + after)
+        out["p_pair"].append(float(la[0].exp() + lb[0].exp()))
+    return {name: torch.tensor(v, dtype=torch.float64) for name, v in out.items()}
+
+
+def prefix_twins(pairs: pd.DataFrame) -> pd.Series:
+    """Pairs whose prefix also begins another pair with the genders of ``a`` and ``b`` swapped.
+
+    The next-pronoun measure ``log p(a's pronoun | prefix) - log p(b's pronoun | prefix)`` depends on
+    the prefix and the two forms only. Two pairs with the same prefix whose ``a`` pronouns have
+    opposite genders measure the same preference with opposite signs: exact negatives for the same
+    two forms (he/she and she/he), and they cancel in every mean. WinoBias type 1 is full of them
+    (the clause after the pronoun decides which reading is stereotyped).
+
+    Args:
+        pairs: rows with ``prefix`` and ``a_male`` (:func:`headlab.data.bias_pairs`).
+
+    Returns:
+        Boolean Series aligned with ``pairs``: True where such a twin exists.
+    """
+    missing = [c for c in ("prefix", "a_male") if c not in pairs.columns]
+    if missing:
+        raise ValueError(f"pairs lack column(s) {missing}; they have {list(pairs.columns)}.")
+    genders = pairs.groupby("prefix")["a_male"].transform("nunique")
+    return (genders > 1).rename("prefix_twin")

@@ -29,7 +29,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from headlab.models import LoadedModel
 
-__all__ = ["bullets", "declared_parameters", "declared_types", "fmt_ci", "head_label", "head_list", "load",
+__all__ = ["bullets", "declared_parameters", "declared_types", "depth_layers", "fmt_ci", "head_label", "head_list",
+           "load",
            "parameters", "parameters_from_source"]
 
 PARAMETERS_TAG = "parameters"
@@ -133,6 +134,36 @@ def load(params: Mapping[str, Any], *, attn_implementation: str = "eager") -> Lo
         torch.set_num_threads(int(params["torch_threads"]))
     return load_model(params["model"], device=params.get("device"), dtype=params.get("dtype"),
                       device_map=params.get("device_map"), attn_implementation=attn_implementation)
+
+
+def depth_layers(n_layers: int, layers: Iterable[int] = (), name: str = "layers") -> list[int]:
+    """A chapter's layer parameter resolved for a model with ``n_layers`` layers.
+
+    Empty ``layers`` means an early, a middle and a late layer: ``n // 15``, ``n // 2`` and ``n - 2``
+    (layers 2, 15 and 28 of 30; duplicates removed for shallow models), so a chapter's defaults run
+    unchanged on any depth. Otherwise every entry must be an integer layer of the model.
+
+    Args:
+        n_layers: the model's number of layers.
+        layers: the parameter's value.
+        name: the parameter's name, for the error message.
+
+    Returns:
+        Distinct layers, sorted.
+
+    Raises:
+        ValueError: an entry that is not an integer in ``0 .. n_layers - 1`` (named with ``name``).
+    """
+    if n_layers < 1:
+        raise ValueError(f"n_layers={n_layers} must be positive.")
+    layers = list(layers)
+    if not layers:
+        return sorted({n_layers // 15, n_layers // 2, max(n_layers - 2, 0)})
+    bad = [x for x in layers if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < n_layers]
+    if bad:
+        raise ValueError(f"{name} = {layers} names {bad}: the model has layers 0-{n_layers - 1} (integers; "
+                         f"[] picks an early, a middle and a late layer).")
+    return sorted(set(layers))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -547,6 +547,14 @@ def bias_pairs(source: str = "winobias", split: str = "dev") -> pd.DataFrame:
     * ``"winogender"``: :func:`load_winogender`; ``a`` is the male, ``b`` the female sentence; the
       referent is the occupation (``answer`` 0) or the other participant (``answer`` 1).
 
+    Whether the words *before* the pronoun fix its referent (``referent_in_prefix``) decides which
+    measures a pair supports. In WinoBias type 2 they do (syntax: "The chief thanked the housekeeper
+    and gave [her] some tips"), so the next-pronoun preference after the prefix is a bias measure. In
+    WinoBias type 1 the clause *after* the pronoun decides ("The CEO bought the accountant a car
+    because [he] needed one" / "... because [she] ..."): the same prefix occurs with pro = he and with
+    pro = she, and the next-pronoun measures of such twins cancel. Winogender's two answers of a
+    schema also share the prefix.
+
     Pairs whose sentences differ in more than one word (a second pronoun) are dropped; their number
     is in ``frame.attrs["dropped"]``.
 
@@ -554,19 +562,20 @@ def bias_pairs(source: str = "winobias", split: str = "dev") -> pd.DataFrame:
         Columns ``source, a, b, a_pronoun, b_pronoun, a_span, b_span`` (character spans of the
         pronoun), ``a_referent_span, b_referent_span`` (``None`` if the referent is not found),
         ``prefix`` (the text before the pronoun, shared by both), ``a_male`` (whether ``a``'s pronoun
-        is masculine) and ``occupation``.
+        is masculine), ``occupation``, ``type`` (WinoBias type 1 or 2; 0 for Winogender) and
+        ``referent_in_prefix`` (WinoBias type 2 only, see above).
     """
     if source == "winobias":
         raw = load_winobias(split)
-        items = [(r.pro, r.anti, r.occupation, r.occupation.split()[-1]) for r in raw.itertuples()]
+        items = [(r.pro, r.anti, r.occupation, r.occupation.split()[-1], r.type) for r in raw.itertuples()]
     elif source == "winogender":
         raw = load_winogender()
-        items = [(r.male, r.female, r.occupation, r.occupation if r.answer == 0 else r.participant)
+        items = [(r.male, r.female, r.occupation, r.occupation if r.answer == 0 else r.participant, 0)
                  for r in raw.itertuples()]
     else:
         raise ValueError(f"source={source!r}; choose 'winobias' or 'winogender'.")
     rows, dropped = [], 0
-    for a, b, occupation, referent in items:
+    for a, b, occupation, referent, typ in items:
         diff = _first_word_diff(a, b)
         if len(diff) != 1:
             dropped += 1
@@ -580,7 +589,8 @@ def bias_pairs(source: str = "winobias", split: str = "dev") -> pd.DataFrame:
                      "a_span": (a0, a1), "b_span": (b0, b1),
                      "a_referent_span": _find_referent(a, referent, a0),
                      "b_referent_span": _find_referent(b, referent, b0),
-                     "prefix": a[:a0].rstrip(), "a_male": pa in _MALE, "occupation": occupation})
+                     "prefix": a[:a0].rstrip(), "a_male": pa in _MALE, "occupation": occupation,
+                     "type": int(typ), "referent_in_prefix": typ == 2})
     frame = pd.DataFrame(rows)
     frame.attrs["dropped"] = dropped
     return frame

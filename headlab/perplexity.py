@@ -5,6 +5,7 @@ the same windows and keeps the clean input of every block, so that :func:`window
 only the blocks an edit can change (a weight edit in layer ``l`` leaves blocks ``0 .. l-1`` as they
 were). :func:`token_losses` scores equal-length token rows (optionally with heads ablated);
 :func:`losses_keeping_inputs` / :func:`losses_from` are its keep / recompute pair.
+:func:`sequence_losses` scores sequences of any lengths (no padding: equal lengths share a batch).
 
 Every function here scores rows with one loop (``_rows_nll``) over
 :func:`headlab.engine.recompute.forward_rows`, the one implementation of "keep the clean block
@@ -23,11 +24,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from headlab.engine.recompute import BlockInputs, forward_rows
+from headlab.engine.scoring import chunks
 from headlab.interventions import ablate_heads
 from headlab.models import LoadedModel
 
-__all__ = ["TextWindows", "losses_from", "losses_keeping_inputs", "perplexity", "text_windows", "token_losses",
-           "token_nll", "windows_nll"]
+__all__ = ["TextWindows", "losses_from", "losses_keeping_inputs", "perplexity", "sequence_losses", "text_windows",
+           "token_losses", "token_nll", "windows_nll"]
 
 
 def _nll_spans(n: int, context: int, stride: int) -> list[tuple[int, int, int, int]]:
@@ -179,6 +181,43 @@ def token_losses(lm: LoadedModel, ids: Int[Tensor, "n s"], heads: Mapping[int, S
     active = {layer: list(hs) for layer, hs in (heads or {}).items() if len(hs)}
     with ablate_heads(lm, active, mode, means) if active else nullcontext():
         return _rows_nll(lm, ids, None, batch_size)
+
+
+def sequence_losses(lm: LoadedModel, seqs: Sequence[Int[Tensor, " s"]], batch_size: int = 16,
+                    start: Sequence[int] | None = None) -> list[Float[Tensor, " n"]]:
+    """Negative log-likelihood (nats) of the next tokens of sequences of any lengths.
+
+    Sequences of equal length are run together in batches of at most ``batch_size`` (stable order), so
+    no sequence is padded and each one's losses are those of running it alone up to float rounding.
+    Heads or neurons hooked by the caller (e.g. :func:`headlab.interventions.ablate_heads`) act
+    on every position.
+
+    Args:
+        seqs: 1-D token id tensors, each at least 2 tokens.
+        batch_size: sequences per forward pass.
+        start: per sequence, the first token whose loss is wanted (1 .. len - 1; default 1: every
+            token after the first).
+
+    Returns:
+        One tensor per sequence, in the order of ``seqs``: ``nll[j] = -log p(s[t] | s[:t])`` for
+        ``t = start + j`` up to the last token; float32 on the CPU.
+    """
+    if not len(seqs) or min(len(s) for s in seqs) < 2:
+        raise ValueError("sequence_losses needs at least one sequence and every sequence >= 2 tokens.")
+    start = [1] * len(seqs) if start is None else [int(t) for t in start]
+    if len(start) != len(seqs):
+        raise ValueError(f"{len(start)} start positions for {len(seqs)} sequences.")
+    bad = [(i, t) for i, (t, s) in enumerate(zip(start, seqs)) if not 1 <= t < len(s)]
+    if bad:
+        raise ValueError(f"start positions (sequence, start) {bad[:5]} out of range 1 .. len - 1.")
+    out: list[Tensor | None] = [None] * len(seqs)
+    for group in chunks(list(range(len(seqs))), [len(s) for s in seqs], batch_size, equal=True):
+        ids = torch.stack([seqs[i] for i in group])  # (b, s): equal lengths
+        # (transformers' logits_to_keep for the positions from the earliest start on was slower on CPU)
+        nll = _rows_nll(lm, ids, None, len(group))  # (b, s - 1): tokens 1 .. s - 1
+        for j, i in enumerate(group):
+            out[i] = nll[j, start[i] - 1:]
+    return out  # type: ignore[return-value]
 
 
 def losses_keeping_inputs(lm: LoadedModel, ids: Int[Tensor, "n s"], layers: Sequence[int],

@@ -42,14 +42,15 @@ model: str = "smollm2-135m"  # embedded name, .gguf path, local directory or hub
 device: str = "auto"  # "auto", "cpu" or "cuda"
 dtype: str = "auto"  # "auto" (fp32 on CPU, bf16 on CUDA), "float32", "bfloat16", "float16"
 device_map: str = ""  # "auto": spread a model too big for one GPU over all GPUs (accelerate); "": off
-n_sequences: int = 16  # random sequences for the scores and for the ablation sweep
+n_sequences: int = 16  # random sequences for the scores, the held-out check and the mean ablation
+n_sweep_sequences: int = 8  # random sequences scored under every head set of the ablation sweep
 seq_len: int = 32  # tokens per copy T: rows are [BOS, x_1..x_T, x_1..x_T]
 lags: list = [8, 16, 32]  # repeat distances, each at most seq_len, cycled over the rows of the sweep
 seed: int = 0  # seeds the random tokens and the random head sets
-n_permutations: int = 5  # random head sets per k (seed 002 used 300)
+n_permutations: int = 50  # random head sets per (mode, range, k); 39 or more give a 95% band; p resolution 1/(n+1)
 max_heads: int = 50  # largest number of heads ablated at once (seed 002's --max_heads_abl)
 head_type: list = ["top", "random"]  # which heads to ablate: the top-k by induction score and/or k random
-k_list: list = [0, 1, 5, 10, 20]  # numbers of heads ablated at once (0: no ablation)
+k_list: list = [0, 5, 20]  # numbers of heads ablated at once (0: no ablation)
 modes: list = ["zero", "mean"]  # "zero" and/or "mean" ablation of the head's output
 layer_ranges: list = ["full"]  # "full", "top_half" (layers n//2..n-1), "bottom_half" (0..n//2-1)
 n_boot: int = 1000  # bootstrap resamples for the intervals
@@ -85,7 +86,7 @@ pd.Series(lm.describe()).to_frame("model")
 probe = induction.repeated_random_tokens(lm, n_sequences, seq_len, seed=seed)
 heldout = induction.repeated_random_tokens(lm, n_sequences, seq_len, seed=seed + 1)
 reference = induction.repeated_random_tokens(lm, n_sequences, seq_len, seed=seed + 2)
-rows = induction.repeated_random_tokens(lm, n_sequences, seq_len, seed=seed + 3, lags=lags)
+rows = induction.repeated_random_tokens(lm, n_sweep_sequences, seq_len, seed=seed + 3, lags=lags)
 first = lm.tokenizer.convert_ids_to_tokens(probe.tokens[0].tolist())
 pd.DataFrame({"first copy": first[probe.start:][:8], "second copy": first[probe.start + seq_len:][:8]},
              index=pd.RangeIndex(1, 9, name="position in copy"))
@@ -238,11 +239,13 @@ vs_p, vs_icl = (versus[versus["measure"] == m].to_dict("records") for m in ("p_c
 lines += [
     f"{r['mode']} ablation, {r['layer_range']} range, k = {r['k']}: p(correct) {r['top']:.4f} with the top "
     f"induction heads vs {r['random_mean']:.4f} with random heads ({r['band']}: {r['random_low']:.4f} to "
-    f"{r['random_high']:.4f}); {r['verdict']}; icl {v['top']:+.2f} vs {v['random_mean']:+.2f} nats "
+    f"{r['random_high']:.4f}); {r['verdict']}, p resolution {r['p_resolution']:.3f}; icl {v['top']:+.2f} vs "
+    f"{v['random_mean']:+.2f} nats "
     f"(clean {clean['icl'].mean():+.2f})."
     for r, v in zip(vs_p, vs_icl) if r["k"] in ks
 ]
-lines.append(f"Run time: scores {score_seconds:.0f} s, ablation sweep {sweep_seconds:.0f} s ({n_sets} head sets).")
+lines.append(f"Run time: scores {score_seconds:.0f} s, ablation sweep {sweep_seconds:.0f} s ({n_sets} head sets on "
+             f"{len(rows.tokens)} sequences; {n_permutations} random sets per mode, range and k).")
 chapter.bullets(lines)
 
 # %% tags=["hide-input"]

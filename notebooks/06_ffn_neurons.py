@@ -41,21 +41,22 @@ device: str = "auto"  # "auto", "cpu" or "cuda"
 dtype: str = "auto"  # "auto" (fp32 on CPU, bf16 on CUDA), "float32", "bfloat16", "float16"
 seq_len: int = 256  # tokens per Wikipedia row
 n_capture_rows: int = 64  # reference rows aggregated into the neuron statistics (x seq_len tokens)
-n_heldout_rows: int = 12  # rows of held-out articles scored in the ablation check
+n_heldout_rows: int = 12  # rows of held-out articles scored in the ablation check (one per article)
+heldout_len: int = 64  # tokens per held-out row (the ablation check's cost grows with rows x tokens)
 n_heldout_articles: int = 20  # articles reserved for the held-out rows (the rest is the reference)
 rows_per_article: int = 2  # at most this many consecutive rows per reference article
 skip_first: int = 1  # positions per row left out of the statistics (the first has no context)
 k_examples: int = 8  # top-activating tokens kept per neuron
 n_top: int = 5  # neurons per layer listed in the tables
-show_layers: list = [2, 15, 28]  # layers whose strongest neuron is shown as a neuroscope
+show_layers: list = []  # layers whose strongest neuron is shown ([]: an early, a middle and a late layer, from the depth)
 data_source: str = "rotten_tomatoes"  # sentiment data (as in the baseline chapter)
 split_seed: int = 0  # seed of the baseline's data split (used when no prompt config is found)
 prompt_config: str = "results/baseline/prompt_config.json"  # written by the baseline chapter
 n_lens_prompts: int = 100  # test prompts for the logit lens readout
-ablation_layers: list = [2, 15, 28]  # layers whose neurons are ablated (one layer at a time)
+ablation_layers: list = []  # layers whose neurons are ablated, one at a time ([]: as show_layers)
 k_list: list = [16, 128]  # neurons ablated at once
-modes: list = ["zero", "mean"]  # "zero" and/or "mean" ablation
-n_permutations: int = 2  # random neuron sets per (layer, k)
+modes: list = ["mean"]  # "zero" and/or "mean" ablation
+n_permutations: int = 39  # random neuron sets per (mode, layer, k); 39 or more give a 95% band; p resolution 1/(n+1)
 rank_by: str = "mean_abs"  # ranking of the "top" neurons: "mean_abs" or "max"
 n_boot: int = 1000  # bootstrap resamples for the intervals
 seed: int = 0  # article split and random neuron sets
@@ -77,8 +78,9 @@ from headlab import ablation, chapter, data, engine, lens, metrics, neurons, plo
 t_start = time.time()
 params = chapter.parameters(globals())
 lm = chapter.load(params)
-if bad := sorted({*show_layers, *ablation_layers} - set(range(lm.n_layers))):  # defaults are for 30 layers
-    raise ValueError(f"show_layers / ablation_layers name layers {bad}; {lm.spec} has layers 0-{lm.n_layers - 1}.")
+show_layers = chapter.depth_layers(lm.n_layers, show_layers, "show_layers")
+ablation_layers = chapter.depth_layers(lm.n_layers, ablation_layers, "ablation_layers")
+print(f"{lm.spec}: {lm.n_layers} layers; neuroscope of layers {show_layers}, ablation of layers {ablation_layers}")
 pd.Series(lm.describe()).to_frame("model")
 
 # %% [markdown]
@@ -86,14 +88,15 @@ pd.Series(lm.describe()).to_frame("model")
 #
 # The Wikipedia articles are shuffled once (by `seed`); the first `n_heldout_articles` are held out for
 # the ablation check, the others give the reference rows for the statistics and for the mean-ablation
-# values. A row is `seq_len` consecutive tokens of one article, so no row spans two articles.
+# values. A row is `seq_len` (held-out: `heldout_len`) consecutive tokens of one article, so no row
+# spans two articles.
 
 # %%
 wiki = data.load_wikipedia()
 order = np.random.default_rng(seed).permutation(len(wiki))
 held_articles, ref_articles = order[:n_heldout_articles], order[n_heldout_articles:]
 ref_ids, ref_src = tasks.text_rows(lm, wiki["text"].iloc[ref_articles], n_capture_rows, seq_len, rows_per_article)
-held_ids, held_src = tasks.text_rows(lm, wiki["text"].iloc[held_articles], n_heldout_rows, seq_len, 1)
+held_ids, held_src = tasks.text_rows(lm, wiki["text"].iloc[held_articles], n_heldout_rows, heldout_len, 1)
 ref_titles = set(wiki["title"].iloc[ref_articles[np.unique(ref_src)]])
 held_titles = set(wiki["title"].iloc[held_articles[np.unique(held_src)]])
 assert not ref_titles & held_titles
@@ -236,10 +239,12 @@ readout[["layer", "p_correct", "median_rank", "top1", "accuracy", "accuracy_low"
 #
 # For each layer in `ablation_layers` and each $k$: the layer's $k$ neurons with the largest
 # mean |activation| on the reference text, or $k$ neurons drawn uniformly from the layer's other neurons
-# (`n_permutations` draws), are ablated together; *zero* sets their activation to 0, *mean* to their
-# mean over the reference text (`headlab.ablation.neuron_ablation_sweep`). `loss_change` is the change
-# of the mean next-token loss on the held-out rows (nats); the curves' intervals resample rows (and
-# random sets). Every point is a resumable shard.
+# (`n_permutations` draws per mode, layer and $k$), are ablated together; *zero* sets their activation
+# to 0, *mean* to their mean over the reference text (`headlab.ablation.neuron_ablation_sweep`).
+# `loss_change` is the change of the mean next-token loss on the held-out rows (nats); the curves'
+# intervals resample rows (and random sets). Only the blocks from the ablated layer on are recomputed
+# (the clean input of that layer is kept), so a late layer costs little. Every point is a resumable
+# shard.
 
 # %%
 t0 = time.time()
@@ -303,13 +308,16 @@ lines = [
 lines += [
     f"{r.mode} ablation of layer {r.layer}, k = {r.k}: held-out loss {r.top:+.4f} nats "
     f"[{r.top_low:+.4f}, {r.top_high:+.4f}] for the top neurons vs {r.random_mean:+.4f} for random ones "
-    f"({r.band}: {r.random_low:+.4f} to {r.random_high:+.4f}; clean {clean_loss:.3f}); {r.verdict}."
+    f"({r.band}: {r.random_low:+.4f} to {r.random_high:+.4f}; clean {clean_loss:.3f}); {r.verdict}, p resolution "
+    f"{r.p_resolution:.3f}."
     for r in versus.itertuples()
 ]
 n_sig, n_test = (int(versus["verdict"].str.startswith(s).sum()) for s in ("top set", ("top set", "not dist")))
 lines.append(f"In {n_sig} of the {n_test} (mode, layer, k) settings with enough random sets for a permutation test "
              f"at 0.05 the top neurons raise the loss more than random ones ({len(versus) - n_test} too few to test).")
-lines.append(f"Run time: capture {capture_seconds:.0f} s, lens {lens_seconds:.0f} s, ablation {ablation_seconds:.0f} s.")
+n_sets = abl[abl["k"] > 0].groupby(["mode", "layer", "set_type", "k", "permutation"]).ngroups
+lines.append(f"Run time: capture {capture_seconds:.0f} s, lens {lens_seconds:.0f} s, ablation {ablation_seconds:.0f} s "
+             f"({n_sets} neuron sets on {len(held_ids)} held-out rows of {held_ids.shape[1]} tokens).")
 chapter.bullets(lines)
 
 # %% tags=["hide-input"]

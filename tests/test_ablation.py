@@ -221,3 +221,46 @@ def test_top_vs_random_groups_and_refuses_thin_bands():
         ablation.top_vs_random(rows, {"loss": "less"})
     with pytest.raises(ValueError, match="2 top sets"):
         ablation.top_vs_random(pd.concat([rows, rows.assign(permutation=1)]), {"loss_change": "less"}, by=["k"])
+
+
+def test_two_rankings_share_random_sets_and_the_verdict_follows_the_test(tmp_path):
+    """Chapter 05's design on a known answer. Ranking A puts the two heavy units first, ranking B the two
+    lightest; ablating a set lowers item i's value by ``ITEM_SLOPE[i]`` x the set's weight (item 0, "type 1",
+    is untouched). A moves the measure more than every random pair (p = 1/100); B moves it less than every
+    random pair, so the two-sided test gives p = 1 and B is never called different; on the untouched item
+    nothing is distinguishable."""
+    heavy = {(0, 3), (1, 7)}
+    w = {(layer, i): 10.0 if (layer, i) in heavy else 1.0 + 0.01 * (10 * layer + i)
+         for layer in range(2) for i in range(10)}
+    slope = np.array([0.0, 1.0, 2.0])
+    calls = []
+
+    def score(mode, members):
+        calls.append(ablation.members_label(members))
+        return {"bias": -slope * sum(w[(layer, i)] for layer, idx in members.items() for i in idx)}
+
+    pool_a, pool_b = _pool(w), _pool({u: -v for u, v in w.items()})
+    assert all(pool_a.random(2, p) == pool_b.random(2, p) for p in range(20))  # draws ignore the scores
+    kw = {"key": {"what": "rankings"}, "items": pd.DataFrame({"type": [1, 2, 2]}), "pool_column": "pool",
+          "modes": ("mean",), "k_list": (0, 2), "n_random": 99, "perm_chunk": 50, "progress": False}
+    rows_a = ablation.set_ablation_sweep(score, {"all": pool_a}, tmp_path, **kw)
+    n_a = len(calls)
+    rows_b = ablation.set_ablation_sweep(score, {"all": pool_b}, tmp_path, set_types=("top",), **kw)
+    assert calls[n_a:] == ["", "L0H0 L0H1"]  # B's sweep scores only the clean model and its own top set
+    rows = ablation.share_random_sets({"A": rows_a, "B": rows_b})
+    assert list(rows.columns[:2]) == ["ranking", "mode"]
+    assert (rows.groupby(["ranking", "set_type"])["permutation"].nunique().to_dict()
+            == {("A", "random"): 99, ("A", "top"): 1, ("B", "random"): 99, ("B", "top"): 1})
+    vs = ablation.top_vs_random(rows[rows["type"] == 2], {"bias_change": "two-sided"}, by=("ranking", "mode", "k"),
+                                n_boot=200).set_index("ranking")
+    assert vs.loc["A", "top"] == pytest.approx(-20.0 * 1.5) and vs.loc["A", "p_value"] == pytest.approx(0.01)
+    assert vs.loc["A", "verdict"] == "top set larger in size than random (p = 0.01, 99 random sets)"
+    assert abs(vs.loc["B", "top"]) < abs(vs.loc["B", "random_high"]) and vs.loc["B", "p_value"] == 1.0
+    assert vs.loc["B", "verdict"] == "not distinguishable from random (p = 1, 99 random sets)"
+    untouched = ablation.top_vs_random(rows[rows["type"] == 1], {"bias_change": "two-sided"},
+                                       by=("ranking", "mode", "k"), n_boot=200)
+    assert (untouched["p_value"] == 1.0).all() and untouched["verdict"].str.startswith("not distinguishable").all()
+    with pytest.raises(ValueError, match="exactly one ranking"):
+        ablation.share_random_sets({"A": rows_a, "A2": rows_a})
+    with pytest.raises(ValueError, match="already a column"):
+        ablation.share_random_sets({"A": rows_a}, column="pool")

@@ -1,7 +1,8 @@
 """Attention entropy, attention mass on token spans and paired differential attention: hand-built
 patterns (uniform -> 1, one-hot -> 0, padding ignored), tiny random models (batched == one at a time,
 agreement with the full pattern tensor), bias/instruction probes, the permutation correlation with
-Benjamini-Hochberg, and the top-k vs random-k ablation sweep on label tokens."""
+Benjamini-Hochberg, the sentence-pair log-likelihood measures, and the top-k vs random-k ablation sweeps
+on sentence pairs and on label tokens."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import pandas as pd
 import pytest
 import torch
 from beartype import beartype
+from conftest import causal_uniform
 from jaxtyping import jaxtyped
 
-from conftest import causal_uniform
 from headlab import ablation, attention, bias, data, engine, metrics
 from headlab.interventions import ablate_heads
 
@@ -274,33 +275,131 @@ def test_benjamini_hochberg_by_hand():
 
 
 # --------------------------------------------------------------------------------------------------
-# Top-k vs random-k ablation on label tokens
+# Top-k vs random-k ablation: sentence pairs (chapter 05) and label tokens
 # --------------------------------------------------------------------------------------------------
-def test_ranked_ablation_sweep(tiny_factory, tmp_path):
-    lm = tiny_factory("llama")
-    enc = engine.encode_prompts(lm, "", ["the cat sat on", "a dull film is", "the dog ran in the"])
-    labels = engine.label_token_ids(lm, ["the", "a"])
+def _head_scores(lm) -> pd.DataFrame:
     scores = pd.DataFrame({"layer": np.repeat(range(lm.n_layers), lm.n_heads),
                            "head": np.tile(range(lm.n_heads), lm.n_layers)})
     scores["score"] = np.arange(len(scores))[::-1] * 1.0  # L0H0 first
-    assert ablation.head_pool(scores, "score").top(3) == {0: [0, 1, 2]}
-    measures = {"diff": lambda lp: (lp[:, 0] - lp[:, 1]).numpy()}
-    kw = dict(k_list=[0, 2], n_random=3, seed=0, batch_size=2, progress=False)
-    rows = ablation.ranked_ablation_sweep(lm, enc, labels, scores, "score", measures, tmp_path / "s", **kw)
-    assert len(rows) == (1 + 1 + 1 + 3) * len(enc)  # top k=0, top k=2, random k=0, random k=2 x 3
-    clean = rows[rows["k"] == 0]
-    assert np.allclose(clean["diff_change"], 0.0)
+    return scores
+
+
+def _toy_pairs(tokenizer):
+    pairs = pd.DataFrame([
+        {"a": "the cat sat and he ran in the park.", "b": "the cat sat and she ran in the park.",
+         "a_span": (16, 18), "b_span": (16, 19), "a_referent_span": (4, 7)},
+        {"a": "a dull film is his", "b": "a dull film is her", "a_span": (15, 18), "b_span": (15, 18),
+         "a_referent_span": None},
+        {"a": "the dog ran and him the", "b": "the dog ran and her the", "a_span": (16, 19),
+         "b_span": (16, 19), "a_referent_span": (4, 7)},
+    ])
+    enc = bias.encode_pairs(tokenizer, pairs)
+    assert len(enc) == 3
+    return enc
+
+
+def _sentence_logprob(lm, ids: torch.Tensor) -> torch.Tensor:
+    """log p of every token after the first, from one plain batch-1 forward."""
+    with torch.no_grad():
+        logits = lm.model(input_ids=ids[None]).logits[0].double()
+    return torch.log_softmax(logits[:-1], -1).gather(-1, ids[1:, None])[:, 0]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_pair_scores_are_whole_sentence_loglik_differences(tiny_factory, tokenizer, arch):
+    lm, enc = tiny_factory(arch), _toy_pairs(tokenizer)
+    got = bias.pair_scores(lm, enc, batch_size=2)
+    assert set(got) == set(bias.PAIR_MEASURES)
+    for i, p in enumerate(enc.pronoun):
+        la, lb = _sentence_logprob(lm, enc.a[i]), _sentence_logprob(lm, enc.b[i])
+        # the whole sentences: shared tokens before the pronoun contribute nothing
+        assert float(la[:p - 1].sum() - lb[:p - 1].sum()) == pytest.approx(0.0, abs=1e-5)
+        assert float(got["sentence"][i]) == pytest.approx(float(la.sum() - lb.sum()), abs=1e-4)
+        assert float(got["pronoun"][i]) == pytest.approx(float(la[p - 1] - lb[p - 1]), abs=1e-5)
+        assert float(got["after"][i]) == pytest.approx(float(la[p:].sum() - lb[p:].sum()), abs=1e-4)
+        assert float(got["p_pair"][i]) == pytest.approx(float(la[p - 1].exp() + lb[p - 1].exp()), abs=1e-6)
+    alone = [bias.pair_scores(lm, enc_i, batch_size=1) for enc_i in
+             (bias.EncodedPairs([a], [b], [p], [r], [0], 0) for a, b, p, r in
+              zip(enc.a, enc.b, enc.pronoun, enc.referent))]
+    for name in bias.PAIR_MEASURES:  # one pair at a time == all pairs at once
+        torch.testing.assert_close(got[name], torch.cat([x[name] for x in alone]), atol=1e-5, rtol=1e-4)
+    swapped = bias.EncodedPairs(enc.b, enc.a, enc.pronoun, enc.referent, enc.index, 0)
+    back = bias.pair_scores(lm, swapped)
+    torch.testing.assert_close(back["sentence"], -got["sentence"], atol=1e-5, rtol=1e-4)
+
+
+def test_pair_scores_refuse_a_pronoun_at_position_zero(tiny_factory, tokenizer):
+    enc = _toy_pairs(tokenizer)
+    bad = bias.EncodedPairs(enc.a, enc.b, [0, *enc.pronoun[1:]], enc.referent, enc.index, 0)
+    with pytest.raises(ValueError, match="position 0"):
+        bias.pair_scores(tiny_factory("llama"), bad)
+
+
+def test_prefix_twins_flag_swapped_genders_only():
+    pairs = pd.DataFrame({"prefix": ["x because", "x because", "y and told", "y and told", "z said"],
+                          "a_male": [True, False, True, True, False]})
+    assert bias.prefix_twins(pairs).tolist() == [True, True, False, False, False]
+    with pytest.raises(ValueError, match="a_male"):
+        bias.prefix_twins(pairs[["prefix"]])
+
+
+@pytest.mark.data
+def test_pair_scores_are_finite_on_the_real_probes(tiny_factory, tokenizer):
+    pairs = data.bias_pairs("winobias", "dev").sample(40, random_state=0)
+    enc = bias.encode_pairs(tokenizer, pairs)
+    assert len(enc) == 40 and min(enc.pronoun) >= 1
+    for name, v in bias.pair_scores(tiny_factory("llama"), enc).items():
+        assert v.shape == (40,) and torch.isfinite(v).all(), name
+
+
+def test_pair_ablation_sweep(tiny_factory, tokenizer, tmp_path):
+    lm, enc = tiny_factory("llama"), _toy_pairs(tokenizer)
+    scores = _head_scores(lm)
+    kw = {"k_list": [0, 2], "n_random": 3, "seed": 0, "batch_size": 2, "progress": False,
+          "items": pd.DataFrame({"type": [1, 2, 2]})}
+    rows = ablation.pair_ablation_sweep(lm, enc, scores, "score", tmp_path / "s", **kw)
+    assert len(rows) == (1 + 1 + 1 + 3) * len(enc)
+    assert list(rows["type"][:3]) == [1, 2, 2]
+    assert np.allclose(rows[rows["k"] == 0]["sentence_change"], 0.0)
     top = rows[(rows["set_type"] == "top") & (rows["k"] == 2)]
     assert set(top["members"]) == {"L0H0 L0H1"}
     with ablate_heads(lm, {0: [0, 1]}):
+        want = bias.pair_scores(lm, enc)
+    for name in bias.PAIR_MEASURES:
+        np.testing.assert_allclose(top[name], want[name].numpy(), atol=1e-5)
+    again = ablation.pair_ablation_sweep(lm, enc, scores, "score", tmp_path / "s", **kw)
+    pd.testing.assert_frame_equal(rows, again)
+    # a second ranking's random sets are the first one's (random heads ignore the scores)
+    other = scores.assign(score=np.arange(len(scores)) * 1.0)
+    rnd = {**kw, "set_types": ["random"]}
+    pd.testing.assert_frame_equal(
+        ablation.pair_ablation_sweep(lm, enc, other, "score", tmp_path / "o", **rnd)[["members", "sentence"]],
+        rows[rows["set_type"] == "random"].reset_index(drop=True)[["members", "sentence"]])
+    with pytest.raises(ValueError, match="items"):
+        ablation.pair_ablation_sweep(lm, enc, scores, "score", tmp_path / "t", items=pd.DataFrame({"x": [1]}),
+                                     progress=False)
+
+
+def test_label_scorer_in_the_head_sweep(tiny_factory, tmp_path):
+    lm = tiny_factory("llama")
+    enc = engine.encode_prompts(lm, "", ["the cat sat on", "a dull film is", "the dog ran in the"])
+    labels = engine.label_token_ids(lm, ["the", "a"])
+    scores = _head_scores(lm)
+    assert ablation.head_pool(scores, "score").top(3) == {0: [0, 1, 2]}
+    measures = {"diff": lambda lp: (lp[:, 0] - lp[:, 1]).numpy()}
+    score = ablation.label_scorer(lm, enc, labels, measures, batch_size=2)
+    kw = {"key": {"labels": labels}, "items": pd.DataFrame(index=range(len(enc))), "k_list": [0, 2],
+          "n_random": 3, "seed": 0, "progress": False}
+    rows = ablation.head_ablation_sweep(lm, score, scores, "score", tmp_path / "s", **kw)
+    assert len(rows) == (1 + 1 + 1 + 3) * len(enc)
+    top = rows[(rows["set_type"] == "top") & (rows["k"] == 2)]
+    with ablate_heads(lm, {0: [0, 1]}):
         lp = engine.label_logprobs(lm, enc, labels)
     np.testing.assert_allclose(top["diff"], (lp[:, 0] - lp[:, 1]).numpy(), atol=1e-5)
-    # resuming from the shards gives the same table
-    again = ablation.ranked_ablation_sweep(lm, enc, labels, scores, "score", measures, tmp_path / "s", **kw)
-    pd.testing.assert_frame_equal(rows, again)
     with pytest.raises(ValueError, match="mode"):
-        ablation.ranked_ablation_sweep(lm, enc, labels, scores, "score", measures, tmp_path / "t",
-                                    modes=["half"], progress=False)
+        ablation.head_ablation_sweep(lm, score, scores, "score", tmp_path / "t", **kw, modes=["half"])
+    with pytest.raises(ValueError, match="measures"):
+        ablation.label_scorer(lm, enc, labels, {})
 
 
 def test_text_pattern_stats_match_the_single_measures(tiny_factory, tokenizer):

@@ -86,3 +86,14 @@ def test_what_we_saw_helpers():
     assert chapter.head_list(frame, "effect", ci=True, fmt=".2f") == "L5H3 (0.81 [0.75, 0.87]), L2H0 (-0.10 [-0.20, 0.00])"
     assert chapter.head_list(frame, "effect", n=1) == "L5H3 (0.812)"
     assert chapter.bullets(["a", None, "", "b"]).data == "- a\n- b"
+
+
+def test_depth_layers_defaults_follow_the_depth_and_bad_layers_are_named():
+    assert chapter.depth_layers(30) == [2, 15, 28]
+    assert chapter.depth_layers(2) == [0, 1]
+    assert chapter.depth_layers(12, []) == [0, 6, 10]
+    assert chapter.depth_layers(30, [28, 2, 2]) == [2, 28]
+    with pytest.raises(ValueError, match=r"ablation_layers = \[2, 28\] names \[28\].*0-23"):
+        chapter.depth_layers(24, [2, 28], "ablation_layers")
+    with pytest.raises(ValueError, match="names"):
+        chapter.depth_layers(30, [1.5])

@@ -8,8 +8,17 @@ import pandas as pd
 import pytest
 
 from headlab import tasks
+from headlab.bias import prefix_twins
 from headlab.cache import PACKAGES, cache_dir, fetch, fetched_file
-from headlab.data import load_crows_pairs, load_sentiment, load_wikipedia, load_winobias, load_winogender, split_frame
+from headlab.data import (
+    bias_pairs,
+    load_crows_pairs,
+    load_sentiment,
+    load_wikipedia,
+    load_winobias,
+    load_winogender,
+    split_frame,
+)
 from headlab.tasks import FORMATS, FewShotFormat, build_fewshot_prefix, sample_shots
 
 
@@ -241,6 +250,26 @@ def test_load_winobias_pairs_differ_only_in_pronoun(split):
         if not ok:
             bad.append(f"{row.pro!r} | {row.anti!r}")
     assert not bad, f"{len(bad)} of {len(wb)} pairs differ in more than the pronoun:\n" + "\n".join(bad)
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("split", ["dev", "test"])
+def test_winobias_probe_items_are_defined_for_every_item(split):
+    """Chapter 05's two measures on the real probes: the next-pronoun measure only on pairs whose prefix
+    fixes the referent (no prefix twin with pro/anti swapped: those values cancel), the whole-sentence
+    measure on every pair (no pair repeated or repeated swapped)."""
+    pairs = bias_pairs("winobias", split)
+    assert set(pairs["type"]) == {1, 2} and (pairs["referent_in_prefix"] == (pairs["type"] == 2)).all()
+    twins = prefix_twins(pairs)
+    assert twins[pairs["type"] == 1].sum() > 250  # dev: 332 of 385 type-1 pairs (the defect this guards)
+    nxt = pairs[pairs["referent_in_prefix"]]
+    assert len(nxt) > 350 and not prefix_twins(nxt).any()
+    assert not nxt["prefix"].duplicated().any()  # each type-2 prefix is one item, counted once
+    assert (nxt["prefix"].str.len() > 0).all()  # something precedes every pronoun
+    ab = list(zip(pairs["a"], pairs["b"]))
+    assert (pairs["a"] != pairs["b"]).all() and len(set(ab)) == len(ab)
+    assert not set(ab) & set(zip(pairs["b"], pairs["a"]))  # no pair is another with pro/anti swapped
+    assert pairs["a_male"].between(0, 1).all() and 0.3 < pairs["a_male"].mean() < 0.7
 
 
 def test_load_winobias_bad_split():
