@@ -52,7 +52,8 @@ Presentation and running
 * :mod:`headlab.records` -- results saved with their parameters, model fingerprint and versions
 * :mod:`headlab.progress` -- progress of long loops with an ETA, into the book's build log
 * :mod:`headlab.book` -- the offline Jupyter Book build: ``deps`` (what a chapter depends on; execute only
-  what changed), ``execute`` (papermill runs the chapters), ``frontpage`` (headline results),
+  what changed), ``execute`` (papermill runs the chapters), ``prose`` (markdown states no result the run did not
+  produce), ``frontpage`` (headline results),
   ``vendor`` (JavaScript from npm), ``offline`` (static URL scan), ``browser`` (headless Chromium checks),
   ``build`` (``build_book`` and the ``headlab book`` command)
 * :mod:`headlab.params` -- ``-p NAME VALUE`` values of ``headlab run`` and ``headlab book``, read as YAML

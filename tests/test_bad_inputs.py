@@ -129,11 +129,13 @@ def _induction(**kw: Any) -> Callable[[Any], None]:
     return run
 
 
-def _ranked(**kw: Any) -> Callable[[Any], None]:
+def _label_sets(**kw: Any) -> Callable[[Any], None]:
     def run(c: SimpleNamespace) -> None:
         enc = engine.encode_prompts(c.lm, "Review:", ["good", "bad"])
-        ablation.ranked_ablation_sweep(c.lm, enc, [5, 6], c.scores, "s", {"d": lambda lp: lp[:, 0]}, c.out,
-                                       progress=False, **{"k_list": [0, 1], "n_random": 1, **kw})
+        score = ablation.label_scorer(c.lm, enc, [5, 6], {"d": lambda lp: lp[:, 0]})
+        ablation.head_ablation_sweep(c.lm, score, c.scores, "s", c.out, key={"prompts": "good/bad"},
+                                     items=pd.DataFrame(index=range(2)), progress=False,
+                                     **{"k_list": [0, 1], "n_random": 1, **kw})
 
     return run
 
@@ -210,9 +212,9 @@ CASES: list[tuple[str, Callable[[Any], Any], str]] = [
     ("induction: no k", _induction(k_list=[]), r"k_list=\[\] is empty; expected a non-empty list"),
     ("induction: random sets 2.5", _induction(n_random=2.5), r"n_random=2.5 is a float; expected an integer >= 1"),
     ("induction: layer range", _induction(layer_ranges=["top"]), r"layer range 'top'; choose one of \('full', 'top_half', 'bottom_half'\)"),
-    ("ranked: k 1.5", _ranked(k_list=[1.5]), r"k_list\[0\]=1.5 is a float; expected an integer >= 0"),
-    ("ranked: k 99", _ranked(k_list=[99]), r"k=99 exceeds the largest top set \(8\) of layer_range 'full'"),
-    ("ranked: mode", _ranked(modes=["half"]), r"mode\(s\) \['half'\] invalid; choose from \('zero', 'mean'\)"),
+    ("label sets: k 1.5", _label_sets(k_list=[1.5]), r"k_list\[0\]=1.5 is a float; expected an integer >= 0"),
+    ("label sets: k 99", _label_sets(k_list=[99]), r"k=99 exceeds the largest top set \(8\) of layer_range 'full'"),
+    ("label sets: mode", _label_sets(modes=["half"]), r"mode\(s\) \['half'\] invalid; choose from \('zero', 'mean'\)"),
     ("neurons: layers as text", _neurons(layers=["1"]), r"layers\[0\]='1'; expected an integer"),
     ("neurons: k 1.5", _neurons(k_list=[1.5]), r"k_list\[0\]=1.5 is a float; expected an integer >= 0"),
     # ---- weights, prompts, keys (item 7) ----
