@@ -13,9 +13,10 @@ mode's unit and a ``seed``. :meth:`Setting.edit` is the one place where a settin
 (``mode`` -> ``kind``, ``level`` -> ``scale``). The path of a noise level from a chapter to the tensor
 is four hops:
 
-1. ``notebooks/02_noise_perturbation.py``'s parameters cell (``noise_levels``) -> settings
-   ``{"mode", "level", "seed"}`` -> :func:`headlab.sweeps.head_sweep`, which reads each as a
-   :class:`Setting` (the one validation of mode, level and seed, before any work);
+1. ``notebooks/02_noise_perturbation.py``'s parameters cell (``noise_mode``, ``noise_level``) ->
+   :class:`headlab.headrank.RankDesign`, which reads them as a :class:`Setting` (the one validation of
+   mode, level and seed, before any work; :func:`headlab.sweeps.head_sweep` does the same for a list
+   of settings);
 2. :meth:`Setting.edit`: ``scale = level`` x the head's clean max |z| or std (resolved once);
 3. :func:`headlab.engine.sweep_heads`: checks the edits against the model, hooks them in;
 4. :meth:`HeadEdit.apply`: ``z += scale * eps``.
