@@ -28,6 +28,7 @@ __all__ = [
     "ablate_heads",
     "ablate_neurons",
     "apply_head_edits",
+    "check_neurons",
     "capture",
     "capture_residual",
     "check_heads",
@@ -301,6 +302,16 @@ def edit_neurons(lm: LoadedModel, fns: Mapping[int, NeuronFn]) -> Iterator[None]
         yield
 
 
+def check_neurons(lm: LoadedModel, neurons: Mapping[int, Sequence[int]]) -> None:
+    """Refuse a ``{layer: [neuron, ...]}`` map with a layer or neuron index outside the model."""
+    for layer, ns in neurons.items():
+        if not 0 <= layer < lm.n_layers:
+            raise ValueError(f"layer {layer} out of range 0..{lm.n_layers - 1}.")
+        bad = [n for n in ns if not 0 <= n < lm.d_mlp]
+        if bad:
+            raise ValueError(f"neuron(s) {bad} in layer {layer} out of range 0..{lm.d_mlp - 1}.")
+
+
 @contextmanager
 def ablate_neurons(
     lm: LoadedModel,
@@ -322,13 +333,7 @@ def ablate_neurons(
     """
     if mode not in ("zero", "mean"):
         raise ValueError(f"mode={mode!r}; use 'zero' or 'mean'.")
-    d_mlp = lm.d_mlp
-    for layer, ns in neurons.items():
-        if not 0 <= layer < lm.n_layers:
-            raise ValueError(f"layer {layer} out of range 0..{lm.n_layers - 1}.")
-        bad = [n for n in ns if not 0 <= n < d_mlp]
-        if bad:
-            raise ValueError(f"neuron(s) {bad} in layer {layer} out of range 0..{d_mlp - 1}.")
+    check_neurons(lm, neurons)
     if mode == "mean" and (means is None or any(layer not in means for layer, ns in neurons.items() if len(ns))):
         raise ValueError("mode='mean' needs `means` for every ablated layer (see headlab.neurons.NeuronStats.mean).")
 

@@ -21,7 +21,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from headlab.edits import seed_for
-from headlab.interventions import check_heads, hooks
+from headlab.interventions import check_heads, check_neurons, hooks
 from headlab.models import (
     LoadedModel,
     head_slice,
@@ -437,12 +437,7 @@ def prune_neurons(lm: LoadedModel, neurons: Mapping[int, Sequence[int]]):
     The weight-space version of :func:`headlab.interventions.ablate_neurons` in ``"zero"`` mode (the
     same logits). The columns are :func:`headlab.models.neuron_slice` of ``mlp.down``.
     """
-    for layer, ns in neurons.items():
-        if not 0 <= layer < lm.n_layers:
-            raise ValueError(f"layer {layer} out of range 0..{lm.n_layers - 1}.")
-        bad = [n for n in ns if not 0 <= n < lm.d_mlp]
-        if bad:
-            raise ValueError(f"neuron(s) {bad} in layer {layer} out of range 0..{lm.d_mlp - 1}.")
+    check_neurons(lm, neurons)
 
     def make(layer: int, ns: Sequence[int]) -> WeightFn:
         cols = torch.cat([neuron_slice(lm, f"L{layer}.mlp.down", n).index for n in ns])
